@@ -1,0 +1,171 @@
+"""The LLaMA-family decoder (LLaMA-2/3, Mistral, Qwen2) as pure functions of a params pytree.
+
+The model runs over a *flat token batch*: token ids `[T]` and positions `[T]` of any mix of
+decode tokens and prefill chunks of many sequences, so a nano-batch is a slice of the token
+axis. Which tokens may attend to which is the attention function's business (it gets its own
+metadata pytree), which keeps attention pluggable: a dense jnp reference, paged kernels, ...
+
+Params pytree (weights stored `[in, out]` so every projection is `x @ w`):
+    embed       [V, D]
+    layers      list of L dicts:
+        attn_norm   [D]
+        wqkv        [D, (Hq + 2·Hkv)·Dh]   q, k and v fused: one GEMM (NanoFlow's "qkv" op)
+        bqkv        [(Hq + 2·Hkv)·Dh]       only when config.attention_bias (Qwen2)
+        wo          [Hq·Dh, D]
+        mlp_norm    [D]
+        w_gate_up   [D, 2·F]                gate and up fused: one GEMM ("up_gate")
+        w_down      [F, D]
+    final_norm  [D]
+    lm_head     [D, V]                      absent when config.tie_word_embeddings
+
+Layers are a Python list, unrolled at trace time, rather than a `lax.scan` over stacked
+weights: each layer's weights and KV cache are then separate buffers (no dynamic slices of a
+stacked cache, which XLA would copy before a custom call), and the nano-batch pipeline can
+interleave ops across layer boundaries.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+# attention(q [T,Hq,Dh], k [T,Hkv,Dh], v [T,Hkv,Dh], layer_cache, metadata)
+#   -> (out [T,Hq,Dh], layer_cache).  q and k already carry RoPE.
+AttentionFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """[T, D] -> [T, D]. Statistics in fp32; scaled in the input dtype, as HF does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [Dh/2] (float64 on the host), with llama3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    old_ctx = s.original_max_position_embeddings
+    low_freq_wavelen = old_ctx / s.low_freq_factor
+    high_freq_wavelen = old_ctx / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, HF's rotate-half convention. x [T, H, Dh], positions [T]."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
+    cos = jnp.cos(freqs)[:, None, :].astype(x.dtype)  # [T, 1, Dh/2]
+    sin = jnp.sin(freqs)[:, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ---- the ops of one layer (the pipeline executor schedules these on token slices) ----------
+
+
+def qkv_proj(layer: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Pre-attention norm + fused q/k/v GEMM: x [T, D] -> qkv [T, (Hq + 2·Hkv)·Dh]."""
+    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    qkv = h @ layer["wqkv"]
+    if "bqkv" in layer:
+        qkv = qkv + layer["bqkv"]
+    return qkv
+
+
+def split_rope(
+    qkv: jax.Array, positions: jax.Array, config: ModelConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """qkv [T, ·] -> q [T, Hq, Dh], k [T, Hkv, Dh] (both rotated), v [T, Hkv, Dh]."""
+    t, dh = qkv.shape[0], config.head_dim
+    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    inv_freq = rope_inv_freq(config)
+    q = apply_rope(q.reshape(t, config.num_heads, dh), positions, inv_freq)
+    k = apply_rope(k.reshape(t, config.num_kv_heads, dh), positions, inv_freq)
+    return q, k, v.reshape(t, config.num_kv_heads, dh)
+
+
+def o_proj(layer: Params, attn: jax.Array, residual: jax.Array) -> jax.Array:
+    """attn [T, Hq, Dh] -> residual + attn·Wo, [T, D]."""
+    return residual + attn.reshape(attn.shape[0], -1) @ layer["wo"]
+
+
+def up_gate_proj(layer: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Pre-MLP norm + fused gate/up GEMM: x [T, D] -> [T, 2·F]."""
+    return rms_norm(x, layer["mlp_norm"], config.rms_norm_eps) @ layer["w_gate_up"]
+
+
+def down_proj(layer: Params, gate_up: jax.Array, residual: jax.Array) -> jax.Array:
+    """SwiGLU then the down GEMM: gate_up [T, 2·F] -> residual + (silu(g)·u)·Wdown, [T, D]."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return residual + (jax.nn.silu(gate) * up) @ layer["w_down"]
+
+
+def decoder_layer(
+    layer: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    layer_cache: Any,
+    attn_metadata: Any,
+    config: ModelConfig,
+    attention: AttentionFn,
+) -> tuple[jax.Array, Any]:
+    """One layer, the plain sequential schedule: x [T, D] -> [T, D]."""
+    q, k, v = split_rope(qkv_proj(layer, x, config), positions, config)
+    attn, layer_cache = attention(q, k, v, layer_cache, attn_metadata)
+    x = o_proj(layer, attn, x)
+    x = down_proj(layer, up_gate_proj(layer, x, config), x)
+    return x, layer_cache
+
+
+def compute_logits(
+    params: Params, x: jax.Array, config: ModelConfig
+) -> jax.Array:
+    """Final norm + LM head over the selected hidden states: x [N, D] -> fp32 logits [N, V]."""
+    h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.dot(h, head, preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    token_ids: jax.Array,
+    positions: jax.Array,
+    kv_cache: list | None,
+    attn_metadata: Any,
+    logits_indices: jax.Array | None,
+    attention: AttentionFn,
+) -> tuple[jax.Array, list | None]:
+    """The whole model over a flat token batch.
+
+    token_ids, positions: [T] int32. kv_cache: a list with one entry per layer, handed to the
+    attention function (or None when attention needs no cache). logits_indices: [N] token
+    indices whose logits are wanted (None: all T). Returns (fp32 logits [N, V], kv_cache).
+    """
+    x = params["embed"][token_ids]  # [T, D]
+    new_cache = []
+    for i, layer in enumerate(params["layers"]):
+        layer_cache = None if kv_cache is None else kv_cache[i]
+        x, layer_cache = decoder_layer(
+            layer, x, positions, layer_cache, attn_metadata, config, attention
+        )
+        new_cache.append(layer_cache)
+    if logits_indices is not None:
+        x = x[logits_indices]
+    return compute_logits(params, x, config), (None if kv_cache is None else new_cache)

@@ -1,0 +1,230 @@
+"""Parameters: shapes, random init for presets, HF safetensors loading, orbax save/restore.
+
+The param tree layout is documented in `nanoflow_jax.models.llama`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from nanoflow_jax.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The param tree with shape tuples as leaves."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = config.q_size + 2 * config.kv_size
+    layer = {
+        "attn_norm": (d,),
+        "wqkv": (d, qkv),
+        "wo": (config.q_size, d),
+        "mlp_norm": (d,),
+        "w_gate_up": (d, 2 * f),
+        "w_down": (f, d),
+    }
+    if config.attention_bias:
+        layer["bqkv"] = (qkv,)
+    tree = {
+        "embed": (v, d),
+        "layers": [dict(layer) for _ in range(config.num_layers)],
+        "final_norm": (d,),
+    }
+    if not config.tie_word_embeddings:
+        tree["lm_head"] = (d, v)
+    return tree
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def abstract_params(config: ModelConfig, dtype) -> Params:
+    """The param tree as `jax.ShapeDtypeStruct`s (for orbax restore and for sizing memory)."""
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype)), param_shapes(config), is_leaf=_is_shape
+    )
+
+
+def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0) -> Params:
+    """Deterministic random weights, generated on the device in one jitted call.
+
+    Projections are N(0, 1/fan_in) so activations keep unit scale through random layers;
+    norm weights are 1 and biases small. Same seed, same weights, on any backend.
+    """
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    dtype = jnp.dtype(dtype)
+
+    def init():
+        key = jax.random.key(seed)
+        out = []
+        for i, (shape, path) in enumerate(zip(leaves, paths)):
+            if "norm" in path:
+                out.append(jnp.ones(shape, dtype))
+                continue
+            fan_in = shape[0] if len(shape) == 2 and "embed" not in path else shape[-1]
+            scale = 0.02 if len(shape) == 1 else fan_in**-0.5
+            out.append(jax.random.normal(jax.random.fold_in(key, i), shape, dtype) * scale)
+        return out
+
+    return jax.tree.unflatten(treedef, jax.jit(init)())
+
+
+# ---- HF safetensors -----------------------------------------------------------------------
+
+
+def _hf_layer_names(config: ModelConfig, i: int) -> dict[str, list[str]]:
+    """Our layer key -> the HF tensor names it is built from (in concatenation order)."""
+    p = f"model.layers.{i}."
+    names = {
+        "attn_norm": [p + "input_layernorm.weight"],
+        "wqkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+        "wo": [p + "self_attn.o_proj.weight"],
+        "mlp_norm": [p + "post_attention_layernorm.weight"],
+        "w_gate_up": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+        "w_down": [p + "mlp.down_proj.weight"],
+    }
+    if config.attention_bias:
+        names["bqkv"] = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+    return names
+
+
+def _hf_expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the model needs, with its HF shape (nn.Linear stores [out, in])."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (v, d)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for x, n in (("q", config.q_size), ("k", config.kv_size), ("v", config.kv_size)):
+            out[p + f"self_attn.{x}_proj.weight"] = (n, d)
+            if config.attention_bias:
+                out[p + f"self_attn.{x}_proj.bias"] = (n,)
+        out[p + "self_attn.o_proj.weight"] = (d, config.q_size)
+        out[p + "mlp.gate_proj.weight"] = (f, d)
+        out[p + "mlp.up_proj.weight"] = (f, d)
+        out[p + "mlp.down_proj.weight"] = (d, f)
+    return out
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
+    out = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            out.update({name: file for name in f.keys()})
+    return out
+
+
+def load_hf_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
+    """Load an HF checkpoint directory into our param tree, checking every tensor's shape.
+
+    A missing tensor raises KeyError and a mis-shaped one ValueError, naming the tensor and
+    the file. Tensors the model does not use (e.g. rotary caches) are ignored.
+    """
+    files = _tensor_files(path)
+    expected = _hf_expected_shapes(config)
+    missing = [name for name in expected if name not in files]
+    if missing:
+        raise KeyError(
+            f"checkpoint {path!r} lacks {len(missing)} tensor(s) the "
+            f"{config.architecture} config needs, first: {missing[0]!r}"
+        )
+    handles: dict[str, Any] = {}
+    try:
+        def get(name: str) -> np.ndarray:
+            file = files[name]
+            if file not in handles:
+                if not os.path.isfile(file):
+                    raise FileNotFoundError(f"{file!r} (holding {name!r}) does not exist")
+                handles[file] = safe_open(file, framework="numpy").__enter__()
+            shape = tuple(handles[file].get_slice(name).get_shape())
+            if shape != expected[name]:
+                raise ValueError(
+                    f"tensor {name!r} in {os.path.basename(file)!r} has shape {shape}, "
+                    f"expected {expected[name]}"
+                )
+            return handles[file].get_tensor(name)
+
+        def put(x: np.ndarray) -> jax.Array:
+            return jnp.asarray(x, dtype=jnp.dtype(dtype))
+
+        params: Params = {
+            "embed": put(get("model.embed_tokens.weight")),
+            "final_norm": put(get("model.norm.weight")),
+            "layers": [],
+        }
+        if not config.tie_word_embeddings:
+            params["lm_head"] = put(get("lm_head.weight").T)
+        for i in range(config.num_layers):
+            layer = {}
+            for key, names in _hf_layer_names(config, i).items():
+                parts = [get(n) for n in names]
+                if parts[0].ndim == 2:  # [out, in] -> [in, out], fused along out
+                    layer[key] = put(np.concatenate([p.T for p in parts], axis=1))
+                else:
+                    layer[key] = put(np.concatenate(parts))
+            params["layers"].append(layer)
+        return params
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+# ---- our own checkpoints (orbax) ----------------------------------------------------------
+
+ORBAX_DIR = "params"
+
+
+def save_checkpoint(path: str, config: ModelConfig, params: Params) -> None:
+    """Write `config.json` and the param tree (orbax) under `path`."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(os.path.abspath(path), ORBAX_DIR), params)
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, ORBAX_DIR))
+
+
+def restore_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
+    """Restore a param tree written by `save_checkpoint`, cast to `dtype`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(os.path.join(os.path.abspath(path), ORBAX_DIR))
+    # Orbax restores lists as dicts keyed "0", "1", ... when no target is given.
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        params["layers"] = [layers[str(i)] for i in range(len(layers))]
+    expected = param_shapes(config)
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if got != expected:
+        raise ValueError(f"orbax checkpoint {path!r} does not match its config.json shapes")
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)

@@ -1,0 +1,4 @@
+"""Tests run on the CPU: Pallas kernels in interpret mode, tiny model configs."""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

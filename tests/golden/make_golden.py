@@ -1,0 +1,58 @@
+"""Write tiny random-weight HF checkpoints and their HF transformers logits (the goldens).
+
+Run from the repo root when the model code's reference behaviour must be re-derived:
+    pip install torch==2.13.0 transformers && python tests/golden/make_golden.py
+The tests read the checkpoints and `logits.npz` files and never import torch.
+"""
+import os
+
+import numpy as np
+import torch
+import transformers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+MODELS = {
+    # llama3 rope scaling with a short original context so all three frequency bands occur.
+    "llama": transformers.LlamaConfig(
+        **COMMON, rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    ),
+    "mistral": transformers.MistralConfig(
+        **{**COMMON, "num_key_value_heads": 1}, rope_theta=10000.0, sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": transformers.Qwen2Config(
+        **COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+    ),
+}
+ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def main():
+    for i, (name, config) in enumerate(MODELS.items()):
+        torch.manual_seed(i)
+        config.architectures = [ARCH[name]]
+        model = getattr(transformers, ARCH[name])(config).eval().float()
+        with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise them too
+            for pname, p in model.named_parameters():
+                if "norm" in pname:
+                    p.copy_(1 + 0.1 * torch.randn_like(p))
+                elif pname.endswith("bias"):
+                    p.copy_(0.1 * torch.randn_like(p))
+        out_dir = os.path.join(HERE, name)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            logits = model(ids).logits[0].float().numpy()
+        np.savez(os.path.join(out_dir, "logits.npz"), token_ids=ids[0].numpy(), logits=logits)
+        print(name, transformers.__version__, logits.shape)
+
+
+if __name__ == "__main__":
+    main()
