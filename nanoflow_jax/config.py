@@ -206,3 +206,44 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of the serving engine (vLLM's names where they exist)."""
+
+    model: str = "tiny-llama"  # checkpoint directory or preset name
+    dtype: str = "bfloat16"
+    seed: int = 0  # random weights of presets, and requests that give no seed
+    max_num_batched_tokens: int = 1024  # the dense batch: tokens per iteration
+    max_num_seqs: int = 256  # running sequences (decode rows per iteration)
+    max_prefill_seqs: int = 16  # prompt chunks per iteration
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9  # of the device memory, for weights + KV + activations
+    max_model_len: int | None = None  # prompt + output tokens; None: the model's context
+    num_pages: int | None = None  # KV pages; None: sized from free device memory
+    attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
+    min_bucket: int = 16  # smallest compiled token count
+
+    def __post_init__(self):
+        checks = [
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_prefill_seqs >= 1, "max_prefill_seqs must be >= 1"),
+            (self.page_size >= 1 and not self.page_size & (self.page_size - 1),
+             "page_size must be a power of two"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
+            (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
+            (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def token_buckets(self) -> tuple[int, ...]:
+        """Compiled token counts: powers of two from min_bucket up to the dense batch."""
+        buckets, t = [], self.min_bucket
+        while t < self.max_num_batched_tokens:
+            buckets.append(t)
+            t *= 2
+        return tuple(buckets) + (self.max_num_batched_tokens,)

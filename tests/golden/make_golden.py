@@ -31,6 +31,8 @@ MODELS = {
         **COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
     ),
 }
+GREEDY_PROMPT_LENS = (5, 37, 70)
+GREEDY_NEW_TOKENS = 16
 ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -51,6 +53,19 @@ def main():
         with torch.no_grad():
             logits = model(ids).logits[0].float().numpy()
         np.savez(os.path.join(out_dir, "logits.npz"), token_ids=ids[0].numpy(), logits=logits)
+        # Greedy generate of prompts of several lengths, EOS off so every one runs the full length.
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        gen = {}
+        for j, n in enumerate(GREEDY_PROMPT_LENS):
+            prompt = torch.randint(0, config.vocab_size, (1, n),
+                                   generator=torch.Generator().manual_seed(100 + j))
+            with torch.no_grad():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                     max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False)
+            gen[f"prompt_{j}"] = prompt[0].numpy()
+            gen[f"output_{j}"] = out[0, n:].numpy()
+        np.savez(os.path.join(out_dir, "greedy.npz"), **gen)
         print(name, transformers.__version__, logits.shape)
 
 

@@ -1,0 +1,108 @@
+"""The flat dense batch handed to the device each iteration.
+
+Tokens are laid out decode rows first (one token per decoding sequence), then the prompt
+chunks of prefilling sequences back to back, then padding, so that a nano-batch is a
+contiguous slice of the token axis. Every array is padded to a `BatchShape` (a bucket), so the
+set of compiled programs is small and fixed at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.struct
+import jax
+import numpy as np
+
+from nanoflow_jax.models.paged_attention import PagedMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """A bucket: the static shapes of one compiled step."""
+
+    num_tokens: int  # T, all rows
+    num_decode: int  # Bd ≤ T: at most this many decode rows, at the front of T
+    num_prefill_seqs: int  # Sp: at most this many prompt chunks, after the decode rows
+    max_pages: int  # page-table width: pages of the longest allowed sequence
+
+    @property
+    def num_logits(self) -> int:
+        """Rows whose logits are computed: every decode row and each chunk's last token."""
+        return self.num_decode + self.num_prefill_seqs
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqChunk:
+    """What one sequence contributes to a step."""
+
+    token_ids: Sequence[int]  # new tokens (a decode has 1); ignored where future_row >= 0
+    start_pos: int  # position of the first new token (= tokens already in the cache)
+    page_ids: Sequence[int]  # page table, covering start_pos + len(token_ids) tokens
+    future_row: int = -1  # decode: the input token is this row of the previous step's samples
+
+
+@flax.struct.dataclass
+class Batch:
+    token_ids: jax.Array  # [T] int32 (0 where the token comes from the previous step)
+    future_rows: jax.Array  # [T] int32 row of the previous step's samples, or -1
+    positions: jax.Array  # [T] int32
+    logits_indices: jax.Array  # [R] int32 rows of T whose logits are sampled
+    attn: PagedMetadata
+
+
+def build_batch(
+    decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], shape: BatchShape, page_size: int
+) -> Batch:
+    """Host-side (numpy) batch for one step. Raises ValueError if it does not fit `shape`."""
+    num_prefill_tokens = sum(len(c.token_ids) for c in prefills)
+    if (len(decodes) > shape.num_decode or len(prefills) > shape.num_prefill_seqs
+            or len(decodes) + num_prefill_tokens > shape.num_tokens):
+        raise ValueError(f"{len(decodes)} decodes + {len(prefills)} chunks "
+                         f"({num_prefill_tokens} tokens) do not fit {shape}")
+    t, bd, sp, m = shape.num_tokens, shape.num_decode, shape.num_prefill_seqs, shape.max_pages
+    token_ids = np.zeros(t, np.int32)
+    future_rows = np.full(t, -1, np.int32)
+    positions = np.zeros(t, np.int32)
+    slots = np.full(t, -1, np.int32)
+    logits_indices = np.zeros(shape.num_logits, np.int32)
+    decode_tables = np.zeros((bd, m), np.int32)
+    decode_lengths = np.zeros(bd, np.int32)
+    prefill_tables = np.zeros((sp, m), np.int32)
+    query_start = np.zeros(sp + 1, np.int32)
+    seq_lens = np.zeros(sp, np.int32)
+
+    def place(chunk: SeqChunk, row: int, table: np.ndarray) -> int:
+        """Fill the token rows of one chunk starting at `row`; returns the row after it."""
+        n = len(chunk.token_ids)
+        pos = np.arange(chunk.start_pos, chunk.start_pos + n)
+        pages = np.asarray(chunk.page_ids, np.int32)
+        if len(pages) * page_size < chunk.start_pos + n or len(pages) > m:
+            raise ValueError(f"{len(pages)} pages cannot hold {chunk.start_pos + n} tokens "
+                             f"(page table width {m})")
+        token_ids[row:row + n] = chunk.token_ids
+        future_rows[row:row + n] = chunk.future_row
+        positions[row:row + n] = pos
+        slots[row:row + n] = pages[pos // page_size] * page_size + pos % page_size
+        table[:len(pages)] = pages
+        return row + n
+
+    for i, chunk in enumerate(decodes):
+        place(chunk, i, decode_tables[i])
+        decode_lengths[i] = chunk.start_pos + 1
+        logits_indices[i] = i
+    row = query_start[0] = len(decodes)  # chunks start right after the decode rows
+    for j, chunk in enumerate(prefills):
+        row = place(chunk, row, prefill_tables[j])
+        query_start[j + 1] = row
+        seq_lens[j] = chunk.start_pos + len(chunk.token_ids)
+        logits_indices[bd + j] = row - 1
+    query_start[len(prefills) + 1:] = row  # unused chunk slots are empty
+
+    meta = PagedMetadata(
+        slots=slots, decode_page_tables=decode_tables, decode_lengths=decode_lengths,
+        prefill_page_tables=prefill_tables, prefill_query_start=query_start,
+        prefill_seq_lens=seq_lens,
+    )
+    return Batch(token_ids=token_ids, future_rows=future_rows, positions=positions,
+                 logits_indices=logits_indices, attn=meta)

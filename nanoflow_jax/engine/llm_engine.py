@@ -1,0 +1,249 @@
+"""LLMEngine: requests in, text out, one `step()` at a time (what the server and `LLM` drive).
+
+Each `step()` schedules and dispatches iteration i+1, *then* reads iteration i's sampled tokens
+(the device is already busy with i+1 while the host processes i), detokenizes them, checks stop
+conditions and returns the requests that progressed. A request that finishes by EOS or a stop
+string was already given one more decode in iteration i+1; that token is dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from nanoflow_jax.config import EngineConfig
+from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
+from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
+from nanoflow_jax.engine.scheduler import Scheduler
+from nanoflow_jax.engine.sequence import PENDING, Sequence, Status
+from nanoflow_jax.kv_cache import PageAllocator
+from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.tokenizer import IncrementalDetokenizer, Tokenizer, byte_tokenizer
+
+log = logging.getLogger("nanoflow_jax")
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # sample i of a seeded request gets seed + i·stride (mod 2^64)
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    arrival_time: float
+    finished_time: float | None = None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    host_s: float = 0.0  # host time in step() not spent waiting for the device
+    wait_s: float = 0.0  # time blocked reading a step's tokens
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
+
+def _load_tokenizer(model: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_pretrained(model)
+    except (FileNotFoundError, NotADirectoryError):
+        return byte_tokenizer()  # presets (random weights) have no tokenizer of their own
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
+        self.config = config
+        self.tokenizer = tokenizer or _load_tokenizer(config.model)
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.max_model_len
+        self.allocator = PageAllocator(self.runner.num_pages)
+        self.scheduler = Scheduler(config, self.allocator)
+        self.runner.warmup()
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+        self._inflight: InFlight | None = None
+        self._next_seq_id = 0
+        self._rng = random.Random(config.seed)
+
+    @classmethod
+    def from_engine_args(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig(**kwargs))
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | dict[str, Any],
+                    params: SamplingParams | None = None, arrival_time: float | None = None
+                    ) -> None:
+        """Queue a request. Bad input raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params)}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is "
+                             f"{self.max_model_len} (prompt + at least one output token)")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        now = arrival_time if arrival_time is not None else time.time()
+        seqs = []
+        for i in range(params.n):
+            seqs.append(Sequence(
+                seq_id=self._next_seq_id, request_id=request_id, index=i,
+                prompt_token_ids=list(ids), params=params,
+                seed=(base_seed + i * _SEED_STRIDE) % 2**64, max_tokens=max_tokens,
+                arrival_time=now))
+            self._next_seq_id += 1
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                  for _ in seqs]
+        self.requests[request_id] = _Request(request_id, text, list(ids), params, seqs, detoks,
+                                             now)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple, np.ndarray)) or len(ids) == 0:
+                raise ValueError("prompt_token_ids must be a non-empty list of ints")
+            vocab = self.model_config.vocab_size
+            for t in ids:
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                    raise ValueError(f"prompt_token_ids holds a non-integer {t!r}")
+                if not 0 <= t < vocab:
+                    raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+            return prompt.get("prompt"), [int(t) for t in ids]
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request wherever it is; its pages are freed at once. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or self._inflight is not None
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Dispatch the next iteration, then process the previous one's tokens."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        self.stats.preemptions += len(sched.preempted)
+        dispatched = None if sched.is_empty else self.runner.dispatch(sched)
+        previous, self._inflight = self._inflight, dispatched
+        outputs, wait = [], 0.0
+        if previous is not None:
+            t1 = time.perf_counter()
+            samples = jax.device_get(previous.samples)
+            wait = time.perf_counter() - t1
+            outputs = self._process(previous, samples)
+        if dispatched is not None:
+            self.stats.steps += 1
+            self.stats.prompt_tokens += sum(c.num_tokens for c in sched.prefills)
+        self.stats.wait_s += wait
+        self.stats.host_s += time.perf_counter() - t0 - wait
+        return outputs
+
+    def _process(self, step: InFlight, samples) -> list[RequestOutput]:
+        touched: dict[str, _Request] = {}
+        now = time.time()
+        want_logprobs = any(s.params.logprobs is not None for s, _, _ in step.owners)
+        for seq, index, row in step.owners:
+            if seq.is_finished or index >= len(seq.output_token_ids):
+                continue  # finished (or aborted) while this step ran: the token is dropped
+            if seq.output_token_ids[index] != PENDING:
+                raise AssertionError("a sampled token landed on a known one")
+            token = int(samples.token_ids[row])
+            seq.output_token_ids[index] = token
+            self.stats.generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if want_logprobs and seq.params.logprobs is not None:
+                top = {int(t): float(lp) for t, lp in zip(
+                    samples.top_ids[row, :seq.params.logprobs],
+                    samples.top_logprobs[row, :seq.params.logprobs])}
+                seq.logprobs.append({token: float(samples.logprob[row]), **top}
+                                    if token not in top else top)
+            req = self.requests[seq.request_id]
+            self._check_stop(req, seq, index, token)
+            touched[req.request_id] = req
+        return [self._request_output(req) for req in touched.values()]
+
+    def _check_stop(self, req: _Request, seq: Sequence, index: int, token: int) -> None:
+        p = seq.params
+        detok = req.detoks[seq.index]
+        before = len(detok.text)
+        detok.add([token])
+        reason, stop_reason = None, None
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif p.stop:
+            # A stop string may straddle the previous text: search the tail that could hold it.
+            start = max(0, before - max(len(s) for s in p.stop) + 1)
+            hits = [(detok.text.find(s, start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                detok.text = detok.text[:i + len(s)] if p.include_stop_str_in_output \
+                    else detok.text[:i]
+                reason, stop_reason = "stop", s
+        if reason is None and index + 1 >= seq.max_tokens:
+            reason = "length"
+        if reason is None:
+            return
+        if stop_reason is None or isinstance(stop_reason, int):
+            detok.text += detok.flush()  # characters held back for a possible multi-byte tail
+        del seq.output_token_ids[index + 1:]  # the token given to a step after this one
+        del seq.logprobs[index + 1:]
+        self.scheduler.finish(seq, reason)
+        seq.stop_reason = stop_reason
+        if all(s.is_finished for s in req.seqs):
+            req.finished_time = time.time()
+
+    def _request_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq, detok in zip(req.seqs, req.detoks):
+            ids = [t for t in seq.output_token_ids if t != PENDING]
+            lps = seq.logprobs if seq.params.logprobs is not None else None
+            cum = None
+            if lps is not None:
+                cum = float(sum(lp[t] for lp, t in zip(lps, ids) if t in lp))
+            text = detok.text
+            if seq.params.stop and not seq.is_finished:
+                # Hold back a possible stop string's beginning: streamed text is never taken back.
+                text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+            outs.append(CompletionOutput(seq.index, text, ids, cum, lps,
+                                         seq.finish_reason, seq.stop_reason))
+        finished = all(s.is_finished for s in req.seqs)
+        if finished:
+            self.requests.pop(req.request_id, None)
+        first = min((s.first_token_time for s in req.seqs if s.first_token_time), default=None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
+                             req.arrival_time, first, req.finished_time)

@@ -1,0 +1,176 @@
+"""The device side of the engine: weights, the KV cache, and one jitted step per bucket.
+
+`step(params, kv, batch, sampling, prev_tokens) -> (samples, kv)` runs embed → layers → logits
+at the sampled rows → on-device sampling, with the KV cache donated (updated in place). The
+runner is asynchronous: `dispatch` enqueues a step and returns at once with device arrays; a
+decode whose input token is still being sampled by the previous step names that step's sample
+row (`future_rows`), and the step reads it from `prev_tokens` on the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
+from nanoflow_jax.config import EngineConfig, ModelConfig
+from nanoflow_jax.engine.sampler import SampleOutput, sample, sampling_tensors
+from nanoflow_jax.engine.scheduler import SchedulerOutput
+from nanoflow_jax.engine.sequence import PENDING, Sequence
+from nanoflow_jax.kv_cache import init_kv_cache, page_bytes
+from nanoflow_jax.model_loader import load_model
+from nanoflow_jax.models import llama
+from nanoflow_jax.models.paged_attention import attention_fn
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+
+log = logging.getLogger("nanoflow_jax")
+
+_PADDING_ROW = SamplingParams(temperature=0.0)  # rows nothing is sampled from: greedy
+CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
+
+
+def _step(params, kv, batch, sampling, prev_tokens, *, config, attention, num_rows):
+    """One iteration on the device. prev_tokens [num_rows]: the previous step's samples."""
+    future = batch.future_rows
+    token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
+    logits, kv = llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
+                               batch.logits_indices, attention)
+    out = sample(logits, sampling, MAX_LOGPROBS)
+    # Every bucket returns num_rows rows, so the next step's prev_tokens has one shape.
+    pad = num_rows - logits.shape[0]
+    out = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
+    return out, kv
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step: its device samples and which sequence owns which sample row."""
+
+    samples: SampleOutput  # device arrays, [num_rows]
+    owners: list[tuple[Sequence, int, int]]  # (sequence, index in its output, sample row)
+    num_tokens: int
+    dispatch_time: float
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        t0 = time.perf_counter()
+        model = load_model(config.model, dtype=config.dtype, seed=config.seed)
+        self.model_config: ModelConfig = model.config
+        self.params = model.params
+        jax.block_until_ready(self.params)
+        self.load_time = time.perf_counter() - t0
+
+        mc = model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context "
+                             f"({mc.max_position_embeddings}): lower --max_model_len")
+        self.max_pages = -(-self.max_model_len // config.page_size)
+        self.max_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.num_rows = self.max_decode + config.max_prefill_seqs
+        self.buckets = config.token_buckets()
+        self.num_pages = config.num_pages or self._pages_from_memory()
+        if self.num_pages < self.max_pages:
+            raise ValueError(
+                f"the KV cache holds {self.num_pages} pages ({self.num_pages * config.page_size}"
+                f" tokens) but one sequence of max_model_len={self.max_model_len} needs "
+                f"{self.max_pages}: lower max_model_len or raise gpu_memory_utilization "
+                f"(or num_pages)")
+        t0 = time.perf_counter()
+        kv_dtype = jnp.dtype(config.dtype)
+        self.kv = init_kv_cache(mc, self.num_pages, config.page_size, kv_dtype)
+        self.kv_time = time.perf_counter() - t0
+        log.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB); %.1f sequences of "
+                 "max_model_len=%d", self.num_pages, config.page_size,
+                 self.num_pages * config.page_size,
+                 self.num_pages * page_bytes(mc, config.page_size, kv_dtype) / 2**30,
+                 self.num_pages / self.max_pages, self.max_model_len)
+        self._step = jax.jit(
+            functools.partial(_step, config=mc, attention=attention_fn(config.attention_impl),
+                              num_rows=self.num_rows),
+            donate_argnums=(1,),
+        )
+        self._prev_tokens = jnp.zeros((self.num_rows,), jnp.int32)
+        self.compile_time = 0.0
+
+    def _pages_from_memory(self) -> int:
+        """Pages that fit in the device memory left after weights and an activation reserve."""
+        mc, cfg = self.model_config, self.config
+        stats = jax.devices()[0].memory_stats() or {}
+        per_page = page_bytes(mc, cfg.page_size, jnp.dtype(cfg.dtype))
+        if "bytes_limit" not in stats:
+            return max(1, min(CPU_KV_BYTES // per_page, cfg.max_num_seqs * self.max_pages))
+        t = cfg.max_num_batched_tokens
+        widest = max(mc.hidden_size, mc.q_size + 2 * mc.kv_size, 2 * mc.intermediate_size)
+        reserve = (8 * t * widest * jnp.dtype(cfg.dtype).itemsize  # live activations
+                   + 4 * self.num_rows * mc.vocab_size * 4  # fp32 logits and sampling
+                   + (1 << 30))  # XLA / cuBLAS workspaces
+        free = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats["bytes_in_use"] - reserve
+        if free < per_page * self.max_pages:
+            raise ValueError(
+                f"after the weights ({stats['bytes_in_use'] / 2**30:.1f} GiB) only "
+                f"{max(free, 0) / 2**30:.2f} GiB are left for the KV cache: raise "
+                f"gpu_memory_utilization, lower max_model_len or max_num_batched_tokens")
+        return int(free // per_page)
+
+    def shape_for(self, num_tokens: int) -> BatchShape:
+        t = next((b for b in self.buckets if b >= num_tokens), None)
+        if t is None:
+            raise ValueError(f"{num_tokens} tokens exceed the dense batch {self.buckets[-1]}")
+        return BatchShape(num_tokens=t, num_decode=min(self.max_decode, t),
+                          num_prefill_seqs=min(self.config.max_prefill_seqs, t),
+                          max_pages=self.max_pages)
+
+    @property
+    def num_compiled(self) -> int:
+        """Programs compiled so far for the step (a test checks none appear after warm-up)."""
+        return self._step._cache_size()
+
+    def warmup(self) -> None:
+        """Compile (and run once) the step of every bucket."""
+        t0 = time.perf_counter()
+        for t in self.buckets:
+            out = self.dispatch(SchedulerOutput([], [], []), shape=self.shape_for(t))
+            jax.block_until_ready(out.samples)
+        self.compile_time = time.perf_counter() - t0
+        log.info("compiled %d buckets %s in %.1fs", len(self.buckets), self.buckets,
+                 self.compile_time)
+
+    def dispatch(self, sched: SchedulerOutput, shape: BatchShape | None = None) -> InFlight:
+        """Enqueue one step on the device; returns without waiting for it."""
+        shape = shape or self.shape_for(sched.num_tokens)
+        owners = []  # (sequence, output index, sample row) of every token sampled this step
+        row_params = [_PADDING_ROW] * shape.num_logits
+        row_seeds, row_steps = [0] * shape.num_logits, [0] * shape.num_logits
+
+        def seq_chunk(chunk, row) -> SeqChunk:
+            seq = chunk.seq
+            ids = [seq.token(i) for i in range(chunk.start, chunk.start + chunk.num_tokens)]
+            future_row = -1
+            if ids[-1] == PENDING:  # a decode of the token the previous step is sampling
+                if chunk.num_tokens != 1 or seq.sample_row < 0:
+                    raise AssertionError("a pending token can only be a decode's input")
+                future_row, ids = seq.sample_row, [0]
+            if chunk.samples:
+                out_index = len(seq.output_token_ids) - 1
+                owners.append((seq, out_index, row))
+                row_params[row], row_seeds[row], row_steps[row] = seq.params, seq.seed, out_index
+            return SeqChunk(ids, chunk.start, seq.pages, future_row)
+
+        # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j.
+        decodes = [seq_chunk(c, i) for i, c in enumerate(sched.decodes)]
+        prefills = [seq_chunk(c, shape.num_decode + j) for j, c in enumerate(sched.prefills)]
+        batch = build_batch(decodes, prefills, shape, self.config.page_size)
+        sampling = sampling_tensors(row_params, row_seeds, row_steps)
+        samples, self.kv = self._step(self.params, self.kv, batch, sampling, self._prev_tokens)
+        self._prev_tokens = samples.token_ids
+        for seq, _, row in owners:
+            seq.sample_row = row
+        return InFlight(samples, owners, sched.num_tokens, time.perf_counter())

@@ -1,0 +1,87 @@
+"""The paged KV cache: device arrays per layer, and the host-side page allocator.
+
+Layout, per layer: K and V each `[num_kv_heads, num_pages, page_size, head_dim]`. One
+(KV head, page) is a contiguous page_size·head_dim block (4 KiB at 16 × 128 bf16): the decode
+and prefill kernels give a program one KV head and stream these blocks through the page
+table, so every load is a contiguous tile. A token's slot is `page * page_size + offset`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanoflow_jax.config import ModelConfig
+
+# One (k_pages, v_pages) pair per layer.
+KVCache = list[tuple[jax.Array, jax.Array]]
+
+
+def page_bytes(config: ModelConfig, page_size: int, dtype) -> int:
+    """Device bytes one page takes across all layers, K and V."""
+    per_layer = 2 * config.num_kv_heads * page_size * config.head_dim
+    return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
+
+
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    zeros = jax.jit(lambda: [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                             for _ in range(config.num_layers)])
+    return zeros()
+
+
+def write_kv(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter new tokens' K/V ([T, Hkv, D]) into their slots ([T]; -1 = padding, dropped).
+
+    Under jit with the cache donated this is an in-place update of T·Hkv rows of D values.
+    """
+    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
+    # Padding tokens get an out-of-range page, which mode="drop" skips.
+    page = jnp.where(slots >= 0, slots // page_size, num_pages)
+    offset = slots % page_size
+    k_pages = k_pages.at[:, page, offset].set(jnp.swapaxes(k, 0, 1), mode="drop")
+    v_pages = v_pages.at[:, page, offset].set(jnp.swapaxes(v, 0, 1), mode="drop")
+    return k_pages, v_pages
+
+
+class OutOfPages(RuntimeError):
+    """Raised by `PageAllocator.allocate` when the free list is too short; callers preempt."""
+
+
+class PageAllocator:
+    """Free list of page ids with reference counts (so a prefix cache can share pages)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._refcount = np.zeros(num_pages, np.int32)
+        # Pop from the end: recently freed pages are reused first (they may still be in L2).
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        self._refcount[pages] = 1
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        """Another owner of already-allocated pages."""
+        if (self._refcount[pages] <= 0).any():
+            raise ValueError("sharing a page that is not allocated")
+        self._refcount[pages] += 1
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._refcount[p] <= 0:
+                raise ValueError(f"page {p} freed twice")
+            self._refcount[p] -= 1
+            if self._refcount[p] == 0:
+                self._free.append(p)

@@ -1,0 +1,64 @@
+"""Attention over the paged KV cache for a flat batch: decode tokens first, then prefill chunks.
+
+The batch's first `nd` rows are decode tokens (one per sequence); prompt chunks of prefilling
+sequences follow back to back from row `nd`, then padding. Each layer first writes the new
+tokens' K/V into their slots, then runs the decode kernel on the first Bd rows (Bd ≥ nd static,
+rows past nd have length 0 and cost nothing) and the prefill kernel on the chunks; both read
+every key, old and new, from the pages. Only T is a compiled shape: nd varies freely.
+
+`impl` picks the code: "pallas" (the GPU kernels), "interpret" (the same kernels in Pallas'
+interpreter, for CPU tests) or "reference" (pure jnp; what the CPU runs by default).
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from nanoflow_jax.kv_cache import write_kv
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
+
+
+@flax.struct.dataclass
+class PagedMetadata:
+    slots: jax.Array  # [T] int32 KV slot of each token; -1 for padding
+    decode_page_tables: jax.Array  # [Bd, max_pages] int32
+    decode_lengths: jax.Array  # [Bd] int32 tokens in cache incl. this one; 0 = padding row
+    prefill_page_tables: jax.Array  # [Sp, max_pages] int32
+    prefill_query_start: jax.Array  # [Sp + 1] int32 first row of each chunk; [0] = nd
+    prefill_seq_lens: jax.Array  # [Sp] int32 tokens in cache incl. this chunk; 0 = unused
+
+
+def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str):
+    """q [T, Hq, D], k/v [T, Hkv, D], layer_cache (k_pages, v_pages) -> ([T, Hq, D], cache)."""
+    k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots)
+    scale = q.shape[-1] ** -0.5
+    interpret = impl == "interpret"
+    decode = decode_attention_reference if impl == "reference" else decode_attention
+    prefill = prefill_attention_reference if impl == "reference" else prefill_attention
+    # Rows before prefill_query_start[0] belong to no chunk: their values here are unspecified.
+    out = prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,
+                  meta.prefill_seq_lens, sm_scale=scale, interpret=interpret)
+    t, bd = q.shape[0], meta.decode_lengths.shape[0]
+    decoded = decode(q[:bd], k_pages, v_pages, meta.decode_page_tables, meta.decode_lengths,
+                     sm_scale=scale, interpret=interpret)
+    decoded = jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0)))
+    is_decode = jnp.arange(t) < meta.prefill_query_start[0]
+    out = jnp.where(is_decode[:, None, None], decoded, out)
+    return out, (k_pages, v_pages)
+
+
+IMPLS = ("pallas", "interpret", "reference")
+
+
+@functools.cache
+def attention_fn(impl: str = "auto"):
+    """The attention function for `llama.forward`; "auto" = kernels on GPU, jnp elsewhere."""
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS} or 'auto', got {impl!r}")
+    return functools.partial(paged_attention, impl=impl)
