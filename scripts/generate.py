@@ -1,46 +1,48 @@
-"""Generate text greedily from a model directory or a preset (random weights).
+"""Generate from the command line with any checkpoint directory or preset.
 
-    python scripts/generate.py                                  # tiny-llama on the CPU
-    python scripts/generate.py --model=/path/to/Llama-3-8B --prompt="The capital of France is"
+    python scripts/generate.py                                   # tiny-llama on the CPU
+    python scripts/generate.py --model=/path/to/Llama-3-8B-Instruct --chat \
+        --prompt="What is the capital of France?" --max_tokens=64
 
 Presets have random weights and the built-in byte-level tokenizer, so their text is noise:
-they exist to exercise the code path and measure speed.
+they exist to exercise the code path and to measure speed.
 """
-import os
 import time
 
 from absl import app, flags
 
-import nanoflow_jax as nf
-from nanoflow_jax.tokenizer import Tokenizer, byte_tokenizer
+from nanoflow_jax import LLM, SamplingParams
 
 flags.DEFINE_string("model", "tiny-llama", "checkpoint directory or preset name")
-flags.DEFINE_string("prompt", "Hello, nanoflow!", "prompt text")
-flags.DEFINE_integer("max_tokens", 16, "tokens to generate", lower_bound=1)
+flags.DEFINE_multi_string("prompt", ["Hello, nanoflow!"], "prompt text (repeat for several)")
+flags.DEFINE_bool("chat", False, "wrap each prompt as a user message in the chat template")
+flags.DEFINE_integer("max_tokens", 32, "tokens to generate per prompt", lower_bound=1)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
+flags.DEFINE_integer("top_k", 0, "0 = no top-k")
+flags.DEFINE_integer("n", 1, "samples per prompt")
+flags.DEFINE_integer("seed", None, "sampling seed (None: random)")
 flags.DEFINE_string("dtype", "bfloat16", "float32 | bfloat16 | float16")
-flags.DEFINE_integer("seed", 0, "random-weight seed for presets")
+flags.DEFINE_integer("max_num_batched_tokens", 256, "dense batch: tokens per iteration")
+flags.DEFINE_integer("max_model_len", 1024, "prompt + output tokens per sequence")
 F = flags.FLAGS
 
 
 def main(argv):
     del argv
     t0 = time.perf_counter()
-    model = nf.load_model(F.model, dtype=F.dtype, seed=F.seed)
-    has_tokenizer = os.path.isfile(os.path.join(F.model, "tokenizer.json"))
-    tok = Tokenizer.from_pretrained(F.model) if has_tokenizer else byte_tokenizer()
-    ids = tok.encode(F.prompt)
-    print(f"loaded {F.model} ({model.config.param_count / 1e6:.1f}M params) "
-          f"in {time.perf_counter() - t0:.1f}s; prompt has {len(ids)} tokens")
-    out = []
-    t0 = time.perf_counter()
-    for _ in range(F.max_tokens):
-        next_id = int(model.logits(ids + out)[-1].argmax())
-        if next_id in tok.eos_token_ids:
-            break
-        out.append(next_id)
-    dt = time.perf_counter() - t0
-    print(f"{F.prompt!r} -> {tok.decode(out)!r}")
-    print(f"{len(out)} tokens in {dt:.2f}s")
+    llm = LLM(F.model, dtype=F.dtype, max_num_batched_tokens=F.max_num_batched_tokens,
+              max_model_len=F.max_model_len)
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s")
+    prompts = F.prompt
+    if F.chat:
+        tok = llm.get_tokenizer()
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(n=F.n, temperature=F.temperature, top_p=F.top_p, top_k=F.top_k,
+                            seed=F.seed, max_tokens=F.max_tokens)
+    for prompt, out in zip(F.prompt, llm.generate(prompts, params)):
+        for o in out.outputs:
+            print(f"{prompt!r} -> {o.text!r} ({len(o.token_ids)} tokens, {o.finish_reason})")
 
 
 if __name__ == "__main__":
