@@ -4,6 +4,7 @@ The param tree layout is documented in `nanoflow_jax.models.llama`.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -54,31 +55,33 @@ def abstract_params(config: ModelConfig, dtype) -> Params:
     )
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_leaf(key, shape, dtype, scale):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
 def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0) -> Params:
-    """Deterministic random weights, generated on the device in one jitted call.
+    """Deterministic random weights, generated on the device.
 
     Projections are N(0, 1/fan_in) so activations keep unit scale through random layers;
-    norm weights are 1 and biases small. Same seed, same weights, on any backend.
+    norm weights are 1 and biases small. Each leaf is one call of a small jitted generator
+    compiled once per distinct shape (a handful), so even an 80-layer model starts at the
+    speed of the random number generator rather than of the compiler.
     """
     shapes = param_shapes(config)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    paths_and_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
     dtype = jnp.dtype(dtype)
-
-    def init():
-        key = jax.random.key(seed)
-        out = []
-        for i, (shape, path) in enumerate(zip(leaves, paths)):
-            if "norm" in path:
-                out.append(jnp.ones(shape, dtype))
-                continue
-            fan_in = shape[0] if len(shape) == 2 and "embed" not in path else shape[-1]
-            scale = 0.02 if len(shape) == 1 else fan_in**-0.5
-            out.append(jax.random.normal(jax.random.fold_in(key, i), shape, dtype) * scale)
-        return out
-
-    return jax.tree.unflatten(treedef, jax.jit(init)())
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (path, shape) in enumerate(paths_and_shapes):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            leaves.append(jnp.ones(shape, dtype))
+            continue
+        fan_in = shape[0] if len(shape) == 2 and "embed" not in name else shape[-1]
+        scale = 0.02 if len(shape) == 1 else fan_in**-0.5
+        leaves.append(_random_leaf(jax.random.fold_in(key, i), shape, dtype, scale))
+    return jax.tree.unflatten(treedef, leaves)
 
 
 # ---- HF safetensors -----------------------------------------------------------------------

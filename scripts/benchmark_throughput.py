@@ -9,6 +9,7 @@ as in the NanoFlow paper. "% of optimal" = total tokens/s รท (peak bf16 FLOP/s ร
 the peak measured by a large GEMM in this process. Start-up (weights, KV cache, compilation)
 is reported apart from the timed run.
 """
+import dataclasses
 import json
 import os
 import time
@@ -16,7 +17,9 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("model", "tiny-llama", "checkpoint directory or preset (random weights)")
-flags.DEFINE_string("workload", "const:64:32", "const:IN:OUT or trace:splitwise|lmsys|sharegpt")
+flags.DEFINE_multi_string("workload", ["const:64:32"],
+                          "const:IN:OUT or trace:splitwise|lmsys|sharegpt (repeat: several "
+                          "workloads, one start-up)")
 flags.DEFINE_string("trace_dir", None, "directory of the trace CSVs (default ../shared/workloads)")
 flags.DEFINE_integer("num_requests", 32, "requests in the timed run")
 flags.DEFINE_integer("seed", 0, "workload and weights seed")
@@ -28,6 +31,7 @@ flags.DEFINE_integer("page_size", 16, "KV page size")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory)")
 flags.DEFINE_integer("max_model_len", 2048, "prompt + output tokens per sequence")
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "device memory share for the engine")
+flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets compile faster)")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | auto")
 flags.DEFINE_string("output_json", None, "write the results here")
 F = flags.FLAGS
@@ -36,32 +40,50 @@ F = flags.FLAGS
 def main(argv):
     del argv
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(F.gpu_memory_utilization))
-    import jax
-
-    from nanoflow_jax import LLM, SamplingParams, bench
+    from nanoflow_jax import LLM, bench
 
     peak = bench.measure_peak_flops()
     t0 = time.perf_counter()
     llm = LLM(F.model, dtype=F.dtype, seed=F.seed, max_num_batched_tokens=F.max_num_batched_tokens,
               max_num_seqs=F.max_num_seqs, max_prefill_seqs=F.max_prefill_seqs,
               page_size=F.page_size, num_pages=F.num_pages, max_model_len=F.max_model_len,
-              gpu_memory_utilization=1.0, attention_impl=F.attention_impl)
+              gpu_memory_utilization=1.0, attention_impl=F.attention_impl,
+              min_bucket=F.min_bucket)
     startup = time.perf_counter() - t0
+    results = [run_workload(llm, w, peak, startup) for w in F.workload]
+    if F.output_json:
+        with open(F.output_json, "w") as f:
+            json.dump(results, f, indent=2)
+    keys = ["workload", "total_tokens_per_s", "output_tokens_per_s", "percent_of_optimal",
+            "step_ms", "host_ms_per_step", "num_requests"]
+    print("\n" + " | ".join(keys))
+    for r in results:
+        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+
+
+def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
+    import jax
+
+    from nanoflow_jax import SamplingParams, bench
+
     eng, runner = llm.engine, llm.engine.runner
     cfg = eng.model_config
     trace_dir = F.trace_dir or bench.DEFAULT_TRACE_DIR
-    reqs = bench.load_workload(F.workload, F.num_requests, runner.max_model_len, F.seed, trace_dir)
+    reqs = bench.load_workload(workload, F.num_requests, runner.max_model_len, F.seed, trace_dir)
     prompts = [{"prompt_token_ids": ids}
                for ids in bench.prompt_token_ids(reqs, cfg.vocab_size, F.seed)]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in reqs]
 
-    stats0 = dict(vars(eng.stats))
+    stats0 = dataclasses.replace(eng.stats)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    steps = eng.stats.steps - stats0["steps"]
-    host = eng.stats.host_s - stats0["host_s"]
+    steps = max(eng.stats.steps - stats0.steps, 1)
+
+    def per_step_ms(name):
+        return 1e3 * (getattr(eng.stats, name) - getattr(stats0, name)) / steps
+
     n_in = sum(r.prompt_len for r in reqs)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     if n_out != sum(r.output_len for r in reqs):
@@ -69,7 +91,7 @@ def main(argv):
     optimal = bench.optimal_tokens_per_s(peak, cfg.param_count)
     total_tps = (n_in + n_out) / elapsed
     result = {
-        "model": F.model, "workload": F.workload, "num_requests": len(reqs),
+        "model": F.model, "workload": workload, "num_requests": len(reqs),
         "schedule": "sequential", "device": jax.devices()[0].device_kind,
         "jax": jax.__version__, "dense_batch": F.max_num_batched_tokens,
         "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
@@ -77,20 +99,23 @@ def main(argv):
         "requests_per_s": len(reqs) / elapsed,
         "peak_tflops": peak / 1e12, "optimal_tokens_per_s": optimal,
         "percent_of_optimal": 100 * total_tps / optimal,
-        "steps": steps, "step_ms": 1e3 * elapsed / max(steps, 1),
-        "host_ms_per_step": 1e3 * host / max(steps, 1),
-        "host_share_of_step": host / elapsed,
-        "preemptions": eng.stats.preemptions - stats0["preemptions"],
+        "steps": steps, "step_ms": 1e3 * elapsed / steps,
+        "host_ms_per_step": per_step_ms("host_s"),
+        "host_share_of_step": per_step_ms("host_s") / (1e3 * elapsed / steps),
+        "schedule_ms_per_step": per_step_ms("schedule_s"),
+        "build_ms_per_step": per_step_ms("build_s"),
+        "process_ms_per_step": per_step_ms("process_s"),
+        "launch_ms_per_step": per_step_ms("launch_s"),
+        "wait_ms_per_step": per_step_ms("wait_s"),
+        "preemptions": eng.stats.preemptions - stats0.preemptions,
         "startup_s": startup, "load_s": runner.load_time, "kv_alloc_s": runner.kv_time,
         "compile_s": runner.compile_time, "kv_pages": runner.num_pages,
         "peak_memory_gib": (bench.peak_memory_bytes() or 0) / 2**30,
     }
-    if F.output_json:
-        with open(F.output_json, "w") as f:
-            json.dump(result, f, indent=2)
     w = max(len(k) for k in result)
     for k, v in result.items():
         print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+    return result
 
 
 if __name__ == "__main__":

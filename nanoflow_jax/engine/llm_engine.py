@@ -45,8 +45,18 @@ class _Request:
 @dataclasses.dataclass
 class EngineStats:
     steps: int = 0
-    host_s: float = 0.0  # host time in step() not spent waiting for the device
-    wait_s: float = 0.0  # time blocked reading a step's tokens
+    # Host time, by part. schedule + build + process is the engine's own (Python) work;
+    # launch is the jitted call, which may block when the device runtime throttles launches.
+    schedule_s: float = 0.0  # the scheduler
+    build_s: float = 0.0  # building the batch and the sampling tensors
+    launch_s: float = 0.0  # enqueueing the jitted step
+    process_s: float = 0.0  # detokenizing, stop checks, outputs
+    wait_s: float = 0.0  # blocked reading a step's tokens
+
+    @property
+    def host_s(self) -> float:
+        """The engine's own host work (what must stay well under the device's step time)."""
+        return self.schedule_s + self.build_s + self.process_s
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
@@ -154,19 +164,22 @@ class LLMEngine:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
+        self.stats.schedule_s += time.perf_counter() - t0
         dispatched = None if sched.is_empty else self.runner.dispatch(sched)
-        previous, self._inflight = self._inflight, dispatched
-        outputs, wait = [], 0.0
-        if previous is not None:
-            t1 = time.perf_counter()
-            samples = jax.device_get(previous.samples)
-            wait = time.perf_counter() - t1
-            outputs = self._process(previous, samples)
         if dispatched is not None:
             self.stats.steps += 1
             self.stats.prompt_tokens += sum(c.num_tokens for c in sched.prefills)
-        self.stats.wait_s += wait
-        self.stats.host_s += time.perf_counter() - t0 - wait
+            self.stats.build_s += dispatched.build_s
+            self.stats.launch_s += dispatched.launch_s
+        previous, self._inflight = self._inflight, dispatched
+        if previous is None:
+            return []
+        t0 = time.perf_counter()
+        samples = jax.device_get(previous.samples)
+        t1 = time.perf_counter()
+        outputs = self._process(previous, samples)
+        self.stats.wait_s += t1 - t0
+        self.stats.process_s += time.perf_counter() - t1
         return outputs
 
     def _process(self, step: InFlight, samples) -> list[RequestOutput]:

@@ -54,7 +54,8 @@ class InFlight:
     samples: SampleOutput  # device arrays, [num_rows]
     owners: list[tuple[Sequence, int, int]]  # (sequence, index in its output, sample row)
     num_tokens: int
-    dispatch_time: float
+    build_s: float  # host time to build the batch and sampling tensors
+    launch_s: float  # the jitted call: returns once the step is enqueued on the device
 
 
 class ModelRunner:
@@ -145,6 +146,7 @@ class ModelRunner:
 
     def dispatch(self, sched: SchedulerOutput, shape: BatchShape | None = None) -> InFlight:
         """Enqueue one step on the device; returns without waiting for it."""
+        t0 = time.perf_counter()
         shape = shape or self.shape_for(sched.num_tokens)
         owners = []  # (sequence, output index, sample row) of every token sampled this step
         row_params = [_PADDING_ROW] * shape.num_logits
@@ -169,8 +171,9 @@ class ModelRunner:
         prefills = [seq_chunk(c, shape.num_decode + j) for j, c in enumerate(sched.prefills)]
         batch = build_batch(decodes, prefills, shape, self.config.page_size)
         sampling = sampling_tensors(row_params, row_seeds, row_steps)
+        t1 = time.perf_counter()
         samples, self.kv = self._step(self.params, self.kv, batch, sampling, self._prev_tokens)
         self._prev_tokens = samples.token_ids
         for seq, _, row in owners:
             seq.sample_row = row
-        return InFlight(samples, owners, sched.num_tokens, time.perf_counter())
+        return InFlight(samples, owners, sched.num_tokens, t1 - t0, time.perf_counter() - t1)
