@@ -87,11 +87,23 @@ def build_batch(
         table[:len(pages)] = pages
         return row + n
 
-    for i, chunk in enumerate(decodes):
-        place(chunk, i, decode_tables[i])
-        decode_lengths[i] = chunk.start_pos + 1
-        logits_indices[i] = i
-    row = query_start[0] = len(decodes)  # chunks start right after the decode rows
+    nd = len(decodes)
+    if nd:  # one token each: filled column-wise (this runs every step for every decode)
+        for i, chunk in enumerate(decodes):
+            if len(chunk.page_ids) > m:
+                raise ValueError(f"{len(chunk.page_ids)} pages exceed the page table width {m}")
+            decode_tables[i, :len(chunk.page_ids)] = chunk.page_ids
+        pos = np.fromiter((c.start_pos for c in decodes), np.int32, nd)
+        page_index = pos // page_size
+        if (page_index >= np.fromiter((len(c.page_ids) for c in decodes), np.int32, nd)).any():
+            raise ValueError("a decode's pages cannot hold its new token")
+        token_ids[:nd] = [c.token_ids[0] for c in decodes]
+        future_rows[:nd] = [c.future_row for c in decodes]
+        positions[:nd] = pos
+        slots[:nd] = decode_tables[np.arange(nd), page_index] * page_size + pos % page_size
+        decode_lengths[:nd] = pos + 1
+        logits_indices[:nd] = np.arange(nd)
+    row = query_start[0] = nd  # chunks start right after the decode rows
     for j, chunk in enumerate(prefills):
         row = place(chunk, row, prefill_tables[j])
         query_start[j + 1] = row

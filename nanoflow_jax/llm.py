@@ -20,7 +20,7 @@ Prompt = str | dict[str, Any]
 
 class LLM:
     def __init__(self, model: str = "tiny-llama", **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), stream_outputs=False)
         self._counter = 0
 
     def get_tokenizer(self):

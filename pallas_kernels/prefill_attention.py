@@ -22,17 +22,25 @@ Kernel design (compute-bound, FlashAttention-2 style):
   * grid = (Hq, num_blocks), q heads fastest: programs that share a KV head
     and a query block run side by side and hit the same K/V in L2.
   * Each program loops over KV blocks of `block_k` tokens (block_k/page_size
-    pages gathered through the page table), in two phases: blocks entirely at
-    or before the first row's position need no mask; the few blocks on the
-    diagonal are masked (causal + sequence end).  Fully-masked KV blocks are
-    never visited.  Online softmax in fp32 (base 2), `pl.dot` with bf16 inputs
-    and fp32 accumulation.
+    pages, addressed directly as a [block_k, D] tile with one page id per
+    token: a [pages, page_size, D] gather + reshape blocks Triton's
+    shared-memory pipelining, 343 -> 362 TFLOP/s), in two phases: blocks
+    entirely at or before the first row's position need no mask; the few
+    blocks on the diagonal are masked (causal + sequence end).  Fully-masked
+    KV blocks are never visited.  Online softmax in fp32 (base 2, scale and
+    max-subtraction in one FMA, `ex2.approx.ftz` through inline PTX), dots
+    with bf16 inputs and fp32 accumulation.
   * Masked-phase loads are masked by the KV length, so cache slots past the
     sequence are never read (NaN there cannot leak).
 
 Backend: Pallas Triton, for the same reasons as decode_attention.py (works in
 interpret mode on CPU and on JAX 0.11 with a deprecation warning; page gathers
-are plain pointer arithmetic; Triton emits wgmma on Hopper for `pl.dot`).
+are plain pointer arithmetic; Triton maps the dots to tensor-core MMAs).
+Measured on an H100 (JAX 0.11.2): one causal 4096-token sequence, 32 q / 8 kv
+heads, head_dim 128, page 16: 0.37 ms = 372 TFLOP/s counting unmasked FLOPs,
+54 % of the measured bf16 GEMM rate (692 TFLOP/s); cuDNN flash attention on
+contiguous K/V reaches 456 (66 %).  The gap is what TMA loads and warp
+specialisation (Mosaic GPU, FA3-style) would buy.
 """
 from __future__ import annotations
 
@@ -66,6 +74,7 @@ def _prefill_kernel(
     block_k: int,
     precision,
     fast_exp2: bool,
+    flat_gather: bool,
 ):
   hq = pl.program_id(0)
   j = pl.program_id(1)
@@ -97,12 +106,16 @@ def _prefill_kernel(
   kv_iota = jnp.arange(block_k)
 
   def load_kv(i, masked):
-    pages = page_tables_ref[seq, pl.ds(i * pages_per_block, pages_per_block)]
-    idx = (kvh, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
+    if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
+      pages = page_tables_ref[seq, i * pages_per_block + kv_iota // page_size]  # [BK]
+      idx = (kvh, pages[:, None], (kv_iota % page_size)[:, None], d_idx[None, :])
+      valid = ((i * block_k + kv_iota) < kv_end)[:, None]  # [BK, 1]
+    else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
+      pages = page_tables_ref[seq, pl.ds(i * pages_per_block, pages_per_block)]
+      idx = (kvh, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
+      valid = (i * block_k + (jnp.arange(pages_per_block)[:, None] * page_size
+                              + tok[None, :]) < kv_end)[:, :, None]
     if masked:
-      pos = i * block_k + (
-          jnp.arange(pages_per_block)[:, None] * page_size + tok[None, :])
-      valid = (pos < kv_end)[:, :, None]
       k = _compat.load(k_ref.at[idx], mask=valid, other=0)
       v = _compat.load(v_ref.at[idx], mask=valid, other=0)
     else:
@@ -175,7 +188,7 @@ def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "interpret", "block_q", "block_k", "num_warps",
-                     "num_stages", "fast_exp2"))
+                     "num_stages", "fast_exp2", "flat_gather"))
 def prefill_attention(
     q: jax.Array,  # [T, Hq, D]
     k_pages: jax.Array,  # [Hkv, P, page_size, D]
@@ -187,17 +200,21 @@ def prefill_attention(
     sm_scale: float,
     interpret: bool = False,
     block_q: int = 128,
-    block_k: int = 64,
+    block_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
     fast_exp2: bool = True,
+    flat_gather: bool = True,
 ) -> jax.Array:
   """Causal attention of ragged prompt chunks against a paged KV cache.
 
   Tuning: `block_q` query rows per program, `block_k` KV tokens per loop step
-  (a multiple of page_size; raised to page_size if smaller), `num_warps` /
+  (a multiple of page_size, raised to page_size if smaller; None: 64 for
+  16-bit inputs, 32 for fp32), `num_warps` /
   `num_stages` go to Triton; `fast_exp2` uses `ex2.approx.ftz` (ignored in
-  interpret mode).  Returns [T, Hq, D] in q.dtype.
+  interpret mode); `flat_gather` builds the [block_k, D] K/V pointer tile
+  directly (page id per token) instead of gathering [pages, page_size, D]
+  and reshaping.  Returns [T, Hq, D] in q.dtype.
   """
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, _, page_size, head_dim_k = k_pages.shape
@@ -213,6 +230,8 @@ def prefill_attention(
   if query_start.shape != (num_seqs + 1,) or page_tables.shape[0] != num_seqs:
     raise ValueError("query_start / page_tables do not match seq_lens")
   block_q = _compat.next_pow2(block_q)
+  if block_k is None:  # 64 bf16 tokens; half that for fp32 (shared memory)
+    block_k = 64 if q.dtype.itemsize <= 2 else 32
   block_k = max(_compat.next_pow2(block_k), page_size)
   pages_per_block = block_k // page_size
 
@@ -232,6 +251,7 @@ def prefill_attention(
       block_k=block_k,
       precision=precision,
       fast_exp2=bool(fast_exp2) and not interpret,
+      flat_gather=bool(flat_gather),
   )
   return pl.pallas_call(
       kernel,

@@ -49,16 +49,16 @@ def _make(seed, *, batch, hq, hkv, d, page_size, max_pages, lengths, dtype, extr
 
 
 CASES = [
-    # (hq, hkv, d, page_size, pages_per_block, num_splits, dtype)
-    (4, 4, 64, 4, 2, None, jnp.float32),   # GQA 1 (MHA), split-K
-    (8, 2, 128, 8, 2, 1, jnp.bfloat16),    # GQA 4, head_dim 128, one split
-    (8, 1, 64, 4, 1, 3, jnp.bfloat16),     # GQA 8 (MQA-like), 3 splits
-    (16, 2, 128, 16, 1, 2, jnp.float32),   # GQA 8, page 16, fp32
+    # (hq, hkv, d, page_size, pages_per_block, num_splits, flat_gather, dtype)
+    (4, 4, 64, 4, 2, None, True, jnp.float32),   # GQA 1 (MHA), split-K
+    (8, 2, 128, 8, 2, 1, True, jnp.bfloat16),    # GQA 4, head_dim 128, one split
+    (8, 1, 64, 4, 1, 3, False, jnp.bfloat16),    # GQA 8, 3 splits, reshape gather
+    (16, 2, 128, 16, 1, 2, True, jnp.float32),   # GQA 8, page 16, fp32
 ]
 
 
-@pytest.mark.parametrize("hq,hkv,d,page_size,ppb,splits,dtype", CASES)
-def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, dtype):
+@pytest.mark.parametrize("hq,hkv,d,page_size,ppb,splits,flat,dtype", CASES)
+def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, flat, dtype):
   seed = _seed()
   max_pages = 6
   rng = np.random.default_rng(seed)
@@ -70,7 +70,7 @@ def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, dtype):
                             lengths=lengths, dtype=dtype)
   scale = d ** -0.5
   out = decode_attention(q, k, v, pt, lens, sm_scale=scale, interpret=True,
-                         pages_per_block=ppb, num_splits=splits)
+                         pages_per_block=ppb, num_splits=splits, flat_gather=flat)
   ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=scale)
   assert out.shape == q.shape and out.dtype == q.dtype
   out_np = np.asarray(out, np.float32)

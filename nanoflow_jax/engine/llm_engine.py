@@ -70,8 +70,13 @@ def _load_tokenizer(model: str) -> Tokenizer:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None,
+                 stream_outputs: bool = True):
+        """`stream_outputs`: `step()` returns every request that progressed, with its text so
+        far (the server); False returns finished requests only and detokenizes once at the end
+        unless a stop string needs the text earlier (offline `LLM`, cheaper per token)."""
         self.config = config
+        self.stream_outputs = stream_outputs
         self.tokenizer = tokenizer or _load_tokenizer(config.model)
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
@@ -204,14 +209,17 @@ class LLMEngine:
                                     if token not in top else top)
             req = self.requests[seq.request_id]
             self._check_stop(req, seq, index, token)
-            touched[req.request_id] = req
+            if self.stream_outputs or req.finished_time is not None:
+                touched[req.request_id] = req
         return [self._request_output(req) for req in touched.values()]
 
     def _check_stop(self, req: _Request, seq: Sequence, index: int, token: int) -> None:
         p = seq.params
         detok = req.detoks[seq.index]
         before = len(detok.text)
-        detok.add([token])
+        incremental = self.stream_outputs or bool(p.stop)
+        if incremental:
+            detok.add([token])
         reason, stop_reason = None, None
         if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             reason = "stop"
@@ -231,9 +239,11 @@ class LLMEngine:
             reason = "length"
         if reason is None:
             return
-        if stop_reason is None or isinstance(stop_reason, int):
-            detok.text += detok.flush()  # characters held back for a possible multi-byte tail
         del seq.output_token_ids[index + 1:]  # the token given to a step after this one
+        if not incremental:
+            detok.text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+        elif stop_reason is None or isinstance(stop_reason, int):
+            detok.text += detok.flush()  # characters held back for a possible multi-byte tail
         del seq.logprobs[index + 1:]
         self.scheduler.finish(seq, reason)
         seq.stop_reason = stop_reason
@@ -243,8 +253,12 @@ class LLMEngine:
     def _request_output(self, req: _Request) -> RequestOutput:
         outs = []
         for seq, detok in zip(req.seqs, req.detoks):
-            ids = [t for t in seq.output_token_ids if t != PENDING]
-            lps = seq.logprobs if seq.params.logprobs is not None else None
+            ids = seq.output_token_ids
+            if seq.has_pending:
+                ids = [t for t in ids if t != PENDING]
+            else:
+                ids = list(ids)
+            lps = list(seq.logprobs) if seq.params.logprobs is not None else None
             cum = None
             if lps is not None:
                 cum = float(sum(lp[t] for lp, t in zip(lps, ids) if t in lp))

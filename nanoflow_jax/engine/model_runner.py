@@ -154,7 +154,7 @@ class ModelRunner:
 
         def seq_chunk(chunk, row) -> SeqChunk:
             seq = chunk.seq
-            ids = [seq.token(i) for i in range(chunk.start, chunk.start + chunk.num_tokens)]
+            ids = seq.tokens(chunk.start, chunk.start + chunk.num_tokens)
             future_row = -1
             if ids[-1] == PENDING:  # a decode of the token the previous step is sampling
                 if chunk.num_tokens != 1 or seq.sample_row < 0:

@@ -39,13 +39,17 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token(self, i: int) -> int:
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end) of prompt + output."""
         n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[max(start - n, 0):end - n]
 
     @property
     def has_pending(self) -> bool:
-        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
+        # At most the last two: one read after this step, one sampled by the step in flight.
+        return PENDING in self.output_token_ids[-2:]
 
     @property
     def done_generating(self) -> bool:

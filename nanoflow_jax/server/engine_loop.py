@@ -228,8 +228,8 @@ class AsyncEngine:
                             self._abort(rid, deliveries)
                     self._waiting = self._count_waiting()
                 self._deliver(deliveries)
+                self._publish()
                 if stop:
-                    self._publish()
                     return
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()

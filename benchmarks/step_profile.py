@@ -1,0 +1,87 @@
+"""Device time of one model step at the shapes of a decode-heavy dense batch (GPU).
+
+    PYTHONPATH=. python3 benchmarks/step_profile.py --model=llama-3-8b
+
+Builds batches directly (no scheduler): D decodes of context C plus prompt tokens up to T.
+Prints the median device time per step over repeats (each blocked on), the time to enqueue
+a step when steps are issued back to back, and the share a GEMM-only roofline would take.
+"""
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from nanoflow_jax.batch import SeqChunk, build_batch
+from nanoflow_jax.bench import measure_peak_flops
+from nanoflow_jax.config import EngineConfig
+from nanoflow_jax.engine.model_runner import ModelRunner
+from nanoflow_jax.engine.sampler import sampling_tensors
+from nanoflow_jax.sampling_params import SamplingParams
+
+flags.DEFINE_string("model", "llama-3-8b", "preset or checkpoint")
+flags.DEFINE_integer("repeats", 20, "timed steps per case")
+F = flags.FLAGS
+
+CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
+    ("mixed T=1024: 300 decodes @1300 + 724 prefill", 1024, 300, 1300, 724),
+    ("decode-only T=256: 256 decodes @1300", 256, 256, 1300, 0),
+    ("prefill-only T=1024: one 1024-token prompt", 1024, 0, 0, 1024),
+]
+
+
+def main(argv):
+    del argv
+    peak = measure_peak_flops()
+    runner = ModelRunner(EngineConfig(model=F.model, max_num_batched_tokens=1024,
+                                      max_num_seqs=512, min_bucket=256, max_model_len=2048,
+                                      num_pages=40000))
+    runner.warmup()
+    cfg, page = runner.model_config, runner.config.page_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, t, nd, ctx, chunk in CASES:
+        pages_per = -(-(ctx + 1) // page)
+        perm = rng.permutation(runner.num_pages)
+        decodes = [SeqChunk([int(rng.integers(cfg.vocab_size))], ctx,
+                            perm[i * pages_per:(i + 1) * pages_per].tolist()) for i in range(nd)]
+        prefills = []
+        if chunk:
+            start = nd * pages_per
+            prefills = [SeqChunk(rng.integers(0, cfg.vocab_size, chunk).tolist(), 0,
+                                 perm[start:start + -(-chunk // page)].tolist())]
+        shape = runner.shape_for(nd + chunk)
+        batch = jax.device_put(build_batch(decodes, prefills, shape, page))
+        sampling = jax.device_put(sampling_tensors(
+            [SamplingParams(temperature=0.0)] * shape.num_logits,
+            [0] * shape.num_logits, [0] * shape.num_logits))
+
+        def step():
+            out, runner.kv = runner._step(runner.params, runner.kv, batch, sampling,
+                                          runner._prev_tokens)
+            return out
+
+        for _ in range(3):
+            jax.block_until_ready(step())
+        times = []
+        for _ in range(F.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step())
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outs = [step() for _ in range(F.repeats)]  # back to back: how long does enqueueing take?
+        enqueue = (time.perf_counter() - t0) / F.repeats
+        jax.block_until_ready(outs)
+        back_to_back = (time.perf_counter() - t0) / F.repeats
+        gemm_ms = 2 * cfg.param_count * shape.num_tokens / peak * 1e3
+        rows.append((name, shape.num_tokens, 1e3 * float(np.median(times)), 1e3 * back_to_back,
+                     1e3 * enqueue, gemm_ms))
+    print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
+    print("case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
+          "2·P·T/peak ms")
+    for r in rows:
+        print(f"{r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
