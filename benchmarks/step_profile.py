@@ -35,7 +35,7 @@ def main(argv):
     peak = measure_peak_flops()
     runner = ModelRunner(EngineConfig(model=F.model, max_num_batched_tokens=1024,
                                       max_num_seqs=512, min_bucket=256, max_model_len=2048,
-                                      num_pages=40000))
+                                      num_pages=25000))
     runner.warmup()
     cfg, page = runner.model_config, runner.config.page_size
     rng = np.random.default_rng(0)

@@ -26,11 +26,10 @@ from nanoflow_jax.kv_cache import init_kv_cache, page_bytes
 from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
-from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger("nanoflow_jax")
 
-_PADDING_ROW = SamplingParams(temperature=0.0)  # rows nothing is sampled from: greedy
 CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
 
 
@@ -144,13 +143,22 @@ class ModelRunner:
         log.info("compiled %d buckets %s in %.1fs", len(self.buckets), self.buckets,
                  self.compile_time)
 
+    @staticmethod
+    def _sampling_rows(owners, num_rows: int):
+        """Sampling tensors [num_rows]: each owner's parameters at its row, greedy elsewhere."""
+        dense = sampling_tensors([s.params for s, _, _ in owners], [s.seed for s, _, _ in owners],
+                                 [i for _, i, _ in owners])
+        rows = np.fromiter((r for _, _, r in owners), np.int64, len(owners))
+        padded = sampling_tensors([], [], [], pad_to=num_rows)
+        for full, part in zip(jax.tree.leaves(padded), jax.tree.leaves(dense)):
+            full[rows] = part
+        return padded
+
     def dispatch(self, sched: SchedulerOutput, shape: BatchShape | None = None) -> InFlight:
         """Enqueue one step on the device; returns without waiting for it."""
         t0 = time.perf_counter()
         shape = shape or self.shape_for(sched.num_tokens)
         owners = []  # (sequence, output index, sample row) of every token sampled this step
-        row_params = [_PADDING_ROW] * shape.num_logits
-        row_seeds, row_steps = [0] * shape.num_logits, [0] * shape.num_logits
 
         def seq_chunk(chunk, row) -> SeqChunk:
             seq = chunk.seq
@@ -163,14 +171,13 @@ class ModelRunner:
             if chunk.samples:
                 out_index = len(seq.output_token_ids) - 1
                 owners.append((seq, out_index, row))
-                row_params[row], row_seeds[row], row_steps[row] = seq.params, seq.seed, out_index
             return SeqChunk(ids, chunk.start, seq.pages, future_row)
 
         # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j.
         decodes = [seq_chunk(c, i) for i, c in enumerate(sched.decodes)]
         prefills = [seq_chunk(c, shape.num_decode + j) for j, c in enumerate(sched.prefills)]
         batch = build_batch(decodes, prefills, shape, self.config.page_size)
-        sampling = sampling_tensors(row_params, row_seeds, row_steps)
+        sampling = self._sampling_rows(owners, shape.num_logits)
         t1 = time.perf_counter()
         samples, self.kv = self._step(self.params, self.kv, batch, sampling, self._prev_tokens)
         self._prev_tokens = samples.token_ids
