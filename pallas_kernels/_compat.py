@@ -6,6 +6,7 @@ export `jax.experimental.pallas.triton.CompilerParams(num_warps, num_stages)`,
 deprecated and emits a `DeprecationWarning` ("jax-pallas-triton") at lowering
 time; we silence that one warning here so logs stay readable.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,37 +28,41 @@ warnings.filterwarnings("ignore", message=".*jax-pallas-triton.*")
 
 
 def exp2(x, *, fast: bool):
-  """2**x in fp32.  fast=True: one `ex2.approx.ftz.f32` (PTX inline asm, GPU only).
+    """2**x in fp32.  fast=True: one `ex2.approx.ftz.f32` (PTX inline asm, GPU only).
 
-  Pallas lowers jnp.exp2 to libdevice `__nv_exp2f`, which XLA compiles without
-  flush-to-zero, i.e. with extra denormal handling around MUFU.EX2.
-  """
-  if not fast:
-    return jnp.exp2(x)
-  (y,) = plgpu.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
-  return y
+    Pallas lowers jnp.exp2 to libdevice `__nv_exp2f`, which XLA compiles without
+    flush-to-zero, i.e. with extra denormal handling around MUFU.EX2.
+    """
+    if not fast:
+        return jnp.exp2(x)
+    (y,) = plgpu.elementwise_inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )
+    return y
 
 
 def triton_params(num_warps: int, num_stages: int):
-  """Compiler params for `pl.pallas_call` on the Pallas Triton backend."""
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-  return cls(num_warps=num_warps, num_stages=num_stages)
+    """Compiler params for `pl.pallas_call` on the Pallas Triton backend."""
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.lru_cache(maxsize=None)
 def num_sms() -> int:
-  """Streaming multiprocessors of the default device (132 on H100/H200)."""
-  try:
-    dev = jax.devices()[0]
-    n = getattr(dev, "core_count", None)
-    if dev.platform == "gpu" and n:
-      return int(n)
-  except Exception:  # pragma: no cover - defensive
-    pass
-  return 132
+    """Streaming multiprocessors of the default device (132 on H100/H200)."""
+    try:
+        dev = jax.devices()[0]
+        n = getattr(dev, "core_count", None)
+        if dev.platform == "gpu" and n:
+            return int(n)
+    except Exception:  # pragma: no cover - defensive
+        pass
+    return 132
 
 
 def next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
+    return 1 << max(0, (int(x) - 1).bit_length())

@@ -40,6 +40,7 @@ cache at 2.73-2.82 TB/s, 94-97 % of a device copy (2.91 TB/s), at batch
 left to win here.  The Triton backend is deprecated in JAX 0.11 (still works;
 warns): `_compat.py` is the single place to adapt.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,97 +75,110 @@ def _decode_kernel(
     precision,
     flat_gather: bool,
 ):
-  b = pl.program_id(0)
-  h = pl.program_id(1)
-  split = pl.program_id(2)
-  page_size, head_dim = k_ref.shape[2], k_ref.shape[3]
-  block_k = pages_per_block * page_size
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    split = pl.program_id(2)
+    page_size, head_dim = k_ref.shape[2], k_ref.shape[3]
+    block_k = pages_per_block * page_size
 
-  length = lengths_ref[b]
-  n_pages = (length + page_size - 1) // page_size
-  first_page = split * pages_per_split
-  end_page = jnp.minimum(first_page + pages_per_split, n_pages)
-  n_blocks = (jnp.maximum(end_page - first_page, 0) + pages_per_block - 1) // pages_per_block
+    length = lengths_ref[b]
+    n_pages = (length + page_size - 1) // page_size
+    first_page = split * pages_per_split
+    end_page = jnp.minimum(first_page + pages_per_split, n_pages)
+    n_blocks = (jnp.maximum(end_page - first_page, 0) + pages_per_block - 1) // pages_per_block
 
-  d_idx = jnp.arange(head_dim)
-  rows = jnp.arange(block_h)
-  # q rows of this KV group; rows past the group repeat the last head.
-  heads = h * group + jnp.minimum(rows, group - 1)  # [block_h]
-  q = q_ref[b, heads[:, None], d_idx[None, :]]  # [block_h, D]
-  # Stores use distinct (unclamped) rows under a mask: duplicate addresses in
-  # a masked store are fine on the GPU but not in interpret mode.
-  out_heads = h * group + rows
+    d_idx = jnp.arange(head_dim)
+    rows = jnp.arange(block_h)
+    # q rows of this KV group; rows past the group repeat the last head.
+    heads = h * group + jnp.minimum(rows, group - 1)  # [block_h]
+    q = q_ref[b, heads[:, None], d_idx[None, :]]  # [block_h, D]
+    # Stores use distinct (unclamped) rows under a mask: duplicate addresses in
+    # a masked store are fine on the GPU but not in interpret mode.
+    out_heads = h * group + rows
 
-  tok = jnp.arange(page_size)
-  blk_tok = jnp.arange(block_k)
+    tok = jnp.arange(page_size)
+    blk_tok = jnp.arange(block_k)
 
-  def body(i, carry, masked):
+    def body(i, carry, masked):
+        acc, m_i, l_i = carry
+        page0 = first_page + i * pages_per_block
+        if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
+            pages = page_tables_ref[b, page0 + blk_tok // page_size]  # [BK]
+            idx = (h, pages[:, None], (blk_tok % page_size)[:, None], d_idx[None, :])
+            valid = (page0 * page_size + blk_tok < length)[:, None]  # [BK, 1]
+        else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
+            pages = page_tables_ref[b, pl.ds(page0, pages_per_block)]  # [ppb]
+            idx = (h, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
+            valid = (
+                page0 * page_size
+                + (jnp.arange(pages_per_block)[:, None] * page_size + tok[None, :])
+                < length
+            )[:, :, None]
+        if masked:  # the block holding the end of the sequence
+            k = _compat.load(k_ref.at[idx], mask=valid, other=0)
+            v = _compat.load(v_ref.at[idx], mask=valid, other=0)
+        else:
+            k = k_ref[idx]
+            v = v_ref[idx]
+        k = k.reshape(block_k, head_dim)
+        v = v.reshape(block_k, head_dim)
+
+        s = _compat.dot(q, k, trans_b=True, precision=precision)  # [block_h, block_k]
+        if masked:
+            s = jnp.where((page0 * page_size + blk_tok < length)[None, :], s, _MASK)
+        # scale > 0: max(s) * scale == max(s * scale), and s * scale - m is one FMA.
+        m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * scale_log2 - m_new[:, None])
+        l_new = l_i * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + _compat.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l_new
+
+    carry = (
+        jnp.zeros((block_h, head_dim), jnp.float32),
+        jnp.full((block_h,), _MASK, jnp.float32),
+        jnp.zeros((block_h,), jnp.float32),
+    )
+    # Blocks wholly inside the sequence need no mask; at most one block (the
+    # one holding position length-1) goes through the masked path.
+    n_full = jnp.clip((length // page_size - first_page) // pages_per_block, 0, n_blocks)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
     acc, m_i, l_i = carry
-    page0 = first_page + i * pages_per_block
-    if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
-      pages = page_tables_ref[b, page0 + blk_tok // page_size]  # [BK]
-      idx = (h, pages[:, None], (blk_tok % page_size)[:, None], d_idx[None, :])
-      valid = (page0 * page_size + blk_tok < length)[:, None]  # [BK, 1]
-    else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
-      pages = page_tables_ref[b, pl.ds(page0, pages_per_block)]  # [ppb]
-      idx = (h, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
-      valid = (page0 * page_size + (jnp.arange(pages_per_block)[:, None] * page_size
-                                    + tok[None, :]) < length)[:, :, None]
-    if masked:  # the block holding the end of the sequence
-      k = _compat.load(k_ref.at[idx], mask=valid, other=0)
-      v = _compat.load(v_ref.at[idx], mask=valid, other=0)
+
+    has = l_i > 0
+    out = acc / jnp.where(has, l_i, 1.0)[:, None]
+    row_ok = (rows < group)[:, None]  # [block_h, 1]
+    if not lse_refs:
+        _compat.store(
+            o_ref.at[b, out_heads[:, None], d_idx[None, :]], out.astype(o_ref.dtype), mask=row_ok
+        )
     else:
-      k = k_ref[idx]
-      v = v_ref[idx]
-    k = k.reshape(block_k, head_dim)
-    v = v.reshape(block_k, head_dim)
-
-    s = _compat.dot(q, k, trans_b=True, precision=precision)  # [block_h, block_k]
-    if masked:
-      s = jnp.where((page0 * page_size + blk_tok < length)[None, :], s, _MASK)
-    # scale > 0: max(s) * scale == max(s * scale), and s * scale - m is one FMA.
-    m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s * scale_log2 - m_new[:, None])
-    l_new = l_i * alpha + p.sum(axis=1)
-    acc = acc * alpha[:, None] + _compat.dot(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l_new
-
-  carry = (jnp.zeros((block_h, head_dim), jnp.float32),
-           jnp.full((block_h,), _MASK, jnp.float32),
-           jnp.zeros((block_h,), jnp.float32))
-  # Blocks wholly inside the sequence need no mask; at most one block (the
-  # one holding position length-1) goes through the masked path.
-  n_full = jnp.clip((length // page_size - first_page) // pages_per_block, 0, n_blocks)
-  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-  carry = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
-  acc, m_i, l_i = carry
-
-  has = l_i > 0
-  out = acc / jnp.where(has, l_i, 1.0)[:, None]
-  row_ok = (rows < group)[:, None]  # [block_h, 1]
-  if not lse_refs:
-    _compat.store(o_ref.at[b, out_heads[:, None], d_idx[None, :]],
-                  out.astype(o_ref.dtype), mask=row_ok)
-  else:
-    (lse_ref,) = lse_refs
-    _compat.store(o_ref.at[split, b, out_heads[:, None], d_idx[None, :]],
-                  out, mask=row_ok)
-    lse = jnp.where(has, m_i + jnp.log(jnp.where(has, l_i, 1.0)) * _LOG2E, _MASK)
-    _compat.store(lse_ref.at[split, b, out_heads], lse, mask=rows < group)
+        (lse_ref,) = lse_refs
+        _compat.store(o_ref.at[split, b, out_heads[:, None], d_idx[None, :]], out, mask=row_ok)
+        lse = jnp.where(has, m_i + jnp.log(jnp.where(has, l_i, 1.0)) * _LOG2E, _MASK)
+        _compat.store(lse_ref.at[split, b, out_heads], lse, mask=rows < group)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
-  """Split-K factor so that the grid has >= ~4 programs per SM."""
-  target = 4 * _compat.num_sms()
-  splits = max(1, -(-target // max(1, batch * num_kv_heads)))
-  return max(1, min(splits, num_blocks))
+    """Split-K factor so that the grid has >= ~4 programs per SM."""
+    target = 4 * _compat.num_sms()
+    splits = max(1, -(-target // max(1, batch * num_kv_heads)))
+    return max(1, min(splits, num_blocks))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "interpret", "pages_per_block", "num_splits",
-                     "num_warps", "num_stages", "flat_gather"))
+    static_argnames=(
+        "sm_scale",
+        "interpret",
+        "pages_per_block",
+        "num_splits",
+        "num_warps",
+        "num_stages",
+        "flat_gather",
+    ),
+)
 def decode_attention(
     q: jax.Array,  # [B, Hq, D]
     k_pages: jax.Array,  # [Hkv, P, page_size, D]
@@ -180,84 +194,84 @@ def decode_attention(
     num_stages: int = 3,
     flat_gather: bool = True,
 ) -> jax.Array:
-  """Paged GQA attention of one query token per sequence.
+    """Paged GQA attention of one query token per sequence.
 
-  Sequence b attends to cache positions 0..lengths[b]-1 (the current token's
-  K/V are already in the cache); lengths[b] == 0 marks a padding row (zeros).
+    Sequence b attends to cache positions 0..lengths[b]-1 (the current token's
+    K/V are already in the cache); lengths[b] == 0 marks a padding row (zeros).
 
-  Tuning: `pages_per_block` pages are gathered per loop step (block of
-  pages_per_block * page_size tokens; default 64 (fp32: 32)), `num_splits` splits
-  the page range of each sequence over that many programs (None: enough to
-  give >= 4 programs per SM), `num_warps` / `num_stages` go to Triton;
-  `flat_gather` builds the [block_k, D] K/V pointer tile directly (page id
-  per token) instead of gathering [pages, page_size, D] and reshaping.
-  Returns [B, Hq, D] in q.dtype.
-  """
-  batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, head_dim_k = k_pages.shape
-  if k_pages.shape != v_pages.shape:
-    raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-  if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-    raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-  if not sm_scale > 0:
-    raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-  if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-    raise ValueError("page_size and head_dim must be powers of two")
-  if page_tables.shape[0] != batch or lengths.shape != (batch,):
-    raise ValueError("page_tables / lengths do not match the batch")
-  group = num_q_heads // num_kv_heads
-  block_h = max(16, _compat.next_pow2(group))
-  if pages_per_block is None:
-    # 64 tokens of 16-bit K/V per step (32 for fp32): 32 KiB of K+V a stage.
-    pages_per_block = max(1, (64 if q.dtype.itemsize <= 2 else 32) // page_size)
-  pages_per_block = _compat.next_pow2(pages_per_block)
+    Tuning: `pages_per_block` pages are gathered per loop step (block of
+    pages_per_block * page_size tokens; default 64 (fp32: 32)), `num_splits` splits
+    the page range of each sequence over that many programs (None: enough to
+    give >= 4 programs per SM), `num_warps` / `num_stages` go to Triton;
+    `flat_gather` builds the [block_k, D] K/V pointer tile directly (page id
+    per token) instead of gathering [pages, page_size, D] and reshaping.
+    Returns [B, Hq, D] in q.dtype.
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
+    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
+        raise ValueError("page_size and head_dim must be powers of two")
+    if page_tables.shape[0] != batch or lengths.shape != (batch,):
+        raise ValueError("page_tables / lengths do not match the batch")
+    group = num_q_heads // num_kv_heads
+    block_h = max(16, _compat.next_pow2(group))
+    if pages_per_block is None:
+        # 64 tokens of 16-bit K/V per step (32 for fp32): 32 KiB of K+V a stage.
+        pages_per_block = max(1, (64 if q.dtype.itemsize <= 2 else 32) // page_size)
+    pages_per_block = _compat.next_pow2(pages_per_block)
 
-  max_pages = page_tables.shape[1]
-  num_blocks = -(-max_pages // pages_per_block)
-  if num_splits is None:
-    num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
-  num_splits = max(1, min(num_splits, num_blocks))
-  blocks_per_split = -(-num_blocks // num_splits)
-  num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
-  pages_per_split = blocks_per_split * pages_per_block
-  padded = num_splits * pages_per_split
-  page_tables = page_tables.astype(jnp.int32)
-  if padded != max_pages:  # so every pl.ds over the table stays in bounds
-    page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
+    max_pages = page_tables.shape[1]
+    num_blocks = -(-max_pages // pages_per_block)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
+    num_splits = max(1, min(num_splits, num_blocks))
+    blocks_per_split = -(-num_blocks // num_splits)
+    num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
+    pages_per_split = blocks_per_split * pages_per_block
+    padded = num_splits * pages_per_split
+    page_tables = page_tables.astype(jnp.int32)
+    if padded != max_pages:  # so every pl.ds over the table stays in bounds
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
 
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-  kernel = functools.partial(
-      _decode_kernel,
-      scale_log2=float(sm_scale) * _LOG2E,
-      group=group,
-      block_h=block_h,
-      pages_per_block=pages_per_block,
-      pages_per_split=pages_per_split,
-      precision=precision,
-      flat_gather=bool(flat_gather),
-  )
-  if num_splits == 1:
-    out_shape = jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)
-  else:
-    out_shape = (
-        jax.ShapeDtypeStruct((num_splits, batch, num_q_heads, head_dim), jnp.float32),
-        jax.ShapeDtypeStruct((num_splits, batch, num_q_heads), jnp.float32),
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _decode_kernel,
+        scale_log2=float(sm_scale) * _LOG2E,
+        group=group,
+        block_h=block_h,
+        pages_per_block=pages_per_block,
+        pages_per_split=pages_per_split,
+        precision=precision,
+        flat_gather=bool(flat_gather),
     )
-  res = pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(batch, num_kv_heads, num_splits),
-      compiler_params=_compat.triton_params(num_warps, num_stages),
-      interpret=interpret,
-      name=f"paged_decode_attention_h{block_h}_k{pages_per_block * page_size}",
-  )(page_tables, lengths.astype(jnp.int32), q, k_pages, v_pages)
-  if num_splits == 1:
-    return res
-  o_parts, lse = res  # [S, B, Hq, D], [S, B, Hq]
-  m = lse.max(axis=0)
-  w = jnp.exp2(lse - m[None])  # all-empty rows: w == 1 and o == 0 -> 0
-  out = (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
-  return out.astype(q.dtype)
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((num_splits, batch, num_q_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, batch, num_q_heads), jnp.float32),
+        )
+    res = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch, num_kv_heads, num_splits),
+        compiler_params=_compat.triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"paged_decode_attention_h{block_h}_k{pages_per_block * page_size}",
+    )(page_tables, lengths.astype(jnp.int32), q, k_pages, v_pages)
+    if num_splits == 1:
+        return res
+    o_parts, lse = res  # [S, B, Hq, D], [S, B, Hq]
+    m = lse.max(axis=0)
+    w = jnp.exp2(lse - m[None])  # all-empty rows: w == 1 and o == 0 -> 0
+    out = (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
+    return out.astype(q.dtype)
 
 
 def decode_attention_reference(
@@ -271,26 +285,26 @@ def decode_attention_reference(
     interpret: bool = False,
     **unused_tuning,
 ) -> jax.Array:
-  """Pure-jnp reference: gather the pages, mask, softmax in fp32 (HIGHEST)."""
-  del interpret, unused_tuning
-  batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  group = num_q_heads // num_kv_heads
-  max_len = page_tables.shape[1] * page_size
-  f32 = jnp.float32
-  hi = lax.Precision.HIGHEST
-  k = k_pages[:, page_tables].reshape(num_kv_heads, batch, max_len, head_dim)
-  v = v_pages[:, page_tables].reshape(num_kv_heads, batch, max_len, head_dim)
-  qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(f32)
-  s = jnp.einsum("bhgd,hbld->bhgl", qg, k.astype(f32), precision=hi) * sm_scale
-  valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, L]
-  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(valid[:, None, None, :], jnp.exp(s - m), 0.0)
-  denom = p.sum(axis=-1, keepdims=True)
-  p = p / jnp.where(denom > 0, denom, 1.0)
-  # Masked positions may hold anything (even NaN): zero V there, not just p.
-  v = jnp.where(valid[None, :, :, None], v.astype(f32), 0.0)
-  o = jnp.einsum("bhgl,hbld->bhgd", p, v, precision=hi)
-  return o.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+    """Pure-jnp reference: gather the pages, mask, softmax in fp32 (HIGHEST)."""
+    del interpret, unused_tuning
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    max_len = page_tables.shape[1] * page_size
+    f32 = jnp.float32
+    hi = lax.Precision.HIGHEST
+    k = k_pages[:, page_tables].reshape(num_kv_heads, batch, max_len, head_dim)
+    v = v_pages[:, page_tables].reshape(num_kv_heads, batch, max_len, head_dim)
+    qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(f32)
+    s = jnp.einsum("bhgd,hbld->bhgl", qg, k.astype(f32), precision=hi) * sm_scale
+    valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, L]
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(valid[:, None, None, :], jnp.exp(s - m), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    # Masked positions may hold anything (even NaN): zero V there, not just p.
+    v = jnp.where(valid[None, :, :, None], v.astype(f32), 0.0)
+    o = jnp.einsum("bhgl,hbld->bhgd", p, v, precision=hi)
+    return o.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

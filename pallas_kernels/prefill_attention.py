@@ -42,6 +42,7 @@ heads, head_dim 128, page 16: 0.37 ms = 372 TFLOP/s counting unmasked FLOPs,
 contiguous K/V reaches 456 (66 %).  The gap is what TMA loads and warp
 specialisation (Mosaic GPU, FA3-style) would buy.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,119 +77,135 @@ def _prefill_kernel(
     fast_exp2: bool,
     flat_gather: bool,
 ):
-  hq = pl.program_id(0)
-  j = pl.program_id(1)
-  num_tokens = q_ref.shape[0]
-  page_size, head_dim = k_ref.shape[2], k_ref.shape[3]
-  pages_per_block = block_k // page_size
-  kvh = hq // group
-  exp2 = functools.partial(_compat.exp2, fast=fast_exp2)
+    hq = pl.program_id(0)
+    j = pl.program_id(1)
+    num_tokens = q_ref.shape[0]
+    page_size, head_dim = k_ref.shape[2], k_ref.shape[3]
+    pages_per_block = block_k // page_size
+    kvh = hq // group
+    exp2 = functools.partial(_compat.exp2, fast=fast_exp2)
 
-  seq = blocks_ref[0, j]
-  row0 = blocks_ref[1, j]
-  row1 = blocks_ref[2, j]
-  pos0 = blocks_ref[3, j]  # position of row0; -1 for blocks with no keys
-  kv_len = blocks_ref[4, j]
+    seq = blocks_ref[0, j]
+    row0 = blocks_ref[1, j]
+    row1 = blocks_ref[2, j]
+    pos0 = blocks_ref[3, j]  # position of row0; -1 for blocks with no keys
+    kv_len = blocks_ref[4, j]
 
-  d_idx = jnp.arange(head_dim)
-  rows = row0 + jnp.arange(block_q)  # [BQ]
-  q_rows = jnp.minimum(rows, num_tokens - 1)
-  q = q_ref[q_rows[:, None], hq, d_idx[None, :]]  # [BQ, D]
-  q_pos = pos0 + jnp.arange(block_q)  # [BQ]
+    d_idx = jnp.arange(head_dim)
+    rows = row0 + jnp.arange(block_q)  # [BQ]
+    q_rows = jnp.minimum(rows, num_tokens - 1)
+    q = q_ref[q_rows[:, None], hq, d_idx[None, :]]  # [BQ, D]
+    q_pos = pos0 + jnp.arange(block_q)  # [BQ]
 
-  # Keys needed by this block: 0 .. (position of its last row), capped by kv_len.
-  kv_end = jnp.minimum(kv_len, pos0 + (row1 - row0))
-  n_total = (jnp.maximum(kv_end, 0) + block_k - 1) // block_k
-  # KV blocks wholly at or before pos0 are visible to every row: no mask.
-  n_full = jnp.minimum(jnp.maximum(pos0 + 1, 0) // block_k, n_total)
+    # Keys needed by this block: 0 .. (position of its last row), capped by kv_len.
+    kv_end = jnp.minimum(kv_len, pos0 + (row1 - row0))
+    n_total = (jnp.maximum(kv_end, 0) + block_k - 1) // block_k
+    # KV blocks wholly at or before pos0 are visible to every row: no mask.
+    n_full = jnp.minimum(jnp.maximum(pos0 + 1, 0) // block_k, n_total)
 
-  tok = jnp.arange(page_size)
-  kv_iota = jnp.arange(block_k)
+    tok = jnp.arange(page_size)
+    kv_iota = jnp.arange(block_k)
 
-  def load_kv(i, masked):
-    if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
-      pages = page_tables_ref[seq, i * pages_per_block + kv_iota // page_size]  # [BK]
-      idx = (kvh, pages[:, None], (kv_iota % page_size)[:, None], d_idx[None, :])
-      valid = ((i * block_k + kv_iota) < kv_end)[:, None]  # [BK, 1]
-    else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
-      pages = page_tables_ref[seq, pl.ds(i * pages_per_block, pages_per_block)]
-      idx = (kvh, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
-      valid = (i * block_k + (jnp.arange(pages_per_block)[:, None] * page_size
-                              + tok[None, :]) < kv_end)[:, :, None]
-    if masked:
-      k = _compat.load(k_ref.at[idx], mask=valid, other=0)
-      v = _compat.load(v_ref.at[idx], mask=valid, other=0)
-    else:
-      k = k_ref[idx]
-      v = v_ref[idx]
-    return k.reshape(block_k, head_dim), v.reshape(block_k, head_dim)
+    def load_kv(i, masked):
+        if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
+            pages = page_tables_ref[seq, i * pages_per_block + kv_iota // page_size]  # [BK]
+            idx = (kvh, pages[:, None], (kv_iota % page_size)[:, None], d_idx[None, :])
+            valid = ((i * block_k + kv_iota) < kv_end)[:, None]  # [BK, 1]
+        else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
+            pages = page_tables_ref[seq, pl.ds(i * pages_per_block, pages_per_block)]
+            idx = (kvh, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
+            valid = (
+                i * block_k + (jnp.arange(pages_per_block)[:, None] * page_size + tok[None, :])
+                < kv_end
+            )[:, :, None]
+        if masked:
+            k = _compat.load(k_ref.at[idx], mask=valid, other=0)
+            v = _compat.load(v_ref.at[idx], mask=valid, other=0)
+        else:
+            k = k_ref[idx]
+            v = v_ref[idx]
+        return k.reshape(block_k, head_dim), v.reshape(block_k, head_dim)
 
-  def step(i, carry, masked):
-    acc, m_i, l_i = carry
-    k, v = load_kv(i, masked)
-    s = _compat.dot(q, k, trans_b=True, precision=precision)  # [BQ, BK] unscaled
-    if masked:
-      kv_pos = i * block_k + kv_iota
-      ok = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos < kv_end)[None, :]
-      s = jnp.where(ok, s, _MASK)
-    # scale > 0, so max(s) * scale == max(s * scale); s * scale - m is one FMA.
-    m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
-    alpha = exp2(m_i - m_new)
-    p = exp2(s * scale_log2 - m_new[:, None])
-    l_new = l_i * alpha + p.sum(axis=1)
-    acc = acc * alpha[:, None] + _compat.dot(p.astype(v.dtype), v, precision=precision)
-    return acc, m_new, l_new
+    def step(i, carry, masked):
+        acc, m_i, l_i = carry
+        k, v = load_kv(i, masked)
+        s = _compat.dot(q, k, trans_b=True, precision=precision)  # [BQ, BK] unscaled
+        if masked:
+            kv_pos = i * block_k + kv_iota
+            ok = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos < kv_end)[None, :]
+            s = jnp.where(ok, s, _MASK)
+        # scale > 0, so max(s) * scale == max(s * scale); s * scale - m is one FMA.
+        m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+        alpha = exp2(m_i - m_new)
+        p = exp2(s * scale_log2 - m_new[:, None])
+        l_new = l_i * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + _compat.dot(p.astype(v.dtype), v, precision=precision)
+        return acc, m_new, l_new
 
-  carry = (jnp.zeros((block_q, head_dim), jnp.float32),
-           jnp.full((block_q,), _MASK, jnp.float32),
-           jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-  carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
-  acc, _, l_i = carry
+    carry = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), _MASK, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
+    acc, _, l_i = carry
 
-  out = jnp.where((l_i > 0)[:, None], acc / jnp.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-  _compat.store(o_ref.at[rows[:, None], hq, d_idx[None, :]],
-                out.astype(o_ref.dtype), mask=(rows < row1)[:, None])
+    out = jnp.where((l_i > 0)[:, None], acc / jnp.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    _compat.store(
+        o_ref.at[rows[:, None], hq, d_idx[None, :]],
+        out.astype(o_ref.dtype),
+        mask=(rows < row1)[:, None],
+    )
 
 
 def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
-  """[5, NB] int32 table (seq, row_start, row_end, pos0, kv_len), heaviest first.
+    """[5, NB] int32 table (seq, row_start, row_end, pos0, kv_len), heaviest first.
 
-  Pseudo-sequence S covers the padding rows query_start[S]:T (no keys, so the
-  kernel writes zeros there).  NB = cdiv(T, block_q) + S is static and bounds
-  sum_s cdiv(q_len_s, block_q) over the S+1 (pseudo-)sequences.
-  """
-  num_seqs = seq_lens.shape[0]
-  nb = -(-num_tokens // block_q) + num_seqs
-  qs = query_start.astype(jnp.int32)
-  starts = qs  # [S+1]; starts[S] = first padding row
-  ends = jnp.concatenate([qs[1:], jnp.array([num_tokens], jnp.int32)])
-  q_len = jnp.maximum(ends - starts, 0)
-  kv_len = jnp.concatenate([seq_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
-  nblk = (q_len + block_q - 1) // block_q
-  cum = jnp.cumsum(nblk)
-  j = jnp.arange(nb, dtype=jnp.int32)
-  sid = jnp.minimum(jnp.searchsorted(cum, j, side="right").astype(jnp.int32), num_seqs)
-  used = j < cum[-1]
-  local = j - (cum[sid] - nblk[sid])
-  row0 = starts[sid] + local * block_q
-  row1 = jnp.minimum(row0 + block_q, ends[sid])
-  has_keys = used & (sid < num_seqs)
-  pos0 = jnp.where(has_keys, kv_len[sid] - q_len[sid] + (row0 - starts[sid]), -1)
-  kv = jnp.where(has_keys, kv_len[sid], 0)
-  row0 = jnp.where(used, row0, 0)
-  row1 = jnp.where(used, row1, 0)
-  seq = jnp.minimum(sid, num_seqs - 1)
-  work = jnp.where(has_keys, jnp.minimum(kv, pos0 + row1 - row0), 0)
-  order = jnp.argsort(-work, stable=True)
-  table = jnp.stack([seq, row0, row1, pos0, kv])[:, order]
-  return table.astype(jnp.int32)
+    Pseudo-sequence S covers the padding rows query_start[S]:T (no keys, so the
+    kernel writes zeros there).  NB = cdiv(T, block_q) + S is static and bounds
+    sum_s cdiv(q_len_s, block_q) over the S+1 (pseudo-)sequences.
+    """
+    num_seqs = seq_lens.shape[0]
+    nb = -(-num_tokens // block_q) + num_seqs
+    qs = query_start.astype(jnp.int32)
+    starts = qs  # [S+1]; starts[S] = first padding row
+    ends = jnp.concatenate([qs[1:], jnp.array([num_tokens], jnp.int32)])
+    q_len = jnp.maximum(ends - starts, 0)
+    kv_len = jnp.concatenate([seq_lens.astype(jnp.int32), jnp.zeros((1,), jnp.int32)])
+    nblk = (q_len + block_q - 1) // block_q
+    cum = jnp.cumsum(nblk)
+    j = jnp.arange(nb, dtype=jnp.int32)
+    sid = jnp.minimum(jnp.searchsorted(cum, j, side="right").astype(jnp.int32), num_seqs)
+    used = j < cum[-1]
+    local = j - (cum[sid] - nblk[sid])
+    row0 = starts[sid] + local * block_q
+    row1 = jnp.minimum(row0 + block_q, ends[sid])
+    has_keys = used & (sid < num_seqs)
+    pos0 = jnp.where(has_keys, kv_len[sid] - q_len[sid] + (row0 - starts[sid]), -1)
+    kv = jnp.where(has_keys, kv_len[sid], 0)
+    row0 = jnp.where(used, row0, 0)
+    row1 = jnp.where(used, row1, 0)
+    seq = jnp.minimum(sid, num_seqs - 1)
+    work = jnp.where(has_keys, jnp.minimum(kv, pos0 + row1 - row0), 0)
+    order = jnp.argsort(-work, stable=True)
+    table = jnp.stack([seq, row0, row1, pos0, kv])[:, order]
+    return table.astype(jnp.int32)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "interpret", "block_q", "block_k", "num_warps",
-                     "num_stages", "fast_exp2", "flat_gather"))
+    static_argnames=(
+        "sm_scale",
+        "interpret",
+        "block_q",
+        "block_k",
+        "num_warps",
+        "num_stages",
+        "fast_exp2",
+        "flat_gather",
+    ),
+)
 def prefill_attention(
     q: jax.Array,  # [T, Hq, D]
     k_pages: jax.Array,  # [Hkv, P, page_size, D]
@@ -206,61 +223,61 @@ def prefill_attention(
     fast_exp2: bool = True,
     flat_gather: bool = True,
 ) -> jax.Array:
-  """Causal attention of ragged prompt chunks against a paged KV cache.
+    """Causal attention of ragged prompt chunks against a paged KV cache.
 
-  Tuning: `block_q` query rows per program, `block_k` KV tokens per loop step
-  (a multiple of page_size, raised to page_size if smaller; None: 64 for
-  16-bit inputs, 32 for fp32), `num_warps` /
-  `num_stages` go to Triton; `fast_exp2` uses `ex2.approx.ftz` (ignored in
-  interpret mode); `flat_gather` builds the [block_k, D] K/V pointer tile
-  directly (page id per token) instead of gathering [pages, page_size, D]
-  and reshaping.  Returns [T, Hq, D] in q.dtype.
-  """
-  num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, head_dim_k = k_pages.shape
-  num_seqs = seq_lens.shape[0]
-  if k_pages.shape != v_pages.shape:
-    raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-  if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-    raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-  if not sm_scale > 0:
-    raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-  if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-    raise ValueError("page_size and head_dim must be powers of two")
-  if query_start.shape != (num_seqs + 1,) or page_tables.shape[0] != num_seqs:
-    raise ValueError("query_start / page_tables do not match seq_lens")
-  block_q = _compat.next_pow2(block_q)
-  if block_k is None:  # 64 bf16 tokens; half that for fp32 (shared memory)
-    block_k = 64 if q.dtype.itemsize <= 2 else 32
-  block_k = max(_compat.next_pow2(block_k), page_size)
-  pages_per_block = block_k // page_size
+    Tuning: `block_q` query rows per program, `block_k` KV tokens per loop step
+    (a multiple of page_size, raised to page_size if smaller; None: 64 for
+    16-bit inputs, 32 for fp32), `num_warps` /
+    `num_stages` go to Triton; `fast_exp2` uses `ex2.approx.ftz` (ignored in
+    interpret mode); `flat_gather` builds the [block_k, D] K/V pointer tile
+    directly (page id per token) instead of gathering [pages, page_size, D]
+    and reshaping.  Returns [T, Hq, D] in q.dtype.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
+    num_seqs = seq_lens.shape[0]
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
+    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
+        raise ValueError("page_size and head_dim must be powers of two")
+    if query_start.shape != (num_seqs + 1,) or page_tables.shape[0] != num_seqs:
+        raise ValueError("query_start / page_tables do not match seq_lens")
+    block_q = _compat.next_pow2(block_q)
+    if block_k is None:  # 64 bf16 tokens; half that for fp32 (shared memory)
+        block_k = 64 if q.dtype.itemsize <= 2 else 32
+    block_k = max(_compat.next_pow2(block_k), page_size)
+    pages_per_block = block_k // page_size
 
-  max_pages = page_tables.shape[1]
-  padded = -(-max_pages // pages_per_block) * pages_per_block
-  page_tables = page_tables.astype(jnp.int32)
-  if padded != max_pages:
-    page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
-  table = build_block_table(query_start, seq_lens, num_tokens, block_q)
+    max_pages = page_tables.shape[1]
+    padded = -(-max_pages // pages_per_block) * pages_per_block
+    page_tables = page_tables.astype(jnp.int32)
+    if padded != max_pages:
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
+    table = build_block_table(query_start, seq_lens, num_tokens, block_q)
 
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-  kernel = functools.partial(
-      _prefill_kernel,
-      scale_log2=float(sm_scale) * _LOG2E,
-      group=num_q_heads // num_kv_heads,
-      block_q=block_q,
-      block_k=block_k,
-      precision=precision,
-      fast_exp2=bool(fast_exp2) and not interpret,
-      flat_gather=bool(flat_gather),
-  )
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(num_q_heads, table.shape[1]),
-      compiler_params=_compat.triton_params(num_warps, num_stages),
-      interpret=interpret,
-      name=f"paged_prefill_attention_q{block_q}_k{block_k}",
-  )(table, page_tables, q, k_pages, v_pages)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _prefill_kernel,
+        scale_log2=float(sm_scale) * _LOG2E,
+        group=num_q_heads // num_kv_heads,
+        block_q=block_q,
+        block_k=block_k,
+        precision=precision,
+        fast_exp2=bool(fast_exp2) and not interpret,
+        flat_gather=bool(flat_gather),
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(num_q_heads, table.shape[1]),
+        compiler_params=_compat.triton_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"paged_prefill_attention_q{block_q}_k{block_k}",
+    )(table, page_tables, q, k_pages, v_pages)
 
 
 def prefill_attention_reference(
@@ -275,37 +292,38 @@ def prefill_attention_reference(
     interpret: bool = False,
     **unused_tuning,
 ) -> jax.Array:
-  """Pure-jnp reference: per sequence, gather its pages, causal softmax in fp32."""
-  del interpret, unused_tuning
-  num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  group = num_q_heads // num_kv_heads
-  max_len = page_tables.shape[1] * page_size
-  f32 = jnp.float32
-  hi = lax.Precision.HIGHEST
-  qs = query_start.astype(jnp.int32)
-  seq_lens = seq_lens.astype(jnp.int32)
-  t = jnp.arange(num_tokens, dtype=jnp.int32)
-  qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(f32)
-  kv_pos = jnp.arange(max_len, dtype=jnp.int32)
+    """Pure-jnp reference: per sequence, gather its pages, causal softmax in fp32."""
+    del interpret, unused_tuning
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    max_len = page_tables.shape[1] * page_size
+    f32 = jnp.float32
+    hi = lax.Precision.HIGHEST
+    qs = query_start.astype(jnp.int32)
+    seq_lens = seq_lens.astype(jnp.int32)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(f32)
+    kv_pos = jnp.arange(max_len, dtype=jnp.int32)
 
-  def one_seq(s, out):
-    k = k_pages[:, page_tables[s]].reshape(num_kv_heads, max_len, head_dim).astype(f32)
-    v = v_pages[:, page_tables[s]].reshape(num_kv_heads, max_len, head_dim).astype(f32)
-    mine = (t >= qs[s]) & (t < qs[s + 1])  # [T]
-    pos = seq_lens[s] - (qs[s + 1] - qs[s]) + (t - qs[s])  # [T]
-    ok = mine[:, None] & (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < seq_lens[s])
-    logits = jnp.einsum("thgd,hld->thgl", qg, k, precision=hi) * sm_scale
-    logits = jnp.where(ok[:, None, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(ok[:, None, None, :], jnp.exp(logits - m), 0.0)
-    denom = p.sum(axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
-    v = jnp.where((kv_pos < seq_lens[s])[None, :, None], v, 0.0)
-    o = jnp.einsum("thgl,hld->thgd", p, v, precision=hi)
-    return out + jnp.where(mine[:, None, None, None], o, 0.0)
+    def one_seq(s, out):
+        k = k_pages[:, page_tables[s]].reshape(num_kv_heads, max_len, head_dim).astype(f32)
+        v = v_pages[:, page_tables[s]].reshape(num_kv_heads, max_len, head_dim).astype(f32)
+        mine = (t >= qs[s]) & (t < qs[s + 1])  # [T]
+        pos = seq_lens[s] - (qs[s + 1] - qs[s]) + (t - qs[s])  # [T]
+        ok = mine[:, None] & (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < seq_lens[s])
+        logits = jnp.einsum("thgd,hld->thgl", qg, k, precision=hi) * sm_scale
+        logits = jnp.where(ok[:, None, None, :], logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.where(ok[:, None, None, :], jnp.exp(logits - m), 0.0)
+        denom = p.sum(axis=-1, keepdims=True)
+        p = p / jnp.where(denom > 0, denom, 1.0)
+        v = jnp.where((kv_pos < seq_lens[s])[None, :, None], v, 0.0)
+        o = jnp.einsum("thgl,hld->thgd", p, v, precision=hi)
+        return out + jnp.where(mine[:, None, None, None], o, 0.0)
 
-  out = lax.fori_loop(0, seq_lens.shape[0], one_seq,
-                      jnp.zeros((num_tokens, num_kv_heads, group, head_dim), f32))
-  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+    out = lax.fori_loop(
+        0, seq_lens.shape[0], one_seq, jnp.zeros((num_tokens, num_kv_heads, group, head_dim), f32)
+    )
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -26,6 +26,7 @@ FLOPs: 4 * T * T / 2 * Hq * D, in TFLOP/s against the measured GEMM rate.
 
 Full logs (JSON lines + the table) go to $OUT if that env var is set.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import (  # noqa: E402
-    decode_attention, decode_attention_reference)
+    decode_attention,
+    decode_attention_reference,
+)
 from pallas_kernels.prefill_attention import (  # noqa: E402
-    prefill_attention, prefill_attention_reference)
+    prefill_attention,
+    prefill_attention_reference,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("kernels", ["ceilings", "decode", "prefill"], "what to run")
@@ -61,14 +66,16 @@ flags.DEFINE_string(
     "decode_variants",
     "ppb=4,w=4,s=4,fg=1;ppb=4,w=4,s=4,fg=0;ppb=4,w=4,s=3,fg=1;ppb=8,w=4,s=3,fg=1",
     "';'-separated variants: ppb (pages per block), sp (num_splits), w (warps), "
-    "s (stages), fg (flat_gather 0/1)")
+    "s (stages), fg (flat_gather 0/1)",
+)
 flags.DEFINE_string(
     "prefill_variants",
     "bq=128,bk=64,w=4,s=2,fe=1,fg=1;bq=128,bk=64,w=4,s=2,fe=1,fg=0;"
     "bq=128,bk=64,w=4,s=2,fe=0,fg=1;bq=128,bk=64,w=4,s=3,fe=1,fg=1;"
     "bq=128,bk=128,w=8,s=2,fe=1,fg=1;bq=128,bk=128,w=4,s=2,fe=1,fg=1",
     "';'-separated variants: bq (block_q), bk (block_k), w (warps), s (stages), "
-    "fe (fast_exp2 0/1), fg (flat_gather 0/1)")
+    "fe (fast_exp2 0/1), fg (flat_gather 0/1)",
+)
 flags.DEFINE_bool("baselines", True, "also time the jnp reference and bundled/cuDNN kernels")
 flags.DEFINE_integer("gemm_n", 8192, "GEMM ceiling: n x n x n bf16")
 flags.DEFINE_integer("copy_mib", 1024, "copy ceiling: MiB read (and written)")
@@ -82,227 +89,285 @@ _LOG = []
 
 
 def log(msg: str):
-  print(msg, flush=True)
-  _LOG.append(msg)
+    print(msg, flush=True)
+    _LOG.append(msg)
 
 
 def bench(fn, arg_sets) -> float:
-  """Median seconds per call."""
-  out = None
-  for i in range(FLAGS.warmup):
-    out = fn(*arg_sets[i % len(arg_sets)])
-  jax.block_until_ready(out)
-  samples = []
-  for _ in range(FLAGS.repeats):
-    t0 = time.perf_counter()
-    for i in range(FLAGS.inner):
-      out = fn(*arg_sets[i % len(arg_sets)])
+    """Median seconds per call."""
+    out = None
+    for i in range(FLAGS.warmup):
+        out = fn(*arg_sets[i % len(arg_sets)])
     jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / FLAGS.inner)
-  return statistics.median(samples)
+    samples = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        for i in range(FLAGS.inner):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / FLAGS.inner)
+    return statistics.median(samples)
 
 
 def rel_err(out, ref) -> float:
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def parse_variants(spec: str):
-  names = {"ppb": "pages_per_block", "sp": "num_splits", "w": "num_warps",
-           "s": "num_stages", "bq": "block_q", "bk": "block_k", "fe": "fast_exp2", "fg": "flat_gather"}
-  out = []
-  for item in filter(None, (x.strip() for x in spec.split(";"))):
-    kw = {}
-    for kv in item.split(","):
-      k, v = kv.split("=")
-      kw[names[k.strip()]] = int(v)
-    out.append((item, kw))
-  return out
+    names = {
+        "ppb": "pages_per_block",
+        "sp": "num_splits",
+        "w": "num_warps",
+        "s": "num_stages",
+        "bq": "block_q",
+        "bk": "block_k",
+        "fe": "fast_exp2",
+        "fg": "flat_gather",
+    }
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        kw = {}
+        for kv in item.split(","):
+            k, v = kv.split("=")
+            kw[names[k.strip()]] = int(v)
+        out.append((item, kw))
+    return out
 
 
 ROWS = []  # (kernel, shape, ms, rate, unit, pct, err)
 
 
 def row(kernel, shape, sec, rate, unit, ceiling, err=None):
-  pct = 100.0 * rate / ceiling if ceiling else float("nan")
-  ROWS.append((kernel, shape, sec * 1e3, rate, unit, pct, err))
-  log(json.dumps(dict(kernel=kernel, shape=shape, ms=sec * 1e3, rate=rate, unit=unit,
-                      pct_of_ceiling=pct, rel_err=err)))
+    pct = 100.0 * rate / ceiling if ceiling else float("nan")
+    ROWS.append((kernel, shape, sec * 1e3, rate, unit, pct, err))
+    log(
+        json.dumps(
+            dict(
+                kernel=kernel,
+                shape=shape,
+                ms=sec * 1e3,
+                rate=rate,
+                unit=unit,
+                pct_of_ceiling=pct,
+                rel_err=err,
+            )
+        )
+    )
 
 
 def ceilings():
-  key = jax.random.key(0)
-  n = FLAGS.gemm_n
-  a = jax.random.normal(key, (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  gemm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
-  t = bench(gemm, [(a, b)])
-  tflops = 2 * n**3 / t / 1e12
-  row("gemm_bf16", f"{n}^3", t, tflops, "TFLOP/s", None)
-  del a, b
-  elems = FLAGS.copy_mib * 2**20 // 4
-  xs = [jax.random.uniform(jax.random.key(i), (elems,), jnp.float32) for i in range(2)]
-  copy = jax.jit(lambda x: x + 1.0)
-  t = bench(copy, [(x,) for x in xs])
-  tbs = 2 * elems * 4 / t / 1e12
-  row("copy", f"{FLAGS.copy_mib}MiB r+w", t, tbs, "TB/s", None)
-  del xs
-  return tflops, tbs
+    key = jax.random.key(0)
+    n = FLAGS.gemm_n
+    a = jax.random.normal(key, (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    gemm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+    t = bench(gemm, [(a, b)])
+    tflops = 2 * n**3 / t / 1e12
+    row("gemm_bf16", f"{n}^3", t, tflops, "TFLOP/s", None)
+    del a, b
+    elems = FLAGS.copy_mib * 2**20 // 4
+    xs = [jax.random.uniform(jax.random.key(i), (elems,), jnp.float32) for i in range(2)]
+    copy = jax.jit(lambda x: x + 1.0)
+    t = bench(copy, [(x,) for x in xs])
+    tbs = 2 * elems * 4 / t / 1e12
+    row("copy", f"{FLAGS.copy_mib}MiB r+w", t, tbs, "TB/s", None)
+    del xs
+    return tflops, tbs
 
 
 def make_decode_inputs(seed, batch, ctx, dtype):
-  hq, hkv, d, ps = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
-  pages_per_seq = -(-ctx // ps)
-  num_pages = batch * pages_per_seq + 7
-  rng = np.random.default_rng(seed)
-  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(k1, (batch, hq, d), dtype)
-  kp = jax.random.normal(k2, (hkv, num_pages, ps, d), dtype)
-  vp = jax.random.normal(k3, (hkv, num_pages, ps, d), dtype)
-  pt = jnp.asarray(rng.permutation(num_pages)[: batch * pages_per_seq]
-                   .reshape(batch, pages_per_seq), jnp.int32)
-  lens = jnp.full((batch,), ctx, jnp.int32)
-  return q, kp, vp, pt, lens
+    hq, hkv, d, ps = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
+    pages_per_seq = -(-ctx // ps)
+    num_pages = batch * pages_per_seq + 7
+    rng = np.random.default_rng(seed)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(k1, (batch, hq, d), dtype)
+    kp = jax.random.normal(k2, (hkv, num_pages, ps, d), dtype)
+    vp = jax.random.normal(k3, (hkv, num_pages, ps, d), dtype)
+    pt = jnp.asarray(
+        rng.permutation(num_pages)[: batch * pages_per_seq].reshape(batch, pages_per_seq), jnp.int32
+    )
+    lens = jnp.full((batch,), ctx, jnp.int32)
+    return q, kp, vp, pt, lens
 
 
 def run_decode(copy_tbs):
-  dtype = jnp.dtype(FLAGS.dtype)
-  d = FLAGS.head_dim
-  sm_scale = d ** -0.5
-  interp = FLAGS.smoke
-  for shape in FLAGS.decode_shapes:
-    batch, ctx = map(int, shape.split("x"))
-    sets = [make_decode_inputs(100 + i, batch, ctx, dtype) for i in range(FLAGS.input_sets)]
-    q, kp, vp, pt, lens = sets[0]
-    nbytes = (int(np.sum(np.asarray(lens))) * FLAGS.num_kv_heads * d * 2 * dtype.itemsize
-              + 2 * q.size * dtype.itemsize)
-    label = f"B{batch}xL{ctx} Hq{FLAGS.num_q_heads}/Hkv{FLAGS.num_kv_heads} D{d} ps{FLAGS.page_size}"
-    ref_fn = jax.jit(lambda *a: decode_attention_reference(*a, sm_scale=sm_scale))
-    ref = ref_fn(*sets[0])
-    if FLAGS.baselines:
-      t = bench(ref_fn, sets)
-      row("decode jnp-ref (jit)", label, t, nbytes / t / 1e12, "TB/s", copy_tbs, 0.0)
-      try:
-        from jax.experimental.pallas.ops.gpu import paged_attention as bundled
-        bfn = jax.jit(lambda q, kp, vp, pt, lens: bundled.paged_attention(
-            q * jnp.asarray(sm_scale, q.dtype), kp, vp, pt, lens, interpret=interp))
-        err = rel_err(bfn(*sets[0]), ref)
-        t = bench(bfn, sets)
-        row("decode jax-bundled paged_attention", label, t, nbytes / t / 1e12, "TB/s",
-            copy_tbs, err)
-      except Exception as e:  # keep going: the baseline is optional
-        log(f"bundled paged_attention failed: {type(e).__name__}: {e}")
-    for name, kw in parse_variants(FLAGS.decode_variants):
-      try:
-        fn = jax.jit(lambda *a, kw=kw: decode_attention(*a, sm_scale=sm_scale,
-                                                        interpret=interp, **kw))
-        err = rel_err(fn(*sets[0]), ref)
-        t = bench(fn, sets)
-        row(f"decode pallas [{name}]", label, t, nbytes / t / 1e12, "TB/s", copy_tbs, err)
-      except Exception as e:
-        log(f"decode variant {name} failed: {type(e).__name__}: {e}")
-        log(traceback.format_exc()[-2000:])
-    del sets, q, kp, vp, pt, lens, ref
+    dtype = jnp.dtype(FLAGS.dtype)
+    d = FLAGS.head_dim
+    sm_scale = d**-0.5
+    interp = FLAGS.smoke
+    for shape in FLAGS.decode_shapes:
+        batch, ctx = map(int, shape.split("x"))
+        sets = [make_decode_inputs(100 + i, batch, ctx, dtype) for i in range(FLAGS.input_sets)]
+        q, kp, vp, pt, lens = sets[0]
+        nbytes = (
+            int(np.sum(np.asarray(lens))) * FLAGS.num_kv_heads * d * 2 * dtype.itemsize
+            + 2 * q.size * dtype.itemsize
+        )
+        label = f"B{batch}xL{ctx} Hq{FLAGS.num_q_heads}/Hkv{FLAGS.num_kv_heads} D{d} ps{FLAGS.page_size}"
+        ref_fn = jax.jit(lambda *a: decode_attention_reference(*a, sm_scale=sm_scale))
+        ref = ref_fn(*sets[0])
+        if FLAGS.baselines:
+            t = bench(ref_fn, sets)
+            row("decode jnp-ref (jit)", label, t, nbytes / t / 1e12, "TB/s", copy_tbs, 0.0)
+            try:
+                from jax.experimental.pallas.ops.gpu import paged_attention as bundled
+
+                bfn = jax.jit(
+                    lambda q, kp, vp, pt, lens: bundled.paged_attention(
+                        q * jnp.asarray(sm_scale, q.dtype), kp, vp, pt, lens, interpret=interp
+                    )
+                )
+                err = rel_err(bfn(*sets[0]), ref)
+                t = bench(bfn, sets)
+                row(
+                    "decode jax-bundled paged_attention",
+                    label,
+                    t,
+                    nbytes / t / 1e12,
+                    "TB/s",
+                    copy_tbs,
+                    err,
+                )
+            except Exception as e:  # keep going: the baseline is optional
+                log(f"bundled paged_attention failed: {type(e).__name__}: {e}")
+        for name, kw in parse_variants(FLAGS.decode_variants):
+            try:
+                fn = jax.jit(
+                    lambda *a, kw=kw: decode_attention(
+                        *a, sm_scale=sm_scale, interpret=interp, **kw
+                    )
+                )
+                err = rel_err(fn(*sets[0]), ref)
+                t = bench(fn, sets)
+                row(f"decode pallas [{name}]", label, t, nbytes / t / 1e12, "TB/s", copy_tbs, err)
+            except Exception as e:
+                log(f"decode variant {name} failed: {type(e).__name__}: {e}")
+                log(traceback.format_exc()[-2000:])
+        del sets, q, kp, vp, pt, lens, ref
 
 
 def make_prefill_inputs(seed, t_tokens, dtype):
-  hq, hkv, d, ps = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
-  pages = -(-t_tokens // ps)
-  num_pages = pages + 5
-  rng = np.random.default_rng(seed)
-  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(k1, (t_tokens, hq, d), dtype)
-  kp = jax.random.normal(k2, (hkv, num_pages, ps, d), dtype)
-  vp = jax.random.normal(k3, (hkv, num_pages, ps, d), dtype)
-  pt = jnp.asarray(rng.permutation(num_pages)[:pages].reshape(1, pages), jnp.int32)
-  qs = jnp.array([0, t_tokens], jnp.int32)
-  sl = jnp.array([t_tokens], jnp.int32)
-  return q, kp, vp, pt, qs, sl
+    hq, hkv, d, ps = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
+    pages = -(-t_tokens // ps)
+    num_pages = pages + 5
+    rng = np.random.default_rng(seed)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(k1, (t_tokens, hq, d), dtype)
+    kp = jax.random.normal(k2, (hkv, num_pages, ps, d), dtype)
+    vp = jax.random.normal(k3, (hkv, num_pages, ps, d), dtype)
+    pt = jnp.asarray(rng.permutation(num_pages)[:pages].reshape(1, pages), jnp.int32)
+    qs = jnp.array([0, t_tokens], jnp.int32)
+    sl = jnp.array([t_tokens], jnp.int32)
+    return q, kp, vp, pt, qs, sl
 
 
 def run_prefill(gemm_tflops):
-  dtype = jnp.dtype(FLAGS.dtype)
-  hq, hkv, d = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim
-  sm_scale = d ** -0.5
-  interp = FLAGS.smoke
-  for tok in FLAGS.prefill_tokens:
-    t_tokens = int(tok)
-    sets = [make_prefill_inputs(200 + i, t_tokens, dtype) for i in range(FLAGS.input_sets)]
-    flops = 4 * t_tokens * t_tokens / 2 * hq * d
-    label = f"T{t_tokens} causal Hq{hq}/Hkv{hkv} D{d} ps{FLAGS.page_size}"
-    ref_fn = jax.jit(lambda *a: prefill_attention_reference(*a, sm_scale=sm_scale))
-    ref = ref_fn(*sets[0])
-    if FLAGS.baselines:
-      t = bench(ref_fn, sets)
-      row("prefill jnp-ref (jit)", label, t, flops / t / 1e12, "TFLOP/s", gemm_tflops, 0.0)
-      if not interp:
-        try:  # contiguous K/V, cuDNN flash attention: an outside point of comparison
-          def contig(q, kp, vp, pt, qs, sl):
-            k = kp[:, pt[0]].reshape(hkv, -1, d)[:, :t_tokens].transpose(1, 0, 2)
-            v = vp[:, pt[0]].reshape(hkv, -1, d)[:, :t_tokens].transpose(1, 0, 2)
-            return q[None], k[None], v[None]
-          csets = [jax.jit(contig)(*s) for s in sets]
-          cfn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-              q, k, v, scale=sm_scale, is_causal=True, implementation="cudnn")[0])
-          err = rel_err(cfn(*csets[0]), ref)
-          t = bench(cfn, csets)
-          row("prefill cuDNN flash (contiguous KV)", label, t, flops / t / 1e12, "TFLOP/s",
-              gemm_tflops, err)
-          del csets
-        except Exception as e:
-          log(f"cuDNN attention failed: {type(e).__name__}: {str(e)[:300]}")
-    for name, kw in parse_variants(FLAGS.prefill_variants):
-      try:
-        fn = jax.jit(lambda *a, kw=kw: prefill_attention(*a, sm_scale=sm_scale,
-                                                         interpret=interp, **kw))
-        err = rel_err(fn(*sets[0]), ref)
-        t = bench(fn, sets)
-        row(f"prefill pallas [{name}]", label, t, flops / t / 1e12, "TFLOP/s",
-            gemm_tflops, err)
-      except Exception as e:
-        log(f"prefill variant {name} failed: {type(e).__name__}: {str(e)[:500]}")
-        log(traceback.format_exc()[-2000:])
-    del sets, ref
+    dtype = jnp.dtype(FLAGS.dtype)
+    hq, hkv, d = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim
+    sm_scale = d**-0.5
+    interp = FLAGS.smoke
+    for tok in FLAGS.prefill_tokens:
+        t_tokens = int(tok)
+        sets = [make_prefill_inputs(200 + i, t_tokens, dtype) for i in range(FLAGS.input_sets)]
+        flops = 4 * t_tokens * t_tokens / 2 * hq * d
+        label = f"T{t_tokens} causal Hq{hq}/Hkv{hkv} D{d} ps{FLAGS.page_size}"
+        ref_fn = jax.jit(lambda *a: prefill_attention_reference(*a, sm_scale=sm_scale))
+        ref = ref_fn(*sets[0])
+        if FLAGS.baselines:
+            t = bench(ref_fn, sets)
+            row("prefill jnp-ref (jit)", label, t, flops / t / 1e12, "TFLOP/s", gemm_tflops, 0.0)
+            if not interp:
+                try:  # contiguous K/V, cuDNN flash attention: an outside point of comparison
+
+                    def contig(q, kp, vp, pt, qs, sl):
+                        k = kp[:, pt[0]].reshape(hkv, -1, d)[:, :t_tokens].transpose(1, 0, 2)
+                        v = vp[:, pt[0]].reshape(hkv, -1, d)[:, :t_tokens].transpose(1, 0, 2)
+                        return q[None], k[None], v[None]
+
+                    csets = [jax.jit(contig)(*s) for s in sets]
+                    cfn = jax.jit(
+                        lambda q, k, v: jax.nn.dot_product_attention(
+                            q, k, v, scale=sm_scale, is_causal=True, implementation="cudnn"
+                        )[0]
+                    )
+                    err = rel_err(cfn(*csets[0]), ref)
+                    t = bench(cfn, csets)
+                    row(
+                        "prefill cuDNN flash (contiguous KV)",
+                        label,
+                        t,
+                        flops / t / 1e12,
+                        "TFLOP/s",
+                        gemm_tflops,
+                        err,
+                    )
+                    del csets
+                except Exception as e:
+                    log(f"cuDNN attention failed: {type(e).__name__}: {str(e)[:300]}")
+        for name, kw in parse_variants(FLAGS.prefill_variants):
+            try:
+                fn = jax.jit(
+                    lambda *a, kw=kw: prefill_attention(
+                        *a, sm_scale=sm_scale, interpret=interp, **kw
+                    )
+                )
+                err = rel_err(fn(*sets[0]), ref)
+                t = bench(fn, sets)
+                row(
+                    f"prefill pallas [{name}]",
+                    label,
+                    t,
+                    flops / t / 1e12,
+                    "TFLOP/s",
+                    gemm_tflops,
+                    err,
+                )
+            except Exception as e:
+                log(f"prefill variant {name} failed: {type(e).__name__}: {str(e)[:500]}")
+                log(traceback.format_exc()[-2000:])
+        del sets, ref
 
 
 def main(argv):
-  del argv
-  if FLAGS.smoke:
-    FLAGS.decode_shapes = ["3x40"]
-    FLAGS.prefill_tokens = ["40"]
-    FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim = 4, 2, 64
-    FLAGS.page_size = 8
-    FLAGS.gemm_n, FLAGS.copy_mib = 256, 1
-    FLAGS.warmup, FLAGS.repeats, FLAGS.inner = 1, 1, 1
-    FLAGS.decode_variants = "ppb=2,w=4,s=3;ppb=2,sp=1,w=4,s=3,fg=0"
-    FLAGS.prefill_variants = "bq=16,bk=16,w=4,s=3;bq=16,bk=16,w=4,s=3,fg=0"
-  dev = jax.devices()[0]
-  log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), "
-      f"dtype {FLAGS.dtype}")
-  gemm_tflops, copy_tbs = float("nan"), float("nan")
-  if "ceilings" in FLAGS.kernels:
-    gemm_tflops, copy_tbs = ceilings()
-  if "decode" in FLAGS.kernels:
-    run_decode(copy_tbs)
-  if "prefill" in FLAGS.kernels:
-    run_prefill(gemm_tflops)
+    del argv
+    if FLAGS.smoke:
+        FLAGS.decode_shapes = ["3x40"]
+        FLAGS.prefill_tokens = ["40"]
+        FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim = 4, 2, 64
+        FLAGS.page_size = 8
+        FLAGS.gemm_n, FLAGS.copy_mib = 256, 1
+        FLAGS.warmup, FLAGS.repeats, FLAGS.inner = 1, 1, 1
+        FLAGS.decode_variants = "ppb=2,w=4,s=3;ppb=2,sp=1,w=4,s=3,fg=0"
+        FLAGS.prefill_variants = "bq=16,bk=16,w=4,s=3;bq=16,bk=16,w=4,s=3,fg=0"
+    dev = jax.devices()[0]
+    log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), dtype {FLAGS.dtype}")
+    gemm_tflops, copy_tbs = float("nan"), float("nan")
+    if "ceilings" in FLAGS.kernels:
+        gemm_tflops, copy_tbs = ceilings()
+    if "decode" in FLAGS.kernels:
+        run_decode(copy_tbs)
+    if "prefill" in FLAGS.kernels:
+        run_prefill(gemm_tflops)
 
-  lines = ["", f"{'kernel':<44} {'shape':<34} {'ms':>8} {'rate':>16} {'%ceil':>6} {'relerr':>8}"]
-  for k, s, ms, rate, unit, pct, err in ROWS:
-    e = "" if err is None else f"{err:.1e}"
-    lines.append(f"{k:<44} {s:<34} {ms:8.4f} {rate:9.3f} {unit:<7}"
-                 f"{pct:6.1f} {e:>8}")
-  lines.append("ceilings: copy = bytes read + written / time; gemm = 2 n^3 / time. "
-               "decode TB/s = (K+V bytes of lengths + q + out) / time; prefill TFLOP/s "
-               "= 4*T*T/2*Hq*D / time (unmasked causal FLOPs).")
-  for line in lines:
-    log(line)
-  out_dir = os.environ.get("OUT")
-  if out_dir:
-    with open(os.path.join(out_dir, "bench_kernels.log"), "w") as f:
-      f.write("\n".join(_LOG) + "\n")
+    lines = ["", f"{'kernel':<44} {'shape':<34} {'ms':>8} {'rate':>16} {'%ceil':>6} {'relerr':>8}"]
+    for k, s, ms, rate, unit, pct, err in ROWS:
+        e = "" if err is None else f"{err:.1e}"
+        lines.append(f"{k:<44} {s:<34} {ms:8.4f} {rate:9.3f} {unit:<7}{pct:6.1f} {e:>8}")
+    lines.append(
+        "ceilings: copy = bytes read + written / time; gemm = 2 n^3 / time. "
+        "decode TB/s = (K+V bytes of lengths + q + out) / time; prefill TFLOP/s "
+        "= 4*T*T/2*Hq*D / time (unmasked causal FLOPs)."
+    )
+    for line in lines:
+        log(line)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_kernels.log"), "w") as f:
+            f.write("\n".join(_LOG) + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -2,6 +2,7 @@
 
 Fresh random inputs every run; the seed is printed on failure.
 """
+
 import os
 
 import jax
@@ -15,98 +16,140 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _seed() -> int:
-  return int.from_bytes(os.urandom(4), "little")
+    return int.from_bytes(os.urandom(4), "little")
 
 
 def _rel_err(out, ref) -> float:
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _make(seed, *, batch, hq, hkv, d, page_size, max_pages, lengths, dtype, extra_pages=3):
-  """Scattered (permuted) pages; slots past each length are poisoned with NaN."""
-  rng = np.random.default_rng(seed)
-  num_pages = batch * max_pages + extra_pages
-  q = rng.standard_normal((batch, hq, d)).astype(np.float32)
-  k = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
-  v = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
-  perm = rng.permutation(num_pages)
-  pt = perm[: batch * max_pages].reshape(batch, max_pages).astype(np.int32)
-  lengths = np.asarray(lengths, np.int32)
-  for b in range(batch):  # poison cache slots this sequence does not own
-    n = int(lengths[b])
-    used = -(-n // page_size)
-    if used:
-      last = pt[b, used - 1]
-      k[:, last, n - (used - 1) * page_size:] = np.nan
-      v[:, last, n - (used - 1) * page_size:] = np.nan
-    pt[b, used:] = perm[-1 - (b % extra_pages)]  # entries past the end: valid ids
-  k[:, perm[-extra_pages:]] = np.nan
-  v[:, perm[-extra_pages:]] = np.nan
-  cast = lambda x: jnp.asarray(x, dtype)
-  return cast(q), cast(k), cast(v), jnp.asarray(pt), jnp.asarray(lengths)
+    """Scattered (permuted) pages; slots past each length are poisoned with NaN."""
+    rng = np.random.default_rng(seed)
+    num_pages = batch * max_pages + extra_pages
+    q = rng.standard_normal((batch, hq, d)).astype(np.float32)
+    k = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
+    perm = rng.permutation(num_pages)
+    pt = perm[: batch * max_pages].reshape(batch, max_pages).astype(np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    for b in range(batch):  # poison cache slots this sequence does not own
+        n = int(lengths[b])
+        used = -(-n // page_size)
+        if used:
+            last = pt[b, used - 1]
+            k[:, last, n - (used - 1) * page_size :] = np.nan
+            v[:, last, n - (used - 1) * page_size :] = np.nan
+        pt[b, used:] = perm[-1 - (b % extra_pages)]  # entries past the end: valid ids
+    k[:, perm[-extra_pages:]] = np.nan
+    v[:, perm[-extra_pages:]] = np.nan
+    cast = lambda x: jnp.asarray(x, dtype)
+    return cast(q), cast(k), cast(v), jnp.asarray(pt), jnp.asarray(lengths)
 
 
 CASES = [
     # (hq, hkv, d, page_size, pages_per_block, num_splits, flat_gather, dtype)
-    (4, 4, 64, 4, 2, None, True, jnp.float32),   # GQA 1 (MHA), split-K
-    (8, 2, 128, 8, 2, 1, True, jnp.bfloat16),    # GQA 4, head_dim 128, one split
-    (8, 1, 64, 4, 1, 3, False, jnp.bfloat16),    # GQA 8, 3 splits, reshape gather
-    (16, 2, 128, 16, 1, 2, True, jnp.float32),   # GQA 8, page 16, fp32
+    (4, 4, 64, 4, 2, None, True, jnp.float32),  # GQA 1 (MHA), split-K
+    (8, 2, 128, 8, 2, 1, True, jnp.bfloat16),  # GQA 4, head_dim 128, one split
+    (8, 1, 64, 4, 1, 3, False, jnp.bfloat16),  # GQA 8, 3 splits, reshape gather
+    (16, 2, 128, 16, 1, 2, True, jnp.float32),  # GQA 8, page 16, fp32
 ]
 
 
 @pytest.mark.parametrize("hq,hkv,d,page_size,ppb,splits,flat,dtype", CASES)
 def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, flat, dtype):
-  seed = _seed()
-  max_pages = 6
-  rng = np.random.default_rng(seed)
-  # ragged: length 1, an exact page multiple, the full table, a padding row, random
-  lengths = [1, 2 * page_size, max_pages * page_size, 0,
-             int(rng.integers(1, max_pages * page_size + 1))]
-  q, k, v, pt, lens = _make(seed, batch=len(lengths), hq=hq, hkv=hkv, d=d,
-                            page_size=page_size, max_pages=max_pages,
-                            lengths=lengths, dtype=dtype)
-  scale = d ** -0.5
-  out = decode_attention(q, k, v, pt, lens, sm_scale=scale, interpret=True,
-                         pages_per_block=ppb, num_splits=splits, flat_gather=flat)
-  ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=scale)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  out_np = np.asarray(out, np.float32)
-  assert np.isfinite(out_np).all(), f"seed={seed}: non-finite output"
-  assert (out_np[3] == 0).all(), f"seed={seed}: padding row not zero"
-  err = _rel_err(out, ref)
-  assert err < TOL[dtype], f"seed={seed}: rel err {err:.2e}"
+    seed = _seed()
+    max_pages = 6
+    rng = np.random.default_rng(seed)
+    # ragged: length 1, an exact page multiple, the full table, a padding row, random
+    lengths = [
+        1,
+        2 * page_size,
+        max_pages * page_size,
+        0,
+        int(rng.integers(1, max_pages * page_size + 1)),
+    ]
+    q, k, v, pt, lens = _make(
+        seed,
+        batch=len(lengths),
+        hq=hq,
+        hkv=hkv,
+        d=d,
+        page_size=page_size,
+        max_pages=max_pages,
+        lengths=lengths,
+        dtype=dtype,
+    )
+    scale = d**-0.5
+    out = decode_attention(
+        q,
+        k,
+        v,
+        pt,
+        lens,
+        sm_scale=scale,
+        interpret=True,
+        pages_per_block=ppb,
+        num_splits=splits,
+        flat_gather=flat,
+    )
+    ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out_np = np.asarray(out, np.float32)
+    assert np.isfinite(out_np).all(), f"seed={seed}: non-finite output"
+    assert (out_np[3] == 0).all(), f"seed={seed}: padding row not zero"
+    err = _rel_err(out, ref)
+    assert err < TOL[dtype], f"seed={seed}: rel err {err:.2e}"
 
 
 def test_decode_default_tuning_bf16():
-  """Defaults (auto splits, 64-token blocks) on a GPU-like shape, scaled down."""
-  seed = _seed()
-  rng = np.random.default_rng(seed)
-  batch, page_size, max_pages = 3, 16, 9
-  lengths = rng.integers(1, max_pages * page_size + 1, size=batch)
-  q, k, v, pt, lens = _make(seed, batch=batch, hq=8, hkv=2, d=64, page_size=page_size,
-                            max_pages=max_pages, lengths=lengths, dtype=jnp.bfloat16)
-  out = decode_attention(q, k, v, pt, lens, sm_scale=0.125, interpret=True)
-  ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=0.125)
-  err = _rel_err(out, ref)
-  assert err < 1e-2, f"seed={seed}: rel err {err:.2e} (lengths {lengths})"
+    """Defaults (auto splits, 64-token blocks) on a GPU-like shape, scaled down."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    batch, page_size, max_pages = 3, 16, 9
+    lengths = rng.integers(1, max_pages * page_size + 1, size=batch)
+    q, k, v, pt, lens = _make(
+        seed,
+        batch=batch,
+        hq=8,
+        hkv=2,
+        d=64,
+        page_size=page_size,
+        max_pages=max_pages,
+        lengths=lengths,
+        dtype=jnp.bfloat16,
+    )
+    out = decode_attention(q, k, v, pt, lens, sm_scale=0.125, interpret=True)
+    ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=0.125)
+    err = _rel_err(out, ref)
+    assert err < 1e-2, f"seed={seed}: rel err {err:.2e} (lengths {lengths})"
 
 
 def test_reference_matches_dense_softmax():
-  """The reference itself vs a dense per-sequence softmax in float64 (NumPy)."""
-  seed = _seed()
-  q, k, v, pt, lens = _make(seed, batch=3, hq=4, hkv=2, d=16, page_size=4, max_pages=3,
-                            lengths=[5, 12, 1], dtype=jnp.float32)
-  ref = np.asarray(decode_attention_reference(q, k, v, pt, lens, sm_scale=0.25))
-  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
-  for b, n in enumerate(np.asarray(lens)):
-    kk = kn[:, np.asarray(pt[b])].reshape(2, -1, 16)[:, :n]
-    vv = vn[:, np.asarray(pt[b])].reshape(2, -1, 16)[:, :n]
-    for h in range(4):
-      s = kk[h // 2] @ qn[b, h] * 0.25
-      p = np.exp(s - s.max())
-      p /= p.sum()
-      np.testing.assert_allclose(ref[b, h], p @ vv[h // 2], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"seed={seed}")
+    """The reference itself vs a dense per-sequence softmax in float64 (NumPy)."""
+    seed = _seed()
+    q, k, v, pt, lens = _make(
+        seed,
+        batch=3,
+        hq=4,
+        hkv=2,
+        d=16,
+        page_size=4,
+        max_pages=3,
+        lengths=[5, 12, 1],
+        dtype=jnp.float32,
+    )
+    ref = np.asarray(decode_attention_reference(q, k, v, pt, lens, sm_scale=0.25))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    for b, n in enumerate(np.asarray(lens)):
+        kk = kn[:, np.asarray(pt[b])].reshape(2, -1, 16)[:, :n]
+        vv = vn[:, np.asarray(pt[b])].reshape(2, -1, 16)[:, :n]
+        for h in range(4):
+            s = kk[h // 2] @ qn[b, h] * 0.25
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(
+                ref[b, h], p @ vv[h // 2], rtol=1e-5, atol=1e-6, err_msg=f"seed={seed}"
+            )
