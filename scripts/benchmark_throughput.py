@@ -32,6 +32,8 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory)")
 flags.DEFINE_integer("max_model_len", 2048, "prompt + output tokens per sequence")
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "device memory share for the engine")
 flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets compile faster)")
+flags.DEFINE_string("schedule", "sequential",
+                    "nano-batch schedule: sequential, nano2..nano4, nanoN-nooverlap, a .json")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | auto")
 flags.DEFINE_string("output_json", None, "write the results here")
 F = flags.FLAGS
@@ -48,7 +50,7 @@ def main(argv):
               max_num_seqs=F.max_num_seqs, max_prefill_seqs=F.max_prefill_seqs,
               page_size=F.page_size, num_pages=F.num_pages, max_model_len=F.max_model_len,
               gpu_memory_utilization=1.0, attention_impl=F.attention_impl,
-              min_bucket=F.min_bucket)
+              min_bucket=F.min_bucket, schedule=F.schedule)
     startup = time.perf_counter() - t0
     results = [run_workload(llm, w, peak, startup) for w in F.workload]
     if F.output_json:
@@ -92,7 +94,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
     total_tps = (n_in + n_out) / elapsed
     result = {
         "model": F.model, "workload": workload, "num_requests": len(reqs),
-        "schedule": "sequential", "device": jax.devices()[0].device_kind,
+        "schedule": runner.schedule.name, "device": jax.devices()[0].device_kind,
         "jax": jax.__version__, "dense_batch": F.max_num_batched_tokens,
         "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
         "total_tokens_per_s": total_tps, "output_tokens_per_s": n_out / elapsed,

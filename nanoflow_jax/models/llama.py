@@ -151,20 +151,22 @@ def forward(
     attn_metadata: Any,
     logits_indices: jax.Array | None,
     attention: AttentionFn,
+    layer_fn: Callable = decoder_layer,
 ) -> tuple[jax.Array, list | None]:
     """The whole model over a flat token batch.
 
     token_ids, positions: [T] int32. kv_cache: a list with one entry per layer, handed to the
     attention function (or None when attention needs no cache). logits_indices: [N] token
-    indices whose logits are wanted (None: all T). Returns (fp32 logits [N, V], kv_cache).
+    indices whose logits are wanted (None: all T). `layer_fn` runs one layer (the sequential
+    `decoder_layer`, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
+    (fp32 logits [N, V], kv_cache).
     """
     x = params["embed"][token_ids]  # [T, D]
     new_cache = []
     for i, layer in enumerate(params["layers"]):
         layer_cache = None if kv_cache is None else kv_cache[i]
-        x, layer_cache = decoder_layer(
-            layer, x, positions, layer_cache, attn_metadata, config, attention
-        )
+        x, layer_cache = layer_fn(layer, x, positions, layer_cache, attn_metadata, config,
+                                  attention)
         new_cache.append(layer_cache)
     if logits_indices is not None:
         x = x[logits_indices]

@@ -43,12 +43,35 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str):
     out = prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,
                   meta.prefill_seq_lens, sm_scale=scale, interpret=interpret)
     t, bd = q.shape[0], meta.decode_lengths.shape[0]
-    decoded = decode(q[:bd], k_pages, v_pages, meta.decode_page_tables, meta.decode_lengths,
-                     sm_scale=scale, interpret=interpret)
-    decoded = jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0)))
-    is_decode = jnp.arange(t) < meta.prefill_query_start[0]
-    out = jnp.where(is_decode[:, None, None], decoded, out)
+    if bd:  # static: a nano-batch past the decode rows has none
+        decoded = decode(q[:bd], k_pages, v_pages, meta.decode_page_tables, meta.decode_lengths,
+                         sm_scale=scale, interpret=interpret)
+        decoded = jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0)))
+        is_decode = jnp.arange(t) < meta.prefill_query_start[0]
+        out = jnp.where(is_decode[:, None, None], decoded, out)
     return out, (k_pages, v_pages)
+
+
+def slice_metadata(meta: PagedMetadata, start: int, end: int) -> PagedMetadata:
+    """The metadata of the rows [start, end) alone (a nano-batch), for `paged_attention`.
+
+    A prompt chunk cut by the boundary keeps, on each side, the positions of its own rows: the
+    part before `end` sees the sequence as if it ended there (its later tokens are not in the
+    cache yet), the part after sees everything before it (written by the earlier nano-batch).
+    """
+    bd = meta.decode_lengths.shape[0]
+    dec_end = max(start, min(end, bd))
+    query_start = jnp.clip(meta.prefill_query_start, start, end)
+    # Each chunk's rows after `end` (chunks wholly before `start` get 0: they have no rows here).
+    later = jnp.maximum(meta.prefill_query_start[1:] - query_start[1:], 0)
+    return PagedMetadata(
+        slots=meta.slots[start:end],
+        decode_page_tables=meta.decode_page_tables[start:dec_end],
+        decode_lengths=meta.decode_lengths[start:dec_end],
+        prefill_page_tables=meta.prefill_page_tables,
+        prefill_query_start=query_start - start,
+        prefill_seq_lens=meta.prefill_seq_lens - later,
+    )
 
 
 IMPLS = ("pallas", "interpret", "reference")

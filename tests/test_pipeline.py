@@ -1,0 +1,127 @@
+"""Nano-batch schedules: validation, JSON, and the same outputs as the sequential schedule."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nanoflow_jax as nf
+from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
+from nanoflow_jax.kv_cache import init_kv_cache
+from nanoflow_jax.models import llama
+from nanoflow_jax.models.paged_attention import attention_fn
+from nanoflow_jax.pipeline.executor import make_layer_fn
+from nanoflow_jax.pipeline.schedule import (NanoOp, Schedule, named_schedule, nano_batched,
+                                            sequential)
+from tests.helpers import rel_err
+
+PAGE, T = 4, 64
+
+
+def _batch(kind, rng, vocab):
+    """decode-only, prefill-only or mixed; prompt chunks with prior context, one straddling
+    the nano-batch boundaries."""
+    perm = rng.permutation(200).tolist()
+    take = lambda n: [perm.pop() for _ in range(n)]  # noqa: E731
+    decodes, prefills = [], []
+    if kind in ("decode", "mixed"):
+        for ctx in rng.integers(1, 40, 5 if kind == "mixed" else 12):
+            decodes.append(SeqChunk([int(rng.integers(vocab))], int(ctx), take(-(-(ctx + 1) // PAGE))))
+    if kind in ("prefill", "mixed"):
+        for n, prior in ((30, 7), (20, 0)) if kind == "mixed" else ((41, 3), (15, 9)):
+            prefills.append(SeqChunk(rng.integers(0, vocab, n).tolist(), prior,
+                                     take(-(-(prior + n) // PAGE))))
+    shape = BatchShape(num_tokens=T, num_decode=16, num_prefill_seqs=4, max_pages=16)
+    return build_batch(decodes, prefills, shape, PAGE)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4, 5))
+def _forward(params, config, kv, batch, attention, layer_fn):
+    return llama.forward(params, config, batch.token_ids, batch.positions, kv, batch.attn,
+                         jnp.arange(T), attention, layer_fn)
+
+
+def _prefill_context(model, kv, rng):
+    """Random K/V in every page: the prior context the chunks and decodes attend to."""
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), len(kv))
+    return [(jax.random.normal(kk, k.shape, k.dtype), jax.random.normal(kk, v.shape, v.dtype) * 2)
+            for kk, (k, v) in zip(keys, kv)]
+
+
+CUSTOM = Schedule("custom", T, (  # attention split elsewhere than the GEMMs, three streams
+    NanoOp("qkv", 0, 32, 1), NanoOp("qkv", 32, 64, 1),
+    NanoOp("attn", 0, 24, 2), NanoOp("attn", 24, 64, 3),
+    NanoOp("o_proj", 0, 48, 1), NanoOp("up_gate", 0, 16, 1), NanoOp("o_proj", 48, 64, 1),
+    NanoOp("up_gate", 16, 64, 1), NanoOp("down", 0, 64, 1),
+))
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+@pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_batched(T, 3),
+                                      nano_batched(T, 4, overlap=False), CUSTOM],
+                         ids=lambda s: s.name)
+def test_schedule_matches_sequential(kind, schedule):
+    model = nf.load_model("tiny-llama", dtype="float32", seed=11)
+    rng = np.random.default_rng()
+    batch = jax.device_put(_batch(kind, rng, model.config.vocab_size))
+    kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
+    attention = attention_fn("reference")
+    want, want_kv = _forward(model.params, model.config, kv, batch, attention,
+                             llama.decoder_layer)
+    got, got_kv = _forward(model.params, model.config, kv, batch, attention,
+                           make_layer_fn(schedule, use_streams=False))
+    rows = np.asarray(batch.attn.slots) >= 0
+    assert rows.sum() > 0
+    assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
+    for (gk, gv), (wk, wv) in zip(got_kv, want_kv):
+        assert rel_err(gk, wk) < 1e-6 and rel_err(gv, wv) < 1e-6
+
+
+def test_schedule_with_kernels_in_interpret_mode():
+    model = nf.load_model("tiny-qwen2", dtype="float32", seed=5)
+    rng = np.random.default_rng()
+    batch = jax.device_put(_batch("mixed", rng, model.config.vocab_size))
+    kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
+    want, _ = _forward(model.params, model.config, kv, batch, attention_fn("reference"),
+                       llama.decoder_layer)
+    got, _ = _forward(model.params, model.config, kv, batch, attention_fn("interpret"),
+                      make_layer_fn(nano_batched(T, 2), use_streams=False))
+    rows = np.asarray(batch.attn.slots) >= 0
+    assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
+
+
+def test_engine_with_a_nano_batch_schedule_generates_the_same_tokens():
+    prompts = [{"prompt_token_ids": list(range(i, i + 20 + 7 * i))} for i in range(6)]
+    params = nf.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for name in ("sequential", "nano2"):
+        llm = nf.LLM("tiny-llama", dtype="float32", max_num_batched_tokens=128, min_bucket=128,
+                     max_model_len=256, page_size=4, num_pages=400, schedule=name)
+        if name == "nano2":  # 128 >= nano2's min_tokens: the split really runs
+            assert not llm.engine.runner.schedule.for_tokens(128).is_sequential
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+    assert outs["nano2"] == outs["sequential"]
+
+
+def test_validation_and_json():
+    s = nano_batched(1024, 3)
+    assert Schedule.from_json(s.to_json()) == s
+    assert [o.op for o in sequential(16).ops] == ["qkv", "attn", "o_proj", "up_gate", "down"]
+    scaled = s.for_tokens(512)
+    assert scaled.num_tokens == 512 and not scaled.is_sequential
+    assert all(o.start % 16 == 0 and o.end <= 512 for o in scaled.ops)
+    assert s.for_tokens(128).is_sequential  # below min_tokens: splitting cannot pay
+    assert named_schedule("nano2-nooverlap", 256).name == "nano2-nooverlap"
+    with pytest.raises(ValueError, match="gap or overlap"):
+        Schedule("bad", 32, tuple(NanoOp(k, 0, 32) for k in
+                                  ("qkv", "attn", "o_proj", "up_gate")) + (NanoOp("down", 0, 16),
+                                                                           NanoOp("down", 8, 32)))
+    with pytest.raises(ValueError, match="before its tokens' qkv"):
+        Schedule("bad", 32, (NanoOp("attn", 0, 32),) + tuple(
+            NanoOp(k, 0, 32) for k in ("qkv", "o_proj", "up_gate", "down")))
+    with pytest.raises(ValueError, match="unknown nano-op"):
+        NanoOp("softmax", 0, 8)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        named_schedule("nano", 64)
