@@ -21,6 +21,8 @@ from nanoflow_jax.sampling_params import SamplingParams
 
 flags.DEFINE_string("model", "llama-3-8b", "preset or checkpoint")
 flags.DEFINE_integer("repeats", 20, "timed steps per case")
+flags.DEFINE_multi_string("schedule", ["sequential"],
+                          "nano-batch schedules to time (repeat the flag to compare several)")
 F = flags.FLAGS
 
 CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
@@ -33,10 +35,22 @@ CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
 def main(argv):
     del argv
     peak = measure_peak_flops()
-    runner = ModelRunner(EngineConfig(model=F.model, max_num_batched_tokens=1024,
-                                      max_num_seqs=512, min_bucket=256, max_model_len=2048,
-                                      num_pages=25000))
-    runner.warmup()
+    rows = []
+    for schedule in F.schedule:
+        runner = None  # free the previous weights and KV cache before the next ones
+        runner = ModelRunner(EngineConfig(model=F.model, max_num_batched_tokens=1024,
+                                          max_num_seqs=512, min_bucket=256, max_model_len=2048,
+                                          num_pages=25000, schedule=schedule))
+        runner.warmup()
+        rows += profile(runner, peak, schedule)
+    print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
+    print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
+          "2·P·T/peak ms")
+    for r in rows:
+        print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}")
+
+
+def profile(runner, peak, schedule):
     cfg, page = runner.model_config, runner.config.page_size
     rng = np.random.default_rng(0)
     rows = []
@@ -74,13 +88,9 @@ def main(argv):
         jax.block_until_ready(outs)
         back_to_back = (time.perf_counter() - t0) / F.repeats
         gemm_ms = 2 * cfg.param_count * shape.num_tokens / peak * 1e3
-        rows.append((name, shape.num_tokens, 1e3 * float(np.median(times)), 1e3 * back_to_back,
-                     1e3 * enqueue, gemm_ms))
-    print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
-    print("case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
-          "2·P·T/peak ms")
-    for r in rows:
-        print(f"{r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f}")
+        rows.append((schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
+                     1e3 * back_to_back, 1e3 * enqueue, gemm_ms))
+    return rows
 
 
 if __name__ == "__main__":
