@@ -219,7 +219,9 @@ class EngineConfig:
     max_num_seqs: int = 256  # running sequences (decode rows per iteration)
     max_prefill_seqs: int = 16  # prompt chunks per iteration
     page_size: int = 16
-    gpu_memory_utilization: float = 0.9  # of the device memory, for weights + KV + activations
+    # Share of the memory JAX may use (its bytes_limit, itself XLA_PYTHON_CLIENT_MEM_FRACTION of
+    # the device: the scripts set that variable from this knob and pass 1.0 here).
+    gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context
     num_pages: int | None = None  # KV pages; None: sized from free device memory
     attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
