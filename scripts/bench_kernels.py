@@ -54,7 +54,9 @@ from pallas_kernels.prefill_attention import (  # noqa: E402
 )
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("kernels", ["ceilings", "decode", "prefill"], "what to run")
+flags.DEFINE_list("kernels", ["ceilings", "decode", "prefill", "kv_write"], "what to run")
+flags.DEFINE_list("kv_write_tokens", ["1024", "8192"], "tokens written per call (kv_write)")
+flags.DEFINE_integer("kv_write_pages", 16384, "pages of the cache written into (kv_write)")
 flags.DEFINE_list("decode_shapes", ["256x1024", "64x4096"], "BATCHxCONTEXT")
 flags.DEFINE_list("prefill_tokens", ["4096"], "T of one causal sequence")
 flags.DEFINE_integer("num_q_heads", 32, "Hq")
@@ -331,11 +333,51 @@ def run_prefill(gemm_tflops):
         del sets, ref
 
 
+def run_kv_write(copy_tbs):
+    """XLA's scatter of T new tokens' K and V into random slots of a donated cache.
+
+    Bytes = K and V of the new tokens read + written (2 * 2 * T * Hkv * D * itemsize).
+    """
+    from nanoflow_jax.kv_cache import write_kv
+
+    dtype = jnp.dtype(FLAGS.dtype)
+    hkv, d, ps = FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size
+    pages = FLAGS.kv_write_pages
+    write = jax.jit(write_kv, donate_argnums=(0, 1))
+    for t_str in FLAGS.kv_write_tokens:
+        t = int(t_str)
+        k1, k2, k3 = jax.random.split(jax.random.key(t), 3)
+        kp = jnp.zeros((hkv, pages, ps, d), dtype)
+        vp = jnp.zeros((hkv, pages, ps, d), dtype)
+        k = jax.random.normal(k1, (t, hkv, d), dtype)
+        v = jax.random.normal(k2, (t, hkv, d), dtype)
+        slots = jax.random.permutation(k3, pages * ps)[:t].astype(jnp.int32)
+        kp, vp = write(kp, vp, k, v, slots)  # compile + check
+        page, off = np.asarray(slots) // ps, np.asarray(slots) % ps
+        err = rel_err(np.asarray(kp)[:, page, off], np.swapaxes(np.asarray(k), 0, 1))
+        for _ in range(FLAGS.warmup):
+            kp, vp = write(kp, vp, k, v, slots)
+        jax.block_until_ready(kp)
+        samples = []
+        for _ in range(FLAGS.repeats):
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.inner):
+                kp, vp = write(kp, vp, k, v, slots)
+            jax.block_until_ready((kp, vp))
+            samples.append((time.perf_counter() - t0) / FLAGS.inner)
+        sec = statistics.median(samples)
+        nbytes = 2 * 2 * t * hkv * d * dtype.itemsize
+        row("kv_write xla scatter (donated)", f"T{t} Hkv{hkv} D{d} into {pages} pages", sec,
+            nbytes / sec / 1e12, "TB/s", copy_tbs, err)
+        del kp, vp
+
+
 def main(argv):
     del argv
     if FLAGS.smoke:
         FLAGS.decode_shapes = ["3x40"]
         FLAGS.prefill_tokens = ["40"]
+        FLAGS.kv_write_tokens, FLAGS.kv_write_pages = ["40"], 64
         FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_dim = 4, 2, 64
         FLAGS.page_size = 8
         FLAGS.gemm_n, FLAGS.copy_mib = 256, 1
@@ -351,6 +393,8 @@ def main(argv):
         run_decode(copy_tbs)
     if "prefill" in FLAGS.kernels:
         run_prefill(gemm_tflops)
+    if "kv_write" in FLAGS.kernels:
+        run_kv_write(copy_tbs)
 
     lines = ["", f"{'kernel':<44} {'shape':<34} {'ms':>8} {'rate':>16} {'%ceil':>6} {'relerr':>8}"]
     for k, s, ms, rate, unit, pct, err in ROWS:
