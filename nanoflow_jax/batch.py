@@ -8,7 +8,7 @@ set of compiled programs is small and fixed at start-up.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -32,8 +32,7 @@ class BatchShape:
         return self.num_decode + self.num_prefill_seqs
 
 
-@dataclasses.dataclass(frozen=True)
-class SeqChunk:
+class SeqChunk(NamedTuple):  # a tuple, not a dataclass: hundreds are made every step
     """What one sequence contributes to a step."""
 
     token_ids: Sequence[int]  # new tokens (a decode has 1); ignored where future_row >= 0

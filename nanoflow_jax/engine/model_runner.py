@@ -176,7 +176,7 @@ class ModelRunner:
             if chunk.samples:
                 out_index = len(seq.output_token_ids) - 1
                 owners.append((seq, out_index, row))
-            return SeqChunk(ids, chunk.start, seq.pages, future_row)
+            return SeqChunk(ids, chunk.start, seq.page_array, future_row)
 
         # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j.
         decodes = [seq_chunk(c, i) for i, c in enumerate(sched.decodes)]

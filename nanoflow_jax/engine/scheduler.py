@@ -66,8 +66,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self.allocator.free(seq.release_pages())
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -80,13 +79,13 @@ class Scheduler:
         if need > self.allocator.num_free:
             return False
         if need > 0:
-            seq.pages += self.allocator.allocate(need)
+            seq.add_pages(self.allocator.allocate(need))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages, seq.num_computed, seq.status = [], 0, Status.WAITING
+        self.allocator.free(seq.release_pages())
+        seq.num_computed, seq.status = 0, Status.WAITING
         self.waiting.appendleft(seq)  # youngest preempted first, so older ones end up ahead
 
     def _make_room(self, seq: Sequence, num_tokens: int, keep: set, preempted: list) -> bool:
