@@ -3,26 +3,16 @@
 Fresh random inputs every run; the seed is printed on failure.
 """
 
-import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 
+from tests.helpers import random_seed, rel_err
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
-
-
-def _rel_err(out, ref) -> float:
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _make(seed, *, batch, hq, hkv, d, page_size, max_pages, lengths, dtype, extra_pages=3):
@@ -60,7 +50,7 @@ CASES = [
 
 @pytest.mark.parametrize("hq,hkv,d,page_size,ppb,splits,flat,dtype", CASES)
 def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, flat, dtype):
-    seed = _seed()
+    seed = random_seed()
     max_pages = 6
     rng = np.random.default_rng(seed)
     # ragged: length 1, an exact page multiple, the full table, a padding row, random
@@ -100,13 +90,13 @@ def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, flat, dtyp
     out_np = np.asarray(out, np.float32)
     assert np.isfinite(out_np).all(), f"seed={seed}: non-finite output"
     assert (out_np[3] == 0).all(), f"seed={seed}: padding row not zero"
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < TOL[dtype], f"seed={seed}: rel err {err:.2e}"
 
 
 def test_decode_default_tuning_bf16():
     """Defaults (auto splits, 64-token blocks) on a GPU-like shape, scaled down."""
-    seed = _seed()
+    seed = random_seed()
     rng = np.random.default_rng(seed)
     batch, page_size, max_pages = 3, 16, 9
     lengths = rng.integers(1, max_pages * page_size + 1, size=batch)
@@ -123,13 +113,13 @@ def test_decode_default_tuning_bf16():
     )
     out = decode_attention(q, k, v, pt, lens, sm_scale=0.125, interpret=True)
     ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=0.125)
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < 1e-2, f"seed={seed}: rel err {err:.2e} (lengths {lengths})"
 
 
 def test_reference_matches_dense_softmax():
     """The reference itself vs a dense per-sequence softmax in float64 (NumPy)."""
-    seed = _seed()
+    seed = random_seed()
     q, k, v, pt, lens = _make(
         seed,
         batch=3,

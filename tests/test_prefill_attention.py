@@ -3,7 +3,6 @@
 Fresh random inputs every run; the seed is printed on failure.
 """
 
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,17 +14,9 @@ from pallas_kernels.prefill_attention import (
     prefill_attention_reference,
 )
 
+from tests.helpers import random_seed, rel_err
+
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-
-
-def _seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
-
-
-def _rel_err(out, ref) -> float:
-    out = np.asarray(out, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def _make(seed, *, q_lens, ctx_lens, pad, hq, hkv, d, page_size, dtype, extra_pages=2):
@@ -75,7 +66,7 @@ CASES = [
 
 @pytest.mark.parametrize("hq,hkv,d,page_size,bq,bk,flat,dtype", CASES)
 def test_prefill_matches_reference(hq, hkv, d, page_size, bq, bk, flat, dtype):
-    seed = _seed()
+    seed = random_seed()
     rng = np.random.default_rng(seed)
     # fresh prompt; chunk with prior context; empty chunk; 1-token chunk at a
     # page boundary; a random chunk crossing several query blocks.
@@ -113,24 +104,24 @@ def test_prefill_matches_reference(hq, hkv, d, page_size, bq, bk, flat, dtype):
     msg = f"seed={seed} q_lens={q_lens} ctx={ctx_lens} pad={pad}"
     assert np.isfinite(out_np).all(), f"{msg}: non-finite output"
     assert (out_np[int(qs[-1]) :] == 0).all(), f"{msg}: padding rows not zero"
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < TOL[dtype], f"{msg}: rel err {err:.2e}"
 
 
 def test_prefill_single_long_sequence_defaults():
     """One causal sequence, default tuning (block_q 128, block_k 64), scattered pages."""
-    seed = _seed()
+    seed = random_seed()
     q, k, v, pt, qs, sl = _make(
         seed, q_lens=[150], ctx_lens=[0], pad=0, hq=4, hkv=1, d=64, page_size=16, dtype=jnp.bfloat16
     )
     out = prefill_attention(q, k, v, pt, qs, sl, sm_scale=0.125, interpret=True)
     ref = prefill_attention_reference(q, k, v, pt, qs, sl, sm_scale=0.125)
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < 1e-2, f"seed={seed}: rel err {err:.2e}"
 
 
 def test_block_table_covers_every_row_once():
-    seed = _seed()
+    seed = random_seed()
     rng = np.random.default_rng(seed)
     for _ in range(6):
         num_seqs = int(rng.integers(1, 6))
