@@ -20,7 +20,7 @@ from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
 from nanoflow_jax.engine.scheduler import Scheduler
-from nanoflow_jax.engine.sequence import PENDING, Sequence, Status
+from nanoflow_jax.engine.sequence import PENDING, Sequence
 from nanoflow_jax.kv_cache import PageAllocator
 from nanoflow_jax.sampling_params import SamplingParams
 from nanoflow_jax.tokenizer import IncrementalDetokenizer, Tokenizer, byte_tokenizer
