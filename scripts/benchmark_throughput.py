@@ -3,11 +3,20 @@
     python scripts/benchmark_throughput.py                                    # tiny, CPU
     python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512 \
         --num_requests=512 --output_json=out.json
+    python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512 \
+        --num_requests=512 --baseline=hf            # + HF transformers, same workload
 
 Presets get random weights (same speed as real ones). Output lengths are exact (EOS ignored),
 as in the NanoFlow paper. "% of optimal" = total tokens/s ÷ (peak bf16 FLOP/s ÷ 2·params),
 the peak measured by a large GEMM in this process. Start-up (weights, KV cache, compilation)
 is reported apart from the timed run.
+
+`--baseline=hf` adds, for every workload, a second result with "schedule": "hf-transformers":
+the same requests through HF transformers `generate` with static batches of
+`--baseline_batch_size` (nanoflow_jax/baseline_hf.py; needs torch + transformers). It runs in
+this process *before* our engine, while JAX has not yet taken its share of the GPU, and gives
+its memory back when done; the results list ours first. `--baseline=hf-only` runs the baseline
+alone (JAX never starts; "% of optimal" then uses a torch GEMM's peak).
 """
 import dataclasses
 import json
@@ -36,6 +45,15 @@ flags.DEFINE_string("schedule", "sequential",
                     "nano-batch schedule: sequential, nano2..nano4, nanoN-nooverlap, a .json")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | auto")
 flags.DEFINE_string("output_json", None, "write the results here")
+flags.DEFINE_enum("baseline", "none", ["none", "hf", "hf-only"],
+                  "hf: also run the HF transformers static-batching baseline on each workload; "
+                  "hf-only: the baseline alone (its GEMM peak then measured with torch)")
+flags.DEFINE_integer("baseline_batch_size", 64, "requests per static batch of the baseline",
+                     lower_bound=1)
+flags.DEFINE_string("baseline_dtype", None, "baseline dtype (default: bfloat16 on a GPU, "
+                    "float32 on the CPU)")
+flags.DEFINE_integer("baseline_num_requests", None, "the baseline runs the first N requests of "
+                     "the workload (default: all of them)", lower_bound=1)
 F = flags.FLAGS
 
 
@@ -44,6 +62,19 @@ def main(argv):
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(F.gpu_memory_utilization))
     from nanoflow_jax import LLM, bench
 
+    # Before anything initialises JAX's GPU backend (which takes its memory share at once).
+    baselines = run_hf_baseline() if F.baseline != "none" else []
+    if F.baseline == "hf-only":
+        from nanoflow_jax import baseline_hf
+        from nanoflow_jax.model_loader import load_config
+
+        peak = baseline_hf.measure_peak_flops()
+        for base in baselines:
+            base.pop("_max_model_len")
+            _add_optimal(base, peak, load_config(F.model).param_count)
+            base["peak_source"] = "torch GEMM"
+        _report(baselines)
+        return
     peak = bench.measure_peak_flops()
     t0 = time.perf_counter()
     llm = LLM(F.model, dtype=F.dtype, seed=F.seed, max_num_batched_tokens=F.max_num_batched_tokens,
@@ -52,15 +83,93 @@ def main(argv):
               gpu_memory_utilization=1.0, attention_impl=F.attention_impl,
               min_bucket=F.min_bucket, schedule=F.schedule)
     startup = time.perf_counter() - t0
-    results = [run_workload(llm, w, peak, startup) for w in F.workload]
+    results = []
+    for i, w in enumerate(F.workload):
+        results.append(run_workload(llm, w, peak, startup))
+        if baselines:
+            base = baselines[i]
+            expected_len = base.pop("_max_model_len")
+            if llm.engine.runner.max_model_len != expected_len:
+                raise AssertionError("the baseline ran a different workload (max_model_len "
+                                     f"{expected_len} vs {llm.engine.runner.max_model_len})")
+            _add_optimal(base, peak, llm.engine.model_config.param_count)
+            results.append(base)
+    _report(results)
+
+
+def _add_optimal(base: dict, peak: float, param_count: int) -> None:
+    from nanoflow_jax import bench
+
+    optimal = bench.optimal_tokens_per_s(peak, param_count)
+    base.update(peak_tflops=peak / 1e12, optimal_tokens_per_s=optimal,
+                percent_of_optimal=100 * base["total_tokens_per_s"] / optimal)
+
+
+def _report(results: list[dict]) -> None:
     if F.output_json:
         with open(F.output_json, "w") as f:
             json.dump(results, f, indent=2)
     keys = ["workload", "total_tokens_per_s", "output_tokens_per_s", "percent_of_optimal",
             "step_ms", "host_ms_per_step", "num_requests"]
+    if F.baseline != "none":
+        keys.insert(1, "schedule")
     print("\n" + " | ".join(keys))
     for r in results:
-        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float)
+                         else "-" if r.get(k) is None else str(r[k]) for k in keys))
+
+
+def run_hf_baseline() -> list[dict]:
+    """The HF transformers baseline on every workload (one result each, in --workload order)."""
+    from nanoflow_jax import baseline_hf, bench
+    from nanoflow_jax.model_loader import load_config
+
+    cfg = load_config(F.model)
+    max_model_len = F.max_model_len or cfg.max_position_embeddings  # as the engine's runner
+    trace_dir = F.trace_dir or bench.DEFAULT_TRACE_DIR
+    t0 = time.perf_counter()
+    hf_model, info = baseline_hf.load_hf_model(F.model, dtype=F.baseline_dtype,
+                                               seed=F.seed)
+    startup = time.perf_counter() - t0
+    out = []
+    for workload in F.workload:
+        reqs = bench.load_workload(workload, F.num_requests, max_model_len, F.seed, trace_dir)
+        prompts = bench.prompt_token_ids(reqs, cfg.vocab_size, F.seed)
+        if F.baseline_num_requests:
+            reqs, prompts = reqs[:F.baseline_num_requests], prompts[:F.baseline_num_requests]
+        run = baseline_hf.run_static_batches(hf_model, prompts, [r.output_len for r in reqs],
+                                             F.baseline_batch_size, info["device"])
+        elapsed = run["elapsed_s"]
+        n_in = sum(r.prompt_len for r in reqs)
+        n_out = sum(r.output_len for r in reqs)
+        result = {
+            "model": F.model, "workload": workload, "num_requests": len(reqs),
+            "schedule": "hf-transformers",
+            "device": info.get("device_name", info["device"]),
+            "torch": info["torch"], "transformers": info["transformers"],
+            "attn_implementation": info["attn_implementation"], "dtype": info["dtype"],
+            "weights": info["source"], "batch_size": F.baseline_batch_size,
+            "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
+            "total_tokens_per_s": (n_in + n_out) / elapsed,
+            "output_tokens_per_s": n_out / elapsed,
+            "requests_per_s": len(reqs) / elapsed,
+            "peak_tflops": None, "optimal_tokens_per_s": None, "percent_of_optimal": None,
+            "steps": run["steps"], "step_ms": 1e3 * elapsed / run["steps"],
+            "host_ms_per_step": None, "batches": run["batches"],
+            "padded_tokens": run["padded_tokens"],
+            "batch_s": run["batch_s"],
+            "startup_s": startup, "load_s": info["load_s"],
+            "peak_memory_gib": baseline_hf.peak_memory_gib(info["device"]),
+            "_max_model_len": max_model_len,
+        }
+        w = max(len(k) for k in result)
+        for k, v in result.items():
+            if k != "batch_s" and not k.startswith("_"):
+                print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
+        out.append(result)
+    del hf_model
+    baseline_hf.free_device_memory()
+    return out
 
 
 def run_workload(llm, workload: str, peak: float, startup: float) -> dict:

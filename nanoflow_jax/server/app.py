@@ -342,8 +342,10 @@ class _API:
                     if done[i]:
                         continue
                     delta = c.text[sent_chars[i]:]
-                    if not delta and c.finish_reason is None:
-                        continue  # tokens whose text is held back (partial char, stop prefix)
+                    if (not delta and c.finish_reason is None
+                            and len(c.token_ids) == sent_tokens[i]):
+                        continue  # nothing new. A token whose text is held back (a partial
+                        # character, a stop-string prefix) still gets its chunk, as in vLLM.
                     lp = self._completion_logprobs(c, sent_tokens[i], len(c.token_ids),
                                                    sent_chars[i], params)
                     sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
@@ -438,7 +440,8 @@ class _API:
                     if done[i]:
                         continue
                     delta = c.text[sent_chars[i]:]
-                    if not delta and c.finish_reason is None:
+                    if (not delta and c.finish_reason is None
+                            and len(c.token_ids) == sent_tokens[i]):  # a token, no text yet: still a chunk
                         continue
                     lp = self._chat_logprobs(c, sent_tokens[i], len(c.token_ids), params)
                     sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
