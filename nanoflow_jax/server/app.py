@@ -441,8 +441,8 @@ class _API:
                         continue
                     delta = c.text[sent_chars[i]:]
                     if (not delta and c.finish_reason is None
-                            and len(c.token_ids) == sent_tokens[i]):  # a token, no text yet: still a chunk
-                        continue
+                            and len(c.token_ids) == sent_tokens[i]):
+                        continue  # nothing new (a token without text yet still gets a chunk)
                     lp = self._chat_logprobs(c, sent_tokens[i], len(c.token_ids), params)
                     sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                     done[i] = c.finish_reason is not None
