@@ -11,7 +11,9 @@ repeats, blocked):
     gemm alone, attention alone, ideal = the larger of the two;
     back to back (one stream);
     streams: GEMM on gpu_stream:1, attention on gpu_stream:2 (compute_on);
-    streams + scheduling group: both calls in one `_scheduling_group_id` group.
+    streams + scheduling group: both calls in one `_scheduling_group_id` group;
+    fused kernel: both in ONE Pallas launch (pallas_kernels/fused_gemm_decode.py: GEMM tiles
+    and attention programs split by program id; --fused_interleave, --fused_gemm_programs).
 Prints whether the compiled HLO holds call-start/call-done pairs, and the speedup over back to
 back. `--smoke` runs tiny shapes on the CPU without streams (checks the script only).
 """
@@ -24,12 +26,19 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
 
 flags.DEFINE_integer("gemm_tokens", 512, "rows of the GEMM's nano-batch")
 flags.DEFINE_integer("decodes", 150, "sequences in the attention's nano-batch")
 flags.DEFINE_integer("context", 1300, "tokens of context per decode")
 flags.DEFINE_integer("repeats", 30, "timed calls")
 flags.DEFINE_bool("smoke", False, "tiny shapes on the CPU, no streams")
+flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
+                  "program order of the fused kernel")
+flags.DEFINE_integer("fused_gemm_programs", 0,
+                     "fused kernel: persistent GEMM programs (0: one per output tile)")
+flags.DEFINE_list("fused_tuning", [], "fused kernel: key=int pairs, e.g. "
+                  "block_m=64,block_n=128,block_k=64,num_warps=8,num_stages=4,num_splits=2")
 F = flags.FLAGS
 
 
@@ -69,6 +78,10 @@ def main(argv):
     lengths = jnp.full((b,), ctx, jnp.int32)
     q = jax.random.normal(keys[4], (b, hq, dh), dtype)
     attn = functools.partial(decode_attention, sm_scale=dh**-0.5, interpret=smoke)
+    fused = functools.partial(fused_gemm_decode, sm_scale=dh**-0.5, interpret=smoke,
+                              interleave=F.fused_interleave,
+                              gemm_programs=F.fused_gemm_programs or None,
+                              **{kv.split("=")[0]: int(kv.split("=")[1]) for kv in F.fused_tuning})
 
     def gemm(x, w):
         return x @ w
@@ -82,6 +95,7 @@ def main(argv):
         "attention alone": jax.jit(lambda x, w, q, k, v, tab, lens: attend(q, k, v, tab, lens)),
         "back to back": jax.jit(lambda x, w, q, k, v, tab, lens: (gemm(x, w),
                                                                    attend(q, k, v, tab, lens))),
+        "fused kernel": jax.jit(fused),
     }
     if not smoke:
         variants["streams 1+2"] = jax.jit(lambda x, w, q, k, v, tab, lens: (
@@ -110,6 +124,11 @@ def main(argv):
         print(f"{name} | {ms:.3f} | {starts} | {times['back to back'] / ms:.3f}")
     print(f"ideal (larger of the two alone) | {ideal:.3f} | - | "
           f"{times['back to back'] / ideal:.3f}")
+    if np.isfinite(times["fused kernel"]):  # a fast but wrong kernel would mislead
+        got, want = variants["fused kernel"](*args), variants["back to back"](*args)
+        errs = [float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)).ravel())
+                      / jnp.linalg.norm(r.astype(jnp.float32).ravel())) for g, r in zip(got, want)]
+        print(f"fused kernel vs back to back: rel err GEMM {errs[0]:.1e}, attention {errs[1]:.1e}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,15 @@ _LOG2E = math.log2(math.e)
 _MASK = -1e30  # finite "minus infinity": never produces inf - inf = NaN.
 
 
-def _decode_kernel(
+def _decode_kernel(*refs, **static):
+    """Grid (batch, num_kv_heads, num_splits): one program per (b, h, split)."""
+    _decode_program(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **static)
+
+
+def _decode_program(
+    b,  # sequence
+    h,  # KV head
+    split,  # split of the page range
     # inputs
     page_tables_ref,  # [B, max_pages_padded] int32
     lengths_ref,  # [B] int32
@@ -75,9 +83,8 @@ def _decode_kernel(
     precision,
     flat_gather: bool,
 ):
-    b = pl.program_id(0)
-    h = pl.program_id(1)
-    split = pl.program_id(2)
+    """One (sequence, KV head, split) of the attention; `_decode_kernel` and
+    `fused_gemm_decode` (program id -> (b, h, split)) both run this body."""
     page_size, head_dim = k_ref.shape[2], k_ref.shape[3]
     block_k = pages_per_block * page_size
 
@@ -268,10 +275,15 @@ def decode_attention(
     if num_splits == 1:
         return res
     o_parts, lse = res  # [S, B, Hq, D], [S, B, Hq]
+    return combine_splits(o_parts, lse, q.dtype)
+
+
+def combine_splits(o_parts: jax.Array, lse: jax.Array, dtype) -> jax.Array:
+    """Merge per-split (normalised output [S, B, Hq, D], log2-sum-exp [S, B, Hq])."""
     m = lse.max(axis=0)
     w = jnp.exp2(lse - m[None])  # all-empty rows: w == 1 and o == 0 -> 0
     out = (o_parts * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
-    return out.astype(q.dtype)
+    return out.astype(dtype)
 
 
 def decode_attention_reference(
