@@ -174,6 +174,52 @@ def default_num_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
     return max(1, min(splits, num_blocks))
 
 
+def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_per_block,
+                num_splits, flat_gather):
+    """Checks the inputs and picks the launch: (padded page tables, splits, the static kwargs
+    of `_decode_program`). Shared with the fused GEMM + attention kernel."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
+    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
+    if not sm_scale > 0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
+        raise ValueError("page_size and head_dim must be powers of two")
+    if page_tables.shape[0] != batch or lengths.shape != (batch,):
+        raise ValueError("page_tables / lengths do not match the batch")
+    group = num_q_heads // num_kv_heads
+    if pages_per_block is None:
+        # 64 tokens of 16-bit K/V per step (32 for fp32): 32 KiB of K+V a stage.
+        pages_per_block = max(1, (64 if q.dtype.itemsize <= 2 else 32) // page_size)
+    pages_per_block = _compat.next_pow2(pages_per_block)
+
+    max_pages = page_tables.shape[1]
+    num_blocks = -(-max_pages // pages_per_block)
+    if num_splits is None:
+        num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
+    num_splits = max(1, min(num_splits, num_blocks))
+    blocks_per_split = -(-num_blocks // num_splits)
+    num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
+    pages_per_split = blocks_per_split * pages_per_block
+    padded = num_splits * pages_per_split
+    page_tables = page_tables.astype(jnp.int32)
+    if padded != max_pages:  # so every pl.ds over the table stays in bounds
+        page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
+    static = dict(
+        scale_log2=float(sm_scale) * _LOG2E,
+        group=group,
+        block_h=max(16, _compat.next_pow2(group)),
+        pages_per_block=pages_per_block,
+        pages_per_split=pages_per_split,
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+        flat_gather=bool(flat_gather),
+    )
+    return page_tables, num_splits, static
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -215,48 +261,11 @@ def decode_attention(
     Returns [B, Hq, D] in q.dtype.
     """
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-    if not sm_scale > 0:
-        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-        raise ValueError("page_size and head_dim must be powers of two")
-    if page_tables.shape[0] != batch or lengths.shape != (batch,):
-        raise ValueError("page_tables / lengths do not match the batch")
-    group = num_q_heads // num_kv_heads
-    block_h = max(16, _compat.next_pow2(group))
-    if pages_per_block is None:
-        # 64 tokens of 16-bit K/V per step (32 for fp32): 32 KiB of K+V a stage.
-        pages_per_block = max(1, (64 if q.dtype.itemsize <= 2 else 32) // page_size)
-    pages_per_block = _compat.next_pow2(pages_per_block)
-
-    max_pages = page_tables.shape[1]
-    num_blocks = -(-max_pages // pages_per_block)
-    if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
-    num_splits = max(1, min(num_splits, num_blocks))
-    blocks_per_split = -(-num_blocks // num_splits)
-    num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
-    pages_per_split = blocks_per_split * pages_per_block
-    padded = num_splits * pages_per_split
-    page_tables = page_tables.astype(jnp.int32)
-    if padded != max_pages:  # so every pl.ds over the table stays in bounds
-        page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
-
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(
-        _decode_kernel,
-        scale_log2=float(sm_scale) * _LOG2E,
-        group=group,
-        block_h=block_h,
-        pages_per_block=pages_per_block,
-        pages_per_split=pages_per_split,
-        precision=precision,
-        flat_gather=bool(flat_gather),
-    )
+    page_tables, num_splits, static = plan_decode(
+        q, k_pages, v_pages, page_tables, lengths, sm_scale=sm_scale,
+        pages_per_block=pages_per_block, num_splits=num_splits, flat_gather=flat_gather)
+    num_kv_heads = k_pages.shape[0]
+    kernel = functools.partial(_decode_kernel, **static)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)
     else:
@@ -270,7 +279,8 @@ def decode_attention(
         grid=(batch, num_kv_heads, num_splits),
         compiler_params=_compat.triton_params(num_warps, num_stages),
         interpret=interpret,
-        name=f"paged_decode_attention_h{block_h}_k{pages_per_block * page_size}",
+        name=f"paged_decode_attention_h{static['block_h']}"
+        f"_k{static['pages_per_block'] * k_pages.shape[2]}",
     )(page_tables, lengths.astype(jnp.int32), q, k_pages, v_pages)
     if num_splits == 1:
         return res

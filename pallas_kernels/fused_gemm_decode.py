@@ -58,7 +58,6 @@ CPU only (tests/test_fused_gemm_decode.py); it has not been lowered through Trit
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -71,10 +70,9 @@ from pallas_kernels.decode_attention import (
     _decode_program,
     combine_splits,
     decode_attention_reference,
-    default_num_splits,
+    plan_decode,
 )
 
-_LOG2E = math.log2(math.e)
 INTERLEAVES = ("alternate", "attention_first", "gemm_first")
 
 
@@ -263,47 +261,14 @@ def fused_gemm_decode(
         "precision": lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
     }
 
-    # --- attention plan (the same checks and defaults as decode_attention)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-    if not sm_scale > 0:
-        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-        raise ValueError("page_size and head_dim must be powers of two")
-    if page_tables.shape[0] != batch or lengths.shape != (batch,):
-        raise ValueError("page_tables / lengths do not match the batch")
+    # --- attention plan: decode_attention's own checks and defaults
     if interleave not in INTERLEAVES:
         raise ValueError(f"interleave must be one of {INTERLEAVES}, got {interleave!r}")
-    group = num_q_heads // num_kv_heads
-    block_h = max(16, _compat.next_pow2(group))
-    if pages_per_block is None:
-        pages_per_block = max(1, (64 if q.dtype.itemsize <= 2 else 32) // page_size)
-    pages_per_block = _compat.next_pow2(pages_per_block)
-    max_pages = page_tables.shape[1]
-    num_blocks = -(-max_pages // pages_per_block)
-    if num_splits is None:
-        num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
-    num_splits = max(1, min(num_splits, num_blocks))
-    blocks_per_split = -(-num_blocks // num_splits)
-    num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
-    pages_per_split = blocks_per_split * pages_per_block
-    padded = num_splits * pages_per_split
-    page_tables = page_tables.astype(jnp.int32)
-    if padded != max_pages:  # so every pl.ds over the table stays in bounds
-        page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
-    attn_kw = {
-        "scale_log2": float(sm_scale) * _LOG2E,
-        "group": group,
-        "block_h": block_h,
-        "pages_per_block": pages_per_block,
-        "pages_per_split": pages_per_split,
-        "precision": lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
-        "flat_gather": bool(flat_gather),
-    }
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[0]
+    page_tables, num_splits, attn_kw = plan_decode(
+        q, k_pages, v_pages, page_tables, lengths, sm_scale=sm_scale,
+        pages_per_block=pages_per_block, num_splits=num_splits, flat_gather=flat_gather)
     n_attn = batch * num_kv_heads * num_splits
 
     # --- one launch
@@ -333,8 +298,8 @@ def fused_gemm_decode(
         compiler_params=_compat.triton_params(num_warps, num_stages),
         interpret=interpret,
         name=(
-            f"fused_gemm{block_m}x{block_n}x{block_k}_decode_h{block_h}"
-            f"_k{pages_per_block * page_size}"
+            f"fused_gemm{block_m}x{block_n}x{block_k}_decode_h{attn_kw['block_h']}"
+            f"_k{attn_kw['pages_per_block'] * k_pages.shape[2]}"
         ),
     )(order, x, w, page_tables, lengths.astype(jnp.int32), q, k_pages, v_pages)
     if num_splits == 1:
