@@ -122,16 +122,18 @@ def sequential(num_tokens: int) -> Schedule:
 def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True) -> Schedule:
     """`num_nano` equal nano-batches, software-pipelined one op apart.
 
-    Nano-batch i's attention is issued on the attention stream between nano-batch i+1's
-    qkv and o_proj GEMMs, and its MLP GEMMs follow, so the memory-bound attention of one
-    nano-batch can run beside the compute-bound GEMMs of the next (NanoFlow's overlap for
-    LLaMA-3-8B). With `overlap=False` every op goes to the default stream: the cost of
-    splitting alone (the paper's "nano-batch only" ablation).
+    Nano-batch i's attention is issued between nano-batch i+1's qkv and o_proj GEMMs, and
+    its MLP GEMMs follow, so the memory-bound attention of one nano-batch can run beside the
+    compute-bound GEMMs of the next (NanoFlow's overlap for LLaMA-3-8B). The GEMMs go to
+    stream 1 and the attention stays on the default stream: a Pallas call inside
+    `compute_on` failed to compile in the first probe ("No ExecutionStreamId"), while plain
+    XLA GEMMs there compiled. With `overlap=False` every op goes to the default stream: the
+    cost of splitting alone (the paper's "nano-batch only" ablation).
     """
     if not 1 <= num_nano <= num_tokens // 16:
         raise ValueError(f"cannot split {num_tokens} tokens into {num_nano} nano-batches")
     bounds = [round(i * num_tokens / num_nano / 16) * 16 for i in range(num_nano)] + [num_tokens]
-    gemm, attn = (1, 2) if overlap else (0, 0)
+    gemm, attn = (1, 0) if overlap else (0, 0)
     ops = []
     # Stage k of nano-batch i runs in "tick" i + k: ticks interleave the nano-batches.
     stages = [("qkv", gemm), ("attn", attn), ("o_proj", gemm), ("up_gate", gemm), ("down", gemm)]
