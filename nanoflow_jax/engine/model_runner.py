@@ -167,7 +167,10 @@ class ModelRunner:
 
         def seq_chunk(chunk, row) -> SeqChunk:
             seq = chunk.seq
-            ids = seq.tokens(chunk.start, chunk.start + chunk.num_tokens)
+            if chunk.num_tokens == 1:  # decodes: hundreds per step
+                ids = [seq.token_at(chunk.start)]
+            else:
+                ids = seq.tokens(chunk.start, chunk.start + chunk.num_tokens)
             future_row = -1
             if ids[-1] == PENDING:  # a decode of the token the previous step is sampling
                 if chunk.num_tokens != 1 or seq.sample_row < 0:

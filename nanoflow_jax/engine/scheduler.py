@@ -106,13 +106,19 @@ class Scheduler:
         preempted: list[Sequence] = []
         scheduled: set = set()
 
-        # 1. Every running decode: one token each, oldest first.
+        # 1. Every running decode: one token each, oldest first. (This loop runs over every
+        # running sequence every step: the common case is kept to a few comparisons.)
+        page_size = cfg.page_size
         for seq in list(self.running):
+            if budget == 0:
+                break
             if seq.status is not Status.RUNNING or seq.done_generating:
                 continue
-            if seq.num_tokens - seq.num_computed != 1 or budget == 0:
+            if seq.num_tokens - seq.num_computed != 1:
                 continue
-            if not self._make_room(seq, seq.num_computed + 1, scheduled, preempted):
+            has_room = seq.num_computed < len(seq.pages) * page_size
+            if not has_room and not self._make_room(seq, seq.num_computed + 1, scheduled,
+                                                    preempted):
                 self._preempt(seq)  # everything else is scheduled: seq itself waits
                 preempted.append(seq)
                 continue

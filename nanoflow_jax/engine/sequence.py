@@ -51,6 +51,10 @@ class Sequence:
         pages, self.pages, self.page_array = self.pages, [], np.zeros(0, np.int32)
         return pages
 
+    def token_at(self, i: int) -> int:
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""
         n = len(self.prompt_token_ids)
