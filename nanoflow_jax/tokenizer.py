@@ -225,8 +225,10 @@ class IncrementalDetokenizer:
 
     def _add_one(self, token_id: int) -> str:
         self._window.append(token_id)
-        prefix_text = self._decode(self._window[:self._read])
-        full_text = self._decode(self._window)
+        return self._accept(self._decode(self._window[:self._read]), self._decode(self._window))
+
+    def _accept(self, prefix_text: str, full_text: str) -> str:
+        """The delta of the window's two decodes, unless a character is still incomplete."""
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR):
             return ""
         delta = full_text[len(prefix_text):]
@@ -244,6 +246,27 @@ class IncrementalDetokenizer:
         self._read = len(self._window)
         self.text += delta
         return delta
+
+
+def detokenize_step(detoks: Sequence[IncrementalDetokenizer], token_ids: Sequence[int]
+                    ) -> list[str]:
+    """`detoks[i].add([token_ids[i]])` for many requests at once, with two batched decode calls
+    (per skip_special_tokens setting) instead of two calls per request: the engine's per-step
+    path when it streams text."""
+    deltas = [""] * len(detoks)
+    for skip in (True, False):
+        group = [i for i, d in enumerate(detoks) if d.skip_special_tokens is skip]
+        if not group:
+            continue
+        hf = detoks[group[0]].tokenizer.hf
+        for i in group:
+            detoks[i]._window.append(int(token_ids[i]))
+        prefixes = hf.decode_batch([detoks[i]._window[:detoks[i]._read] for i in group],
+                                   skip_special_tokens=skip)
+        fulls = hf.decode_batch([detoks[i]._window for i in group], skip_special_tokens=skip)
+        for i, prefix_text, full_text in zip(group, prefixes, fulls):
+            deltas[i] = detoks[i]._accept(prefix_text, full_text)
+    return deltas
 
 
 def _bytes_to_unicode() -> dict[int, str]:

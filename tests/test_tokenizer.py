@@ -1,6 +1,7 @@
 """Tokenizer tests: a small byte-level BPE is trained here, so nothing is downloaded."""
 import json
 
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -225,3 +226,23 @@ def test_save_pretrained_round_trip(tmp_path):
         assert loaded.decode(loaded.encode(text)) == text
     messages = [{"role": "user", "content": "héllo"}]
     assert loaded.apply_chat_template(messages) == tok.apply_chat_template(messages)
+
+
+def test_batched_detokenization_equals_one_at_a_time(tmp_path):
+    from nanoflow_jax.tokenizer import detokenize_step
+
+    tok = byte_tokenizer()
+    rng = np.random.default_rng()
+    texts = ["héllo wörld 你好 🙂 " * 3, "plain ascii text", "🙂🙂🙂 ünïcödé", "a"]
+    streams = [tok.encode(t, add_special_tokens=False) + [tok.bos_token_id] for t in texts]
+    skips = [True, False, True, False]
+    one = [IncrementalDetokenizer(tok, [65, 66], skip_special_tokens=s) for s in skips]
+    many = [IncrementalDetokenizer(tok, [65, 66], skip_special_tokens=s) for s in skips]
+    for step in range(max(map(len, streams))):
+        live = [i for i, s in enumerate(streams) if step < len(s)]
+        rng.shuffle(live)
+        batch = detokenize_step([many[i] for i in live], [streams[i][step] for i in live])
+        for i, delta in zip(live, batch):
+            assert delta == one[i].add([streams[i][step]])
+    assert [d.text for d in many] == [d.text for d in one]
+    assert "\ufffd" not in "".join(d.text for d in many)

@@ -23,7 +23,8 @@ from nanoflow_jax.engine.scheduler import Scheduler
 from nanoflow_jax.engine.sequence import PENDING, Sequence
 from nanoflow_jax.kv_cache import PageAllocator
 from nanoflow_jax.sampling_params import SamplingParams
-from nanoflow_jax.tokenizer import IncrementalDetokenizer, Tokenizer, byte_tokenizer
+from nanoflow_jax.tokenizer import (IncrementalDetokenizer, Tokenizer, byte_tokenizer,
+                                    detokenize_step)
 
 log = logging.getLogger("nanoflow_jax")
 
@@ -189,6 +190,7 @@ class LLMEngine:
 
     def _process(self, step: InFlight, samples) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
+        landed = []  # (request, sequence, output index, token)
         now = time.time()
         want_logprobs = any(s.params.logprobs is not None for s, _, _ in step.owners)
         for seq, index, row in step.owners:
@@ -207,19 +209,26 @@ class LLMEngine:
                     samples.top_logprobs[row, :seq.params.logprobs])}
                 seq.logprobs.append({token: float(samples.logprob[row]), **top}
                                     if token not in top else top)
-            req = self.requests[seq.request_id]
-            self._check_stop(req, seq, index, token)
+            landed.append((self.requests[seq.request_id], seq, index, token))
+        # Text now only where it is needed (streaming, stop strings): one batched decode.
+        texted = [x for x in landed if self.stream_outputs or x[1].params.stop]
+        detoks = [req.detoks[seq.index] for req, seq, _, _ in texted]
+        before = {id(d): len(d.text) for d in detoks}
+        detokenize_step(detoks, [token for _, _, _, token in texted])
+        for req, seq, index, token in landed:
+            detok = req.detoks[seq.index]
+            self._check_stop(req, seq, index, token, before.get(id(detok), len(detok.text)))
             if self.stream_outputs or req.finished_time is not None:
                 touched[req.request_id] = req
         return [self._request_output(req) for req in touched.values()]
 
-    def _check_stop(self, req: _Request, seq: Sequence, index: int, token: int) -> None:
+    def _check_stop(self, req: _Request, seq: Sequence, index: int, token: int,
+                    before: int) -> None:
+        """Finish `seq` if `token` ends it. Its text (if kept) already includes the token;
+        `before` is the text's length without it."""
         p = seq.params
         detok = req.detoks[seq.index]
-        before = len(detok.text)
         incremental = self.stream_outputs or bool(p.stop)
-        if incremental:
-            detok.add([token])
         reason, stop_reason = None, None
         if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
             reason = "stop"
