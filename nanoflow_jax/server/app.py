@@ -327,14 +327,16 @@ class _API:
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    async def _completion_events(self, stream: RequestStream, params: SamplingParams,
-                                 created: int, include_usage: bool) -> AsyncIterator[str]:
-        rid, n = stream.request_id, stream.n
-        head = {"id": rid, "object": "text_completion", "created": created,
-                "model": self.model_name}
-        sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
-        num_tokens = [0] * n
+    async def _stream_events(self, stream: RequestStream, head: dict, include_usage: bool,
+                             first: list[dict], choice) -> AsyncIterator[str]:
+        """SSE for one request: the `first` events, then a chunk per new piece of each sample
+        (`choice(c, delta, sent_tokens, sent_chars)` -> that chunk's choice), usage if asked,
+        `[DONE]`. A client that goes away aborts the request."""
+        n = stream.n
+        sent_chars, sent_tokens, done, num_tokens = [0] * n, [0] * n, [False] * n, [0] * n
         try:
+            for event in first:
+                yield sse(event)
             async for out in stream:
                 for c in out.outputs:
                     i = c.index
@@ -346,13 +348,10 @@ class _API:
                             and len(c.token_ids) == sent_tokens[i]):
                         continue  # nothing new. A token whose text is held back (a partial
                         # character, a stop-string prefix) still gets its chunk, as in vLLM.
-                    lp = self._completion_logprobs(c, sent_tokens[i], len(c.token_ids),
-                                                   sent_chars[i], params)
+                    event = {**head, "choices": [choice(c, delta, sent_tokens[i], sent_chars[i])]}
                     sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                     done[i] = c.finish_reason is not None
-                    yield sse({**head, "choices": [{
-                        "index": i, "text": delta, "logprobs": lp,
-                        "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}]})
+                    yield sse(event)
             if include_usage:
                 yield sse({**head, "choices": [],
                            "usage": usage(len(stream.prompt_token_ids), sum(num_tokens))})
@@ -362,7 +361,20 @@ class _API:
             yield SSE_DONE
         finally:
             if not stream.done:  # the client went away (or the server stops): free the pages
-                self.engine.abort(rid)
+                self.engine.abort(stream.request_id)
+
+    def _completion_events(self, stream: RequestStream, params: SamplingParams, created: int,
+                           include_usage: bool) -> AsyncIterator[str]:
+        head = {"id": stream.request_id, "object": "text_completion", "created": created,
+                "model": self.model_name}
+
+        def choice(c, delta, sent_tokens, sent_chars):
+            return {"index": c.index, "text": delta,
+                    "logprobs": self._completion_logprobs(c, sent_tokens, len(c.token_ids),
+                                                          sent_chars, params),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+        return self._stream_events(stream, head, include_usage, [], choice)
 
     # -- /v1/chat/completions --
 
@@ -421,45 +433,20 @@ class _API:
                             "top_logprobs": [entry(k, v) for k, v in top]})
         return {"content": content}
 
-    async def _chat_events(self, stream: RequestStream, params: SamplingParams, created: int,
-                           include_usage: bool) -> AsyncIterator[str]:
-        rid, n = stream.request_id, stream.n
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created,
+    def _chat_events(self, stream: RequestStream, params: SamplingParams, created: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+        head = {"id": stream.request_id, "object": "chat.completion.chunk", "created": created,
                 "model": self.model_name}
-        sent_chars, sent_tokens, done = [0] * n, [0] * n, [False] * n
-        num_tokens = [0] * n
-        try:
-            for i in range(n):  # the role first, as OpenAI does
-                yield sse({**head, "choices": [{
-                    "index": i, "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None, "finish_reason": None}]})
-            async for out in stream:
-                for c in out.outputs:
-                    i = c.index
-                    num_tokens[i] = len(c.token_ids)
-                    if done[i]:
-                        continue
-                    delta = c.text[sent_chars[i]:]
-                    if (not delta and c.finish_reason is None
-                            and len(c.token_ids) == sent_tokens[i]):
-                        continue  # nothing new (a token without text yet still gets a chunk)
-                    lp = self._chat_logprobs(c, sent_tokens[i], len(c.token_ids), params)
-                    sent_chars[i], sent_tokens[i] = len(c.text), len(c.token_ids)
-                    done[i] = c.finish_reason is not None
-                    yield sse({**head, "choices": [{
-                        "index": i, "delta": {"content": delta} if delta else {},
-                        "logprobs": lp, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason}]})
-            if include_usage:
-                yield sse({**head, "choices": [],
-                           "usage": usage(len(stream.prompt_token_ids), sum(num_tokens))})
-            yield SSE_DONE
-        except EngineDeadError as e:
-            yield sse(error_body(str(e), "server_error", code="engine_dead"))
-            yield SSE_DONE
-        finally:
-            if not stream.done:
-                self.engine.abort(rid)
+        roles = [{**head, "choices": [{  # the role first, as OpenAI does
+            "index": i, "delta": {"role": "assistant", "content": ""},
+            "logprobs": None, "finish_reason": None}]} for i in range(stream.n)]
+
+        def choice(c, delta, sent_tokens, _sent_chars):
+            return {"index": c.index, "delta": {"content": delta} if delta else {},
+                    "logprobs": self._chat_logprobs(c, sent_tokens, len(c.token_ids), params),
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+        return self._stream_events(stream, head, include_usage, roles, choice)
 
 
 async def _wait_disconnect(request: Request) -> None:
