@@ -47,10 +47,8 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        for p in prompts:  # validate everything first: a bad prompt queues nothing
-            self.engine._prompt_ids(p)
         ids = []
-        try:
+        try:  # add_request validates each prompt; on a bad one, nothing stays queued
             for prompt, p in zip(prompts, params):
                 rid = f"llm-{self._counter}"
                 self._counter += 1
@@ -82,7 +80,7 @@ class LLM:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 rate = (stats.prompt_tokens + stats.generated_tokens - tokens0) / elapsed
                 bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-        while self.engine._inflight is not None:  # drain the step dispatched after the last
+        while self.engine.has_unfinished_requests():  # the step dispatched after the last
             self.engine.step()
         if bar is not None:
             bar.close()

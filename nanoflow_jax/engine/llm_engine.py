@@ -36,7 +36,6 @@ class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer]
     arrival_time: float
@@ -124,7 +123,7 @@ class LLMEngine:
             self._next_seq_id += 1
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                   for _ in seqs]
-        self.requests[request_id] = _Request(request_id, text, list(ids), params, seqs, detoks,
+        self.requests[request_id] = _Request(request_id, text, list(ids), seqs, detoks,
                                              now)
         for seq in seqs:
             self.scheduler.add(seq)

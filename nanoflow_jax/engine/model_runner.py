@@ -54,7 +54,6 @@ class InFlight:
 
     samples: SampleOutput  # device arrays, [num_rows]
     owners: list[tuple[Sequence, int, int]]  # (sequence, index in its output, sample row)
-    num_tokens: int
     build_s: float  # host time to build the batch and sampling tensors
     launch_s: float  # the jitted call: returns once the step is enqueued on the device
 
@@ -191,4 +190,4 @@ class ModelRunner:
         self._prev_tokens = samples.token_ids
         for seq, _, row in owners:
             seq.sample_row = row
-        return InFlight(samples, owners, sched.num_tokens, t1 - t0, time.perf_counter() - t1)
+        return InFlight(samples, owners, t1 - t0, time.perf_counter() - t1)
