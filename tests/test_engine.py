@@ -1,5 +1,7 @@
 """The engine end to end on tiny models: HF greedy parity, chunking, preemption, many
 requests, seeds, stops, n > 1, logprobs, aborts, bad input, and no recompilation."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,20 @@ def test_many_requests_exact_lengths_no_leaks_no_recompiles(llm):
     assert llm.engine.allocator.num_free == llm.engine.runner.num_pages
     assert llm.engine.runner.num_compiled == compiled
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_full_batch_stats_count_only_full_iterations(llm):
+    eng = llm.engine
+    before = dataclasses.replace(eng.stats)
+    # 8 prompts of 40 tokens = 320 prompt tokens: five iterations fill the 64-token budget,
+    # then decode-only iterations of 8 tokens do not.
+    llm.generate([{"prompt_token_ids": [7] * 40}] * 8,
+                 SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    full_steps = eng.stats.full_steps - before.full_steps
+    steps = eng.stats.steps - before.steps
+    assert 4 <= full_steps < steps
+    assert eng.stats.full_tokens - before.full_tokens == 64 * full_steps
+    assert eng.stats.full_s > before.full_s
 
 
 def test_seed_gives_same_sample_whatever_the_batch(llm):

@@ -60,6 +60,12 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    # Steady state: iterations whose batch filled the dense budget, timed dispatch to next
+    # dispatch (in steady state that interval is the device step: launches block one step
+    # ahead). Excludes an offline run's ramp and its decode-only tail.
+    full_steps: int = 0
+    full_tokens: int = 0
+    full_s: float = 0.0
 
 
 def _load_tokenizer(model: str) -> Tokenizer:
@@ -86,6 +92,7 @@ class LLMEngine:
         self.runner.warmup()
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self._last_dispatch: tuple[float, int] | None = None  # (time, tokens) of the last step
         self._inflight: InFlight | None = None
         self._next_seq_id = 0
         self._rng = random.Random(config.seed)
@@ -172,10 +179,13 @@ class LLMEngine:
         self.stats.schedule_s += time.perf_counter() - t0
         dispatched = None if sched.is_empty else self.runner.dispatch(sched)
         if dispatched is not None:
+            self._count_full_batch(sched.num_tokens)
             self.stats.steps += 1
             self.stats.prompt_tokens += sum(c.num_tokens for c in sched.prefills)
             self.stats.build_s += dispatched.build_s
             self.stats.launch_s += dispatched.launch_s
+        else:
+            self._last_dispatch = None  # idle: the next interval is not a step
         previous, self._inflight = self._inflight, dispatched
         if previous is None:
             return []
@@ -186,6 +196,15 @@ class LLMEngine:
         self.stats.wait_s += t1 - t0
         self.stats.process_s += time.perf_counter() - t1
         return outputs
+
+    def _count_full_batch(self, num_tokens: int) -> None:
+        now = time.perf_counter()
+        last = self._last_dispatch
+        if last is not None and last[1] == self.config.max_num_batched_tokens:
+            self.stats.full_steps += 1
+            self.stats.full_tokens += last[1]
+            self.stats.full_s += now - last[0]
+        self._last_dispatch = (now, num_tokens)
 
     def _process(self, step: InFlight, samples) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
