@@ -34,6 +34,10 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: sized from free devi
                      lower_bound=1)
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "fraction of device memory for weights + KV "
                    "+ activations (sets XLA_PYTHON_CLIENT_MEM_FRACTION)")
+flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets: faster "
+                     "start-up, more padding on small batches)", lower_bound=1)
+flags.DEFINE_string("schedule", "sequential", "layer schedule: sequential | nanoN | "
+                    "nanoN-nooverlap | a schedule JSON file")
 flags.DEFINE_integer("seed", 0, "random weights of presets, and requests that give no seed")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | interpret | auto")
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0: every interface)")
@@ -83,6 +87,8 @@ def main(argv):
         max_model_len=pick(F.max_model_len, 512, None),
         num_pages=F.num_pages,
         attention_impl=F.attention_impl,
+        min_bucket=F.min_bucket,
+        schedule=F.schedule,
     )
     name = F.served_model_name or F.model
     t0 = time.perf_counter()
