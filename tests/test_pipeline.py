@@ -125,3 +125,25 @@ def test_validation_and_json():
         NanoOp("softmax", 0, 8)
     with pytest.raises(ValueError, match="unknown schedule"):
         named_schedule("nano", 64)
+
+
+def test_inline_nested_jits_flattens_and_keeps_values():
+    """Stream bodies must hold no nested jit (XLA gives a nested call-start no stream)."""
+    from nanoflow_jax.pipeline.executor import inline_nested_jits
+
+    def body(x, pair):
+        return {"a": jax.nn.silu(x) @ pair[0], "b": jnp.pad(pair[1], 1)}
+
+    rng = np.random.default_rng()
+    x, w, y = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((4, 8), (8, 3), (2, 2)))
+
+    def nested_calls(f):
+        return [e for e in jax.make_jaxpr(f)(x, (w, y)).jaxpr.eqns
+                if e.primitive.name in ("pjit", "jit")]
+
+    assert nested_calls(body)  # silu and pad are jitted functions
+    assert not nested_calls(inline_nested_jits(body))
+    got, want = inline_nested_jits(body)(x, (w, y)), body(x, (w, y))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(g, e)

@@ -35,6 +35,48 @@ def _compute_on(stream: int):
                              out_memory_spaces=jax.memory.Space.Device)
 
 
+def inline_nested_jits(fn):
+    """`fn` with every nested `jax.jit` (e.g. `jax.nn.silu`, the Pallas kernels' wrappers)
+    evaluated inline.
+
+    Why: inside a `compute_on` body a nested jit lowers to a call that XLA also turns into an
+    async `call-start` carrying the stream annotation, and its stream assignment then fails with
+    "No ExecutionStreamId found" (measured, JAX 0.11.2 on an H100). One flat body is one call.
+    """
+    from jax.extend import core as jcore
+
+    def run(jaxpr, consts, args):
+        env = {}
+
+        def read(var):
+            return var.val if isinstance(var, jcore.Literal) else env[var]
+
+        env.update(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        for eqn in jaxpr.eqns:
+            invals = [read(var) for var in eqn.invars]
+            if eqn.primitive.name in ("pjit", "jit"):
+                inner = eqn.params["jaxpr"]
+                outvals = run(inner.jaxpr, inner.consts, invals)
+            else:
+                params = eqn.primitive.get_bind_params(eqn.params)
+                subfuns, params = params if isinstance(params, tuple) else ((), params)
+                with eqn.ctx.manager:  # e.g. compute_on / name stack context of the eqn
+                    outvals = eqn.primitive.bind(*subfuns, *invals, **params)
+                if not eqn.primitive.multiple_results:
+                    outvals = [outvals]
+            env.update(zip(eqn.outvars, outvals))
+        return [read(var) for var in jaxpr.outvars]
+
+    @functools.wraps(fn)
+    def flat(*args):
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+        outs = run(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+        return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+    return flat
+
+
 def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
     """A function with `llama.decoder_layer`'s signature running `schedule`'s nano-ops.
 
@@ -44,7 +86,9 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
         use_streams = jax.default_backend() == "gpu"
 
     def issue(fn, stream: int):
-        return _compute_on(stream)(fn) if use_streams and stream > 0 else fn
+        if use_streams and stream > 0:
+            return _compute_on(stream)(inline_nested_jits(fn))
+        return fn
 
     def layer_fn(layer, x, positions, layer_cache, meta, config: ModelConfig, attention):
         t = x.shape[0]
