@@ -23,6 +23,7 @@ flags.DEFINE_string("model", "llama-3-8b", "preset or checkpoint")
 flags.DEFINE_integer("repeats", 20, "timed steps per case")
 flags.DEFINE_multi_string("schedule", ["sequential"],
                           "nano-batch schedules to time (repeat the flag to compare several)")
+flags.DEFINE_bool("mixed_only", False, "only the mixed T=1024 case (compiles one bucket)")
 F = flags.FLAGS
 
 CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
@@ -35,29 +36,35 @@ CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
 def main(argv):
     del argv
     peak = measure_peak_flops()
+    cases = CASES[:1] if F.mixed_only else CASES
     rows = []
     for schedule in F.schedule:
         runner = None  # free the previous weights and KV cache before the next ones
         try:
             runner = ModelRunner(EngineConfig(
-                model=F.model, max_num_batched_tokens=1024, max_num_seqs=512, min_bucket=256,
+                model=F.model, max_num_batched_tokens=1024, max_num_seqs=512,
+                min_bucket=min(c[1] for c in cases),
                 max_model_len=2048, num_pages=25000, schedule=schedule))
             runner.warmup()
-            rows += profile(runner, peak, schedule)
+            rows += profile(runner, peak, schedule, cases)
         except Exception as e:  # a schedule XLA rejects is a finding: report it, go on
             print(f"schedule {schedule} failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
     print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
           "2·P·T/peak ms")
     for r in rows:
-        print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}")
+        print(_fmt(r))
 
 
-def profile(runner, peak, schedule):
+def _fmt(r) -> str:
+    return f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}"
+
+
+def profile(runner, peak, schedule, cases):
     cfg, page = runner.model_config, runner.config.page_size
     rng = np.random.default_rng(0)
     rows = []
-    for name, t, nd, ctx, chunk in CASES:
+    for name, t, nd, ctx, chunk in cases:
         pages_per = -(-(ctx + 1) // page)
         perm = rng.permutation(runner.num_pages)
         decodes = [SeqChunk([int(rng.integers(cfg.vocab_size))], ctx,
@@ -93,6 +100,7 @@ def profile(runner, peak, schedule):
         gemm_ms = 2 * cfg.param_count * shape.num_tokens / peak * 1e3
         rows.append((schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
                      1e3 * back_to_back, 1e3 * enqueue, gemm_ms))
+        print("row: " + _fmt(rows[-1]), flush=True)  # kept if a later schedule times out
     return rows
 
 

@@ -58,7 +58,7 @@ CUSTOM = Schedule("custom", T, (  # attention split elsewhere than the GEMMs, th
 
 
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
-@pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_batched(T, 3),
+@pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_batched(T, 3, grouped=True),
                                       nano_batched(T, 4, overlap=False), CUSTOM],
                          ids=lambda s: s.name)
 def test_schedule_matches_sequential(kind, schedule):
@@ -114,6 +114,13 @@ def test_validation_and_json():
     assert all(o.start % 16 == 0 and o.end <= 512 for o in scaled.ops)
     assert s.for_tokens(128).is_sequential  # below min_tokens: splitting cannot pay
     assert named_schedule("nano2-nooverlap", 256).name == "nano2-nooverlap"
+    grouped = named_schedule("nano2-grouped", 256)
+    assert Schedule.from_json(grouped.to_json()) == grouped
+    # One group per tick: nano-batch 0's attention beside nano-batch 1's qkv GEMM.
+    tick2 = [(o.op, o.start, o.stream) for o in grouped.ops if o.group == 2]
+    assert tick2 == [("attn", 0, 2), ("qkv", 128, 1)]
+    with pytest.raises(ValueError, match="group"):
+        NanoOp("qkv", 0, 8, group=-1)
     with pytest.raises(ValueError, match="gap or overlap"):
         Schedule("bad", 32, tuple(NanoOp(k, 0, 32) for k in
                                   ("qkv", "attn", "o_proj", "up_gate")) + (NanoOp("down", 0, 16),

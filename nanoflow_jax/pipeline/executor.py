@@ -85,10 +85,20 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
     if use_streams is None:
         use_streams = jax.default_backend() == "gpu"
 
-    def issue(fn, stream: int):
-        if use_streams and stream > 0:
-            return _compute_on(stream)(inline_nested_jits(fn))
-        return fn
+    def issue(fn, stream: int, group: int = 0):
+        if not (use_streams and stream > 0):
+            return fn
+        on_stream = _compute_on(stream)(inline_nested_jits(fn))
+        if not group:
+            return on_stream
+
+        def grouped(*args):
+            from jax.experimental.xla_metadata import set_xla_metadata
+
+            with set_xla_metadata(_scheduling_group_id=str(group)):
+                return on_stream(*args)
+
+        return grouped
 
     def layer_fn(layer, x, positions, layer_cache, meta, config: ModelConfig, attention):
         t = x.shape[0]
@@ -100,7 +110,7 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
                 def qkv(layer, xs, pos):
                     return llama.split_rope(llama.qkv_proj(layer, xs, config), pos, config)
 
-                qs, ks, vs = issue(qkv, op.stream)(layer, x[s:e], positions[s:e])
+                qs, ks, vs = issue(qkv, op.stream, op.group)(layer, x[s:e], positions[s:e])
                 if q is None:
                     q = jax.numpy.zeros((t,) + qs.shape[1:], qs.dtype)
                     k = jax.numpy.zeros((t,) + ks.shape[1:], ks.dtype)
@@ -110,18 +120,21 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
                 def attend(qs, ks, vs, cache, m):
                     return attention(qs, ks, vs, cache, m)
 
-                out, layer_cache = issue(attend, op.stream)(
+                out, layer_cache = issue(attend, op.stream, op.group)(
                     q[s:e], k[s:e], v[s:e], layer_cache, slice_metadata(meta, s, e))
                 attn = (jax.numpy.zeros_like(q) if attn is None else attn).at[s:e].set(out)
             elif op.op == "o_proj":
-                x = x.at[s:e].set(issue(llama.o_proj, op.stream)(layer, attn[s:e], x[s:e]))
+                o_proj = issue(llama.o_proj, op.stream, op.group)
+                x = x.at[s:e].set(o_proj(layer, attn[s:e], x[s:e]))
             elif op.op == "up_gate":
-                gu = issue(functools.partial(llama.up_gate_proj, config=config), op.stream)(
+                gu = issue(functools.partial(llama.up_gate_proj, config=config), op.stream,
+                           op.group)(
                     layer, x[s:e])
                 gate_up = (jax.numpy.zeros((t, gu.shape[1]), gu.dtype) if gate_up is None
                            else gate_up).at[s:e].set(gu)
             else:  # down
-                x = x.at[s:e].set(issue(llama.down_proj, op.stream)(layer, gate_up[s:e], x[s:e]))
+                down = issue(llama.down_proj, op.stream, op.group)
+                x = x.at[s:e].set(down(layer, gate_up[s:e], x[s:e]))
         return x, layer_cache
 
     return layer_fn

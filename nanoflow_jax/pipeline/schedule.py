@@ -31,6 +31,9 @@ class NanoOp:
     end: int
     stream: int = 0
     sm_share: float = 1.0
+    # Ops with the same group > 0 form one XLA scheduling group (`_scheduling_group_id`):
+    # XLA's scheduler keeps them together, so their async stream calls are in flight at once.
+    group: int = 0
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -40,6 +43,8 @@ class NanoOp:
                              f"[{self.start}, {self.end})")
         if not 0 < self.sm_share <= 1:
             raise ValueError(f"sm_share must be in (0, 1], got {self.sm_share}")
+        if self.group < 0:
+            raise ValueError(f"group must be >= 0, got {self.group}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +124,8 @@ def sequential(num_tokens: int) -> Schedule:
     return Schedule("sequential", num_tokens, tuple(NanoOp(k, 0, num_tokens) for k in OPS))
 
 
-def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True) -> Schedule:
+def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
+                 grouped: bool = False) -> Schedule:
     """`num_nano` equal nano-batches, software-pipelined one op apart.
 
     Nano-batch i's attention is issued between nano-batch i+1's qkv and o_proj GEMMs, and
@@ -128,12 +134,16 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True) -> Schedu
     stream 1 and the attention stays on the default stream: a Pallas call inside
     `compute_on` failed to compile in the first probe ("No ExecutionStreamId"), while plain
     XLA GEMMs there compiled. With `overlap=False` every op goes to the default stream: the
-    cost of splitting alone (the paper's "nano-batch only" ablation).
+    cost of splitting alone (the paper's "nano-batch only" ablation). With `grouped=True`
+    attention goes to stream 2 and the ops issued in one tick form one XLA scheduling group
+    (the variant that overlapped best in `benchmarks/overlap_micro.py`).
     """
+    if grouped and not overlap:
+        raise ValueError("a grouped schedule overlaps: grouped needs overlap=True")
     if not 1 <= num_nano <= num_tokens // 16:
         raise ValueError(f"cannot split {num_tokens} tokens into {num_nano} nano-batches")
     bounds = [round(i * num_tokens / num_nano / 16) * 16 for i in range(num_nano)] + [num_tokens]
-    gemm, attn = (1, 0) if overlap else (0, 0)
+    gemm, attn = (1, 2 if grouped else 0) if overlap else (0, 0)
     ops = []
     # Stage k of nano-batch i runs in "tick" i + k: ticks interleave the nano-batches.
     stages = [("qkv", gemm), ("attn", attn), ("o_proj", gemm), ("up_gate", gemm), ("down", gemm)]
@@ -142,21 +152,24 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True) -> Schedu
             k = tick - i
             if 0 <= k < len(stages):
                 op, stream = stages[k]
-                ops.append(NanoOp(op, bounds[i], bounds[i + 1], stream))
-    name = f"nano{num_nano}" + ("" if overlap else "-nooverlap")
+                ops.append(NanoOp(op, bounds[i], bounds[i + 1], stream,
+                                  group=tick + 1 if grouped else 0))
+    name = f"nano{num_nano}" + ("-grouped" if grouped else "" if overlap else "-nooverlap")
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano)
 
 
 def named_schedule(name: str, num_tokens: int) -> Schedule:
-    """`sequential`, `nanoN` or `nanoN-nooverlap` (N = 2..4), or a path to a schedule JSON."""
+    """`sequential`, `nanoN`, `nanoN-nooverlap` or `nanoN-grouped` (N = 2..4), or a path to a
+    schedule JSON."""
     if name == "sequential":
         return sequential(num_tokens)
     if name.startswith("nano"):
         n, _, rest = name[4:].partition("-")
-        if n.isdigit() and rest in ("", "nooverlap"):
-            return nano_batched(num_tokens, int(n), overlap=rest != "nooverlap")
+        if n.isdigit() and rest in ("", "nooverlap", "grouped"):
+            return nano_batched(num_tokens, int(n), overlap=rest != "nooverlap",
+                                grouped=rest == "grouped")
     if name.endswith(".json"):
         with open(name) as f:
             return Schedule.from_json(f.read()).for_tokens(num_tokens)
-    raise ValueError(f"unknown schedule {name!r}: sequential, nano2..nano4, nanoN-nooverlap, "
+    raise ValueError(f"unknown schedule {name!r}: sequential, nano2..nano4, nanoN-nooverlap, nanoN-grouped, "
                      f"or a .json file")
