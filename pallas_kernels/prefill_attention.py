@@ -176,7 +176,10 @@ def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
     nblk = (q_len + block_q - 1) // block_q
     cum = jnp.cumsum(nblk)
     j = jnp.arange(nb, dtype=jnp.int32)
-    sid = jnp.minimum(jnp.searchsorted(cum, j, side="right").astype(jnp.int32), num_seqs)
+    # compare_all, not the default binary search: no XLA while loop, whose condition XLA
+    # cannot place when attention runs on a side stream ("No ExecutionStreamId").
+    sid = jnp.searchsorted(cum, j, side="right", method="compare_all").astype(jnp.int32)
+    sid = jnp.minimum(sid, num_seqs)
     used = j < cum[-1]
     local = j - (cum[sid] - nblk[sid])
     row0 = starts[sid] + local * block_q

@@ -154,3 +154,20 @@ def test_inline_nested_jits_flattens_and_keeps_values():
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(g, e)
+
+
+def test_side_stream_attention_body_has_no_xla_control_flow():
+    """On a side stream, every sub-computation of the body must be gone: XLA placed neither a
+    nested jit's call nor a while loop's condition on a stream (H100, JAX 0.11.2)."""
+    from nanoflow_jax.pipeline.executor import inline_nested_jits
+
+    model = nf.load_model("tiny-llama", dtype="float32", seed=1)
+    batch = _batch("mixed", np.random.default_rng(), model.config.vocab_size)
+    cfg = model.config
+    q = jnp.zeros((T, cfg.num_heads, cfg.head_dim))
+    k = v = jnp.zeros((T, cfg.num_kv_heads, cfg.head_dim))
+    cache = init_kv_cache(cfg, 200, PAGE, jnp.float32)[0]
+    body = inline_nested_jits(attention_fn("pallas"))  # traced only: no GPU needed
+    prims = {e.primitive.name for e in jax.make_jaxpr(body)(q, k, v, cache, batch.attn).eqns}
+    assert "pallas_call" in prims
+    assert not prims & {"pjit", "jit", "while", "cond", "scan"}, prims
