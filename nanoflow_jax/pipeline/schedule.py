@@ -131,9 +131,8 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
     Nano-batch i's attention is issued between nano-batch i+1's qkv and o_proj GEMMs, and
     its MLP GEMMs follow, so the memory-bound attention of one nano-batch can run beside the
     compute-bound GEMMs of the next (NanoFlow's overlap for LLaMA-3-8B). The GEMMs go to
-    stream 1 and the attention stays on the default stream: a Pallas call inside
-    `compute_on` failed to compile in the first probe ("No ExecutionStreamId"), while plain
-    XLA GEMMs there compiled. With `overlap=False` every op goes to the default stream: the
+    stream 1 and the attention stays on the default stream (docs/overlap.md has what each
+    placement measured). With `overlap=False` every op goes to the default stream: the
     cost of splitting alone (the paper's "nano-batch only" ablation). With `grouped=True`
     attention goes to stream 2 and the ops issued in one tick form one XLA scheduling group
     (the variant that overlapped best in `benchmarks/overlap_micro.py`).
