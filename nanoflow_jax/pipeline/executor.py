@@ -127,9 +127,9 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
                 o_proj = issue(llama.o_proj, op.stream, op.group)
                 x = x.at[s:e].set(o_proj(layer, attn[s:e], x[s:e]))
             elif op.op == "up_gate":
-                gu = issue(functools.partial(llama.up_gate_proj, config=config), op.stream,
-                           op.group)(
-                    layer, x[s:e])
+                up_gate = issue(functools.partial(llama.up_gate_proj, config=config),
+                                op.stream, op.group)
+                gu = up_gate(layer, x[s:e])
                 gate_up = (jax.numpy.zeros((t, gu.shape[1]), gu.dtype) if gate_up is None
                            else gate_up).at[s:e].set(gu)
             else:  # down
