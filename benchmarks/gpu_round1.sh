@@ -4,14 +4,7 @@
 #   pipeline issue: the overlap microbenchmark (+ XLA flags) and the step under each schedule.
 # Usage (device tool, repo root):  bash benchmarks/gpu_round1.sh
 # Logs go to $OUT (or ./out); the summary tables are printed last.
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-out=${OUT:-out}; mkdir -p "$out"
-run() {  # name, timeout, command...
-    local name=$1 limit=$2; shift 2
-    echo "== $name"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1 || echo "   ($name exited with $?)"
-}
+source "$(dirname "$0")/gpu_common.sh"
 run kv_write 60 python3 scripts/bench_kernels.py --kernels=ceilings,kv_write
 run overlap 90 python3 benchmarks/overlap_micro.py
 XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_command_buffer=" \

@@ -3,9 +3,7 @@
 # and the HF transformers baseline side by side in one process, five workloads.
 # Usage (device tool, repo root, carry .workloads = a copy of ../shared/workloads):
 #   bash benchmarks/gpu_round2.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-out=${OUT:-out}; mkdir -p "$out"
+source "$(dirname "$0")/gpu_common.sh"
 timeout 570 python3 scripts/benchmark_throughput.py --model=llama-3-8b \
     --workload=const:1024:512 --workload=const:512:512 --workload=trace:splitwise \
     --workload=trace:lmsys --workload=trace:sharegpt --num_requests=256 --min_bucket=256 \

@@ -4,14 +4,7 @@
 # throughput workloads, and one serving curve on the splitwise trace.
 # Usage (device tool, repo root; carry .workloads and .whl = the server's wheels for cp312):
 #   bash benchmarks/gpu_round3.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-out=${OUT:-out}; mkdir -p "$out"
-run() {  # name, timeout, command...
-    local name=$1 limit=$2; shift 2
-    echo "== $name $(date +%T)"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1 || echo "   ($name exited with $?)"
-}
+source "$(dirname "$0")/gpu_common.sh"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 run step_profile 170 python3 benchmarks/step_profile.py \
     --schedule=nano2 --schedule=nano3
 run overlap 55 python3 benchmarks/overlap_micro.py

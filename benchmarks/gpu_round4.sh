@@ -3,9 +3,7 @@
 # sequential, stream-only and stream + scheduling-group schedules, then end to end (const
 # 1024/512, 256 requests) with whichever nano schedule had the fastest step.
 # Usage (device tool, repo root): bash benchmarks/gpu_round4.sh
-set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
-out=${OUT:-out}; mkdir -p "$out"
+source "$(dirname "$0")/gpu_common.sh"
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/step_profile.py --mixed_only \
     --schedule=sequential --schedule=nano2 --schedule=nano2-grouped --schedule=nano3-grouped \
     > "$out/step_profile.log" 2>&1 || echo "(step_profile exited with $?)"
