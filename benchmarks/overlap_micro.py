@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from nanoflow_jax.pipeline.executor import on_stream
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
 
@@ -40,13 +41,6 @@ flags.DEFINE_integer("fused_gemm_programs", 0,
 flags.DEFINE_list("fused_tuning", [], "fused kernel: key=int pairs, e.g. "
                   "block_m=64,block_n=128,block_k=64,num_warps=8,num_stages=4,num_splits=2")
 F = flags.FLAGS
-
-
-def _on(stream, fn):
-    """fn on XLA GPU stream `stream`, nested jits inlined (as the pipeline executor does)."""
-    from nanoflow_jax.pipeline.executor import _compute_on, inline_nested_jits
-
-    return _compute_on(stream)(inline_nested_jits(fn))
 
 
 def _time(fn, *args):
@@ -99,18 +93,20 @@ def main(argv):
     }
     if not smoke:
         variants["streams 1+2"] = jax.jit(lambda x, w, q, k, v, tab, lens: (
-            _on(1, gemm)(x, w), _on(2, attend)(q, k, v, tab, lens)))
-        # The pipeline's default: only the GEMM leaves the main stream (no Pallas in compute_on).
+            on_stream(gemm, 1)(x, w), on_stream(attend, 2)(q, k, v, tab, lens)))
+        # The pipeline's `nanoN` schedules: only the GEMM leaves the main stream.
         variants["GEMM on stream 1, attention on main"] = jax.jit(
-            lambda x, w, q, k, v, tab, lens: (_on(1, gemm)(x, w), attend(q, k, v, tab, lens)))
+            lambda x, w, q, k, v, tab, lens: (on_stream(gemm, 1)(x, w),
+                                              attend(q, k, v, tab, lens)))
         variants["attention on stream 1, GEMM on main"] = jax.jit(
-            lambda x, w, q, k, v, tab, lens: (gemm(x, w), _on(1, attend)(q, k, v, tab, lens)))
+            lambda x, w, q, k, v, tab, lens: (gemm(x, w),
+                                              on_stream(attend, 1)(q, k, v, tab, lens)))
 
         def grouped(x, w, q, k, v, tab, lens):
             from jax.experimental.xla_metadata import set_xla_metadata
 
             with set_xla_metadata(_scheduling_group_id="1"):
-                return _on(1, gemm)(x, w), _on(2, attend)(q, k, v, tab, lens)
+                return on_stream(gemm, 1)(x, w), on_stream(attend, 2)(q, k, v, tab, lens)
 
         variants["streams + scheduling group"] = jax.jit(grouped)
     rows = []

@@ -26,15 +26,6 @@ from nanoflow_jax.models.paged_attention import slice_metadata
 from nanoflow_jax.pipeline.schedule import Schedule
 
 
-def _compute_on(stream: int):
-    """`f -> f` issuing f on XLA GPU stream `stream` (the API is `compute_on2` in JAX 0.10)."""
-    from jax.experimental import compute_on as co
-
-    wrap = getattr(co, "compute_on2", None) or co.compute_on
-    return functools.partial(wrap, compute_type=f"gpu_stream:{stream}",
-                             out_memory_spaces=jax.memory.Space.Device)
-
-
 def inline_nested_jits(fn):
     """`fn` with every nested `jax.jit` (e.g. `jax.nn.silu`, the Pallas kernels' wrappers)
     evaluated inline.
@@ -77,6 +68,16 @@ def inline_nested_jits(fn):
     return flat
 
 
+def on_stream(fn, stream: int):
+    """`fn` issued on XLA GPU stream `stream` (`compute_on`, named `compute_on2` in JAX 0.10),
+    with its nested jits inlined so that XLA can place the whole body on that stream."""
+    from jax.experimental import compute_on as co
+
+    wrap = getattr(co, "compute_on2", None) or co.compute_on
+    return wrap(inline_nested_jits(fn), compute_type=f"gpu_stream:{stream}",
+                out_memory_spaces=jax.memory.Space.Device)
+
+
 def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
     """A function with `llama.decoder_layer`'s signature running `schedule`'s nano-ops.
 
@@ -88,15 +89,15 @@ def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
     def issue(fn, stream: int, group: int = 0):
         if not (use_streams and stream > 0):
             return fn
-        on_stream = _compute_on(stream)(inline_nested_jits(fn))
+        issued = on_stream(fn, stream)
         if not group:
-            return on_stream
+            return issued
 
         def grouped(*args):
             from jax.experimental.xla_metadata import set_xla_metadata
 
             with set_xla_metadata(_scheduling_group_id=str(group)):
-                return on_stream(*args)
+                return issued(*args)
 
         return grouped
 
