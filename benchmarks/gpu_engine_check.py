@@ -1,11 +1,17 @@
 """On a GPU: the engine with the Pallas kernels generates what it generates with the jnp
-reference attention (greedy, fp32, tiny model), chunked and decoding. Prints one line per check.
+reference attention (greedy, fp32, tiny model), chunked and decoding; and every nano-batch
+schedule given generates what the sequential one does (streams and concurrent graphs only
+exist on the GPU). Prints one line per check.
 
     PYTHONPATH=. python3 benchmarks/gpu_engine_check.py
 """
+import sys
+
 import numpy as np
 
 from nanoflow_jax import LLM, SamplingParams
+
+SCHEDULES = sys.argv[1:] or ["nano2-pipe", "nano2-pipe-nostreams+graph"]
 
 
 def main():
@@ -14,13 +20,19 @@ def main():
                for n in rng.integers(1, 300, 24)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outs = {}
-    for impl in ("pallas", "reference"):
+    for impl, schedule in [("pallas", "sequential"), ("reference", "sequential")] + [
+            ("pallas", s) for s in SCHEDULES]:
         llm = LLM("tiny-llama", dtype="float32", attention_impl=impl, max_num_batched_tokens=128,
-                  max_model_len=512, page_size=16, num_pages=1024)
-        outs[impl] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
-                                                                     use_tqdm=False)]
-    same = sum(a == b for a, b in zip(outs["pallas"], outs["reference"]))
-    print(f"gpu_engine_check: {same}/{len(prompts)} greedy outputs identical (pallas vs reference)")
+                  min_bucket=128, max_model_len=512, page_size=16, num_pages=1024,
+                  schedule=schedule)
+        outs[impl, schedule] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                               use_tqdm=False)]
+    want = outs["pallas", "sequential"]
+    for (impl, schedule), got in outs.items():
+        if (impl, schedule) != ("pallas", "sequential"):
+            same = sum(a == b for a, b in zip(got, want))
+            print(f"gpu_engine_check: {same}/{len(prompts)} greedy outputs identical "
+                  f"({impl} {schedule} vs pallas sequential)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ repeats, blocked):
     back to back (one stream);
     streams: GEMM on gpu_stream:1, attention on gpu_stream:2 (compute_on);
     streams + scheduling group: both calls in one `_scheduling_group_id` group;
+    concurrent graph: no streams, XLA's command buffer in CONCURRENT scheduling mode;
     fused kernel: both in ONE Pallas launch (pallas_kernels/fused_gemm_decode.py: GEMM tiles
     and attention programs split by program id; --fused_interleave, --fused_gemm_programs).
 Prints whether the compiled HLO holds call-start/call-done pairs, and the speedup over back to
@@ -34,6 +35,11 @@ flags.DEFINE_integer("decodes", 150, "sequences in the attention's nano-batch")
 flags.DEFINE_integer("context", 1300, "tokens of context per decode")
 flags.DEFINE_integer("repeats", 30, "timed calls")
 flags.DEFINE_bool("smoke", False, "tiny shapes on the CPU, no streams")
+flags.DEFINE_list("persistent_programs", ["16", "33", "66"],
+                  "decode attention as a persistent kernel of this many programs (SM "
+                  "partitioning by grid size): alone, and beside the GEMM")
+flags.DEFINE_list("persistent_tuning", [], "persistent attention: key=int pairs, e.g. "
+                  "num_warps=8,num_stages=4")
 flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
                   "program order of the fused kernel")
 flags.DEFINE_integer("fused_gemm_programs", 0,
@@ -109,6 +115,34 @@ def main(argv):
                 return on_stream(gemm, 1)(x, w), on_stream(attend, 2)(q, k, v, tab, lens)
 
         variants["streams + scheduling group"] = jax.jit(grouped)
+        # No streams: XLA's CUDA graph runs the two independent kernels as parallel nodes
+        # (two kernels are below the default minimum graph size of 5, hence the second option).
+        concurrent = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
+                      "xla_gpu_graph_min_graph_size": "1"}
+        variants["concurrent graph, no streams"] = jax.jit(
+            lambda x, w, q, k, v, tab, lens: (gemm(x, w), attend(q, k, v, tab, lens)),
+            compiler_options=concurrent)
+        variants["back to back, graph (serial)"] = jax.jit(
+            lambda x, w, q, k, v, tab, lens: (gemm(x, w), attend(q, k, v, tab, lens)),
+            compiler_options={"xla_gpu_graph_min_graph_size": "1"})
+        for n in map(int, F.persistent_programs):
+            part = functools.partial(attn, num_programs=n, **{
+                kv.split("=")[0]: int(kv.split("=")[1]) for kv in F.persistent_tuning})
+            variants[f"attention alone, {n} programs"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, part=part: part(q, k, v, tab, lens))
+
+            def grouped_part(x, w, q, k, v, tab, lens, part=part):
+                from jax.experimental.xla_metadata import set_xla_metadata
+
+                with set_xla_metadata(_scheduling_group_id="1"):  # attention issued first
+                    a = on_stream(part, 2)(q, k, v, tab, lens)
+                    return on_stream(gemm, 1)(x, w), a
+
+            variants[f"streams + group, attention on {n} programs"] = jax.jit(grouped_part)
+            variants[f"concurrent graph, attention on {n} programs"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, part=part: (part(q, k, v, tab, lens),
+                                                             gemm(x, w)),
+                compiler_options=concurrent)
     rows = []
     for name, fn in variants.items():
         try:

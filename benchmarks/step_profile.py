@@ -4,7 +4,10 @@
 
 Builds batches directly (no scheduler): D decodes of context C plus prompt tokens up to T.
 Prints the median device time per step over repeats (each blocked on), the time to enqueue
-a step when steps are issued back to back, and the share a GEMM-only roofline would take.
+a step when steps are issued back to back, the share a GEMM-only roofline would take, and how
+many greedy tokens of the step agree with the first schedule's (the same weights and batch)
+and the largest difference of the top log-probability: bf16 rounding moves it by ~1e-2 and
+flips a few argmaxes of a random model's flat logits; a wrong schedule moves it by far more.
 """
 import time
 
@@ -51,13 +54,17 @@ def main(argv):
             print(f"schedule {schedule} failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
     print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
-          "2·P·T/peak ms")
+          "2·P·T/peak ms | tokens = first schedule's, max |Δ top logprob|")
     for r in rows:
         print(_fmt(r))
 
 
 def _fmt(r) -> str:
-    return f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f}"
+    return (f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | "
+            f"{r[7]}")
+
+
+FIRST = {}  # case -> the first schedule's (greedy tokens, top logprobs) of its first step
 
 
 def profile(runner, peak, schedule, cases):
@@ -85,6 +92,12 @@ def profile(runner, peak, schedule, cases):
                                           runner._prev_tokens)
             return out
 
+        sampled = list(range(nd)) + ([shape.num_decode] if chunk else [])
+        out = step()
+        tokens, top = (np.asarray(a)[sampled] for a in (out.token_ids, out.top_logprobs[:, 0]))
+        first_tokens, first_top = FIRST.setdefault(name, (tokens, top))
+        agree = (f"{int((tokens == first_tokens).sum())}/{len(tokens)}, "
+                 f"{float(np.abs(top - first_top).max()):.1e}")
         for _ in range(3):
             jax.block_until_ready(step())
         times = []
@@ -99,7 +112,7 @@ def profile(runner, peak, schedule, cases):
         back_to_back = (time.perf_counter() - t0) / F.repeats
         gemm_ms = 2 * cfg.param_count * shape.num_tokens / peak * 1e3
         rows.append((schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
-                     1e3 * back_to_back, 1e3 * enqueue, gemm_ms))
+                     1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree))
         print("row: " + _fmt(rows[-1]), flush=True)  # kept if a later schedule times out
     return rows
 

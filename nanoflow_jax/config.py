@@ -226,7 +226,7 @@ class EngineConfig:
     num_pages: int | None = None  # KV pages; None: sized from free device memory
     attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
     min_bucket: int = 16  # smallest compiled token count
-    schedule: str = "sequential"  # nano-batch schedule: sequential, nanoN[-nooverlap], a .json
+    schedule: str = "sequential"  # nano-batch schedule (pipeline.schedule.named_schedule)
 
     def __post_init__(self):
         checks = [

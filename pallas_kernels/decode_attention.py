@@ -27,6 +27,10 @@ Kernel design (memory-bound: the whole job is reading K and V once):
     several it writes per-split (normalised output, log2-sum-exp) in fp32 and
     a small jnp combine merges them (a few MB; XLA fuses it into one pass).
   * `lengths == 0` rows produce exact zeros.
+  * `num_programs` makes the kernel persistent: that many programs, each looping
+    over (sequence, KV head, split) work items `num_programs` apart. Fewer
+    programs than SMs leave SMs free for a kernel that runs beside it (the
+    nano-batch pipeline's GEMMs): NanoFlow's SM partitioning, by grid size.
 
 Backend: the Pallas *Triton* backend (`pl.pallas_call` + `CompilerParams`).
 It runs in interpret mode on CPU (our CI), gathers through a page table with
@@ -60,6 +64,25 @@ _MASK = -1e30  # finite "minus infinity": never produces inf - inf = NaN.
 def _decode_kernel(*refs, **static):
     """Grid (batch, num_kv_heads, num_splits): one program per (b, h, split)."""
     _decode_program(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **static)
+
+
+def _persistent_decode_kernel(*refs, num_programs: int, num_kv_heads: int, num_splits: int,
+                              num_work: int, **static):
+    """Grid (num_programs,): program p runs work items p, p + num_programs, ... where item
+    w = (b · Hkv + h) · S + split."""
+    pid = pl.program_id(0)
+
+    def one(i, carry):
+        w = pid + i * num_programs
+
+        @pl.when(w < num_work)
+        def _():
+            b, rest = w // (num_kv_heads * num_splits), w % (num_kv_heads * num_splits)
+            _decode_program(b, rest // num_splits, rest % num_splits, *refs, **static)
+
+        return carry
+
+    lax.fori_loop(0, -(-num_work // num_programs), one, 0)
 
 
 def _decode_program(
@@ -230,6 +253,7 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
         "num_warps",
         "num_stages",
         "flat_gather",
+        "num_programs",
     ),
 )
 def decode_attention(
@@ -246,6 +270,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     flat_gather: bool = True,
+    num_programs: int | None = None,
 ) -> jax.Array:
     """Paged GQA attention of one query token per sequence.
 
@@ -257,7 +282,9 @@ def decode_attention(
     the page range of each sequence over that many programs (None: enough to
     give >= 4 programs per SM), `num_warps` / `num_stages` go to Triton;
     `flat_gather` builds the [block_k, D] K/V pointer tile directly (page id
-    per token) instead of gathering [pages, page_size, D] and reshaping.
+    per token) instead of gathering [pages, page_size, D] and reshaping;
+    `num_programs` (None: one program per work item) runs that many persistent
+    programs, to leave the other SMs to a kernel running beside this one.
     Returns [B, Hq, D] in q.dtype.
     """
     batch, num_q_heads, head_dim = q.shape
@@ -265,7 +292,17 @@ def decode_attention(
         q, k_pages, v_pages, page_tables, lengths, sm_scale=sm_scale,
         pages_per_block=pages_per_block, num_splits=num_splits, flat_gather=flat_gather)
     num_kv_heads = k_pages.shape[0]
-    kernel = functools.partial(_decode_kernel, **static)
+    num_work = batch * num_kv_heads * num_splits
+    if num_programs is not None and num_programs < num_work:
+        if num_programs < 1:
+            raise ValueError(f"num_programs must be >= 1, got {num_programs}")
+        kernel = functools.partial(_persistent_decode_kernel, num_programs=num_programs,
+                                   num_kv_heads=num_kv_heads, num_splits=num_splits,
+                                   num_work=num_work, **static)
+        grid = (num_programs,)
+    else:
+        kernel = functools.partial(_decode_kernel, **static)
+        grid = (batch, num_kv_heads, num_splits)
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)
     else:
@@ -276,7 +313,7 @@ def decode_attention(
     res = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch, num_kv_heads, num_splits),
+        grid=grid,
         compiler_params=_compat.triton_params(num_warps, num_stages),
         interpret=interpret,
         name=f"paged_decode_attention_h{static['block_h']}"

@@ -42,7 +42,8 @@ flags.DEFINE_integer("max_model_len", 2048, "prompt + output tokens per sequence
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "device memory share for the engine")
 flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets compile faster)")
 flags.DEFINE_string("schedule", "sequential",
-                    "nano-batch schedule: sequential, nano2..nano4, nanoN-nooverlap, a .json")
+                    "nano-batch schedule: sequential, nanoN, nanoN-nooverlap, "
+                    "nanoN-pipe[-nostreams][-smP], optionally +graph, or a .json")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | auto")
 flags.DEFINE_string("output_json", None, "write the results here")
 flags.DEFINE_enum("baseline", "none", ["none", "hf", "hf-only"],

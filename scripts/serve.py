@@ -36,8 +36,9 @@ flags.DEFINE_float("gpu_memory_utilization", 0.9, "fraction of device memory for
                    "+ activations (sets XLA_PYTHON_CLIENT_MEM_FRACTION)")
 flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets: faster "
                      "start-up, more padding on small batches)", lower_bound=1)
-flags.DEFINE_string("schedule", "sequential", "layer schedule: sequential | nanoN | "
-                    "nanoN-nooverlap | a schedule JSON file")
+flags.DEFINE_string("schedule", "sequential", "layer schedule: sequential, nanoN, "
+                    "nanoN-nooverlap, nanoN-pipe[-nostreams][-smP], optionally +graph, or a "
+                    "schedule JSON file (docs/overlap.md)")
 flags.DEFINE_integer("seed", 0, "random weights of presets, and requests that give no seed")
 flags.DEFINE_string("attention_impl", "auto", "pallas | reference | interpret | auto")
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0: every interface)")

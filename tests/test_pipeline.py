@@ -1,5 +1,6 @@
 """Nano-batch schedules: validation, JSON, and the same outputs as the sequential schedule."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,9 @@ from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 from nanoflow_jax.kv_cache import init_kv_cache
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
-from nanoflow_jax.pipeline.executor import make_layer_fn
+from nanoflow_jax.pipeline.executor import make_layers_fn
 from nanoflow_jax.pipeline.schedule import (NanoOp, Schedule, named_schedule, nano_batched,
-                                            sequential)
+                                            nano_pipelined, sequential)
 from tests.helpers import rel_err
 
 PAGE, T = 4, 64
@@ -37,9 +38,9 @@ def _batch(kind, rng, vocab):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4, 5))
-def _forward(params, config, kv, batch, attention, layer_fn):
+def _forward(params, config, kv, batch, attention, layers_fn):
     return llama.forward(params, config, batch.token_ids, batch.positions, kv, batch.attn,
-                         jnp.arange(T), attention, layer_fn)
+                         jnp.arange(T), attention, layers_fn)
 
 
 def _prefill_context(model, kv, rng):
@@ -57,9 +58,17 @@ CUSTOM = Schedule("custom", T, (  # attention split elsewhere than the GEMMs, th
 ))
 
 
+def _as_calls(fn, stream):
+    """Stand-in for a stream on the CPU: each call its own jit, so a call that misses an input
+    or drops an output fails here as it would on the GPU."""
+    del stream
+    return jax.jit(fn)
+
+
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_batched(T, 3, grouped=True),
-                                      nano_batched(T, 4, overlap=False), CUSTOM],
+                                      nano_batched(T, 4, overlap=False), CUSTOM,
+                                      nano_pipelined(T, 2), nano_pipelined(T, 3, streams=False)],
                          ids=lambda s: s.name)
 def test_schedule_matches_sequential(kind, schedule):
     model = nf.load_model("tiny-llama", dtype="float32", seed=11)
@@ -68,9 +77,9 @@ def test_schedule_matches_sequential(kind, schedule):
     kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
     attention = attention_fn("reference")
     want, want_kv = _forward(model.params, model.config, kv, batch, attention,
-                             llama.decoder_layer)
+                             llama.run_layers)
     got, got_kv = _forward(model.params, model.config, kv, batch, attention,
-                           make_layer_fn(schedule, use_streams=False))
+                           make_layers_fn(schedule, use_streams=True, wrap_call=_as_calls))
     rows = np.asarray(batch.attn.slots) >= 0
     assert rows.sum() > 0
     assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
@@ -84,9 +93,11 @@ def test_schedule_with_kernels_in_interpret_mode():
     batch = jax.device_put(_batch("mixed", rng, model.config.vocab_size))
     kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
     want, _ = _forward(model.params, model.config, kv, batch, attention_fn("reference"),
-                       llama.decoder_layer)
+                       llama.run_layers)
+    # 3 persistent decode programs (2 % of 132 SMs) for more work items: the loop runs.
     got, _ = _forward(model.params, model.config, kv, batch, attention_fn("interpret"),
-                      make_layer_fn(nano_batched(T, 2), use_streams=False))
+                      make_layers_fn(nano_pipelined(T, 2, attn_sm_share=0.02), use_streams=True,
+                                     wrap_call=_as_calls))
     rows = np.asarray(batch.attn.slots) >= 0
     assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
 
@@ -130,6 +141,65 @@ def test_validation_and_json():
             NanoOp(k, 0, 32) for k in ("qkv", "o_proj", "up_gate", "down")))
     with pytest.raises(ValueError, match="unknown nano-op"):
         NanoOp("softmax", 0, 8)
+    with pytest.raises(ValueError, match="layer must be"):
+        NanoOp("qkv", 0, 8, layer=2)
+
+
+def test_pipelined_schedules_cross_layers_in_data_flow_order():
+    s = named_schedule("nano2-pipe-sm25+graph", 256)
+    assert (s.name, s.windows, s.concurrent) == ("nano2-pipe-sm25+graph", 1, True)
+    assert s.compiler_options() == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+    assert Schedule.from_json(s.to_json()) == s
+    assert {o.sm_share for o in s.ops if o.op == "attn"} == {0.25}
+    # Tick 1 of window l: nano-batch 1's attention beside nano-batch 0's o_proj, up/gate,
+    # down and its next layer's qkv; tick 2: nano-batch 0's next-layer attention beside
+    # nano-batch 1's chain.
+    ticks = [[(o.op, o.start, o.layer) for o in s.ops if o.group == g] for g in (1, 2)]
+    assert ticks[0] == [("attn", 128, 0), ("o_proj", 0, 0), ("up_gate", 0, 0), ("down", 0, 0),
+                        ("qkv", 0, 1)]
+    assert ticks[1][0] == ("attn", 0, 1)
+    # Prologue (window -1) and epilogue come from skipping layers outside the model.
+    flat = [(w + o.layer, o.op, o.start) for w, o in s.flatten(2)]
+    assert flat[:3] == [(0, "qkv", 0), (0, "attn", 0), (0, "qkv", 128)]
+    assert flat[-3:] == [(1, "o_proj", 128), (1, "up_gate", 128), (1, "down", 128)]
+    assert named_schedule("sequential+graph", 64).is_sequential
+    assert not named_schedule("nano2-pipe", 256).for_tokens(256).is_sequential
+    ops = list(nano_pipelined(64, 2, streams=False).ops)
+    with pytest.raises(ValueError, match="before its tokens' down of layer 0"):
+        # nano-batch 0's next-layer qkv before its down
+        Schedule("bad", 64, tuple(ops[:3] + [ops[4], ops[3]] + ops[5:]))
+    with pytest.raises(ValueError, match="attention of tokens 0"):
+        # the second half's attention first: a chunk cut at 32 would miss its first K/V
+        Schedule("bad", 64, tuple(NanoOp(op, s, e) for op, s, e in [
+            ("qkv", 0, 32), ("qkv", 32, 64), ("attn", 32, 64), ("attn", 0, 32),
+            ("o_proj", 0, 64), ("up_gate", 0, 64), ("down", 0, 64)]))
+
+
+def test_pipelined_stream_calls_two_per_tick_and_cache_writes_outside():
+    """nano2-pipe on streams: per layer 2 ticks × (attention call + GEMM chain call), each
+    (window, tick) its own scheduling group, and no side-stream call writes the KV cache
+    (XLA would copy the whole cache to keep its input intact)."""
+    model = nf.load_model("tiny-llama", dtype="float32", seed=1)
+    cfg, num_layers = model.config, len(model.params["layers"])
+    batch = _batch("mixed", np.random.default_rng(0), cfg.vocab_size)
+    kv = init_kv_cache(cfg, 200, PAGE, jnp.float32)
+    run = make_layers_fn(nano_pipelined(T, 2), use_streams=True)
+
+    def layers(x, kv):
+        return run(model.params["layers"], x, batch.positions, kv, batch.attn, cfg,
+                   attention_fn("reference"))
+
+    x = jnp.zeros((T, cfg.hidden_size))
+    eqns = jax.make_jaxpr(layers)(x, kv).jaxpr.eqns
+    calls = [e for e in eqns if e.primitive.name == "compute_on"]
+    assert len(calls) == 4 * num_layers + 2  # + the prologue's qkv split in two groups
+    inside = {e.primitive.name for c in calls for e in c.params["jaxpr"].eqns}
+    assert "dot_general" in inside and "scatter" not in inside
+    # K and V of both nano-batches, every layer, on the main stream
+    assert sum(e.primitive.name == "scatter" for e in eqns) == 2 * 2 * num_layers
+    text = jax.jit(layers).lower(x, kv).as_text()
+    groups = set(re.findall(r'_scheduling_group_id = "(\d+)"', text))
+    assert len(groups) == 2 * (num_layers + 1)
     with pytest.raises(ValueError, match="unknown schedule"):
         named_schedule("nano", 64)
 

@@ -26,7 +26,7 @@ from nanoflow_jax.kv_cache import init_kv_cache, page_bytes
 from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
-from nanoflow_jax.pipeline.executor import make_layer_fn
+from nanoflow_jax.pipeline.executor import make_layers_fn
 from nanoflow_jax.pipeline.schedule import named_schedule
 from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
@@ -35,12 +35,13 @@ log = logging.getLogger("nanoflow_jax")
 CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
 
 
-def _step(params, kv, batch, sampling, prev_tokens, *, config, attention, layer_fn, num_rows):
+def _step(params, kv, batch, sampling, prev_tokens, *, config, attention, layers_fn,
+          num_rows):
     """One iteration on the device. prev_tokens [num_rows]: the previous step's samples."""
     future = batch.future_rows
     token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
     logits, kv = llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
-                               batch.logits_indices, attention, layer_fn)
+                               batch.logits_indices, attention, layers_fn)
     out = sample(logits, sampling, MAX_LOGPROBS)
     # Every bucket returns num_rows rows, so the next step's prev_tokens has one shape.
     pad = num_rows - logits.shape[0]
@@ -94,12 +95,14 @@ class ModelRunner:
                  self.num_pages * page_bytes(mc, config.page_size, kv_dtype) / 2**30,
                  self.num_pages / self.max_pages, self.max_model_len)
         self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens)
-        layer_fn = (llama.decoder_layer if self.schedule.is_sequential
-                    else make_layer_fn(self.schedule))
+        layers_fn = (llama.run_layers if self.schedule.is_sequential
+                     else make_layers_fn(self.schedule))
+        on_gpu = jax.default_backend() == "gpu"
         self._step = jax.jit(
             functools.partial(_step, config=mc, attention=attention_fn(config.attention_impl),
-                              layer_fn=layer_fn, num_rows=self.num_rows),
+                              layers_fn=layers_fn, num_rows=self.num_rows),
             donate_argnums=(1,),
+            compiler_options=self.schedule.compiler_options() if on_gpu else None,
         )
         self._prev_tokens = jnp.zeros((self.num_rows,), jnp.int32)
         self.compile_time = 0.0

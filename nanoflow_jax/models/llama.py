@@ -133,6 +133,25 @@ def decoder_layer(
     return x, layer_cache
 
 
+def run_layers(
+    layers: list[Params],
+    x: jax.Array,
+    positions: jax.Array,
+    kv_cache: list | None,
+    attn_metadata: Any,
+    config: ModelConfig,
+    attention: AttentionFn,
+) -> tuple[jax.Array, list | None]:
+    """Every layer in turn, each the sequential `decoder_layer`: x [T, D] -> [T, D]."""
+    new_cache = []
+    for i, layer in enumerate(layers):
+        layer_cache = None if kv_cache is None else kv_cache[i]
+        x, layer_cache = decoder_layer(layer, x, positions, layer_cache, attn_metadata, config,
+                                       attention)
+        new_cache.append(layer_cache)
+    return x, None if kv_cache is None else new_cache
+
+
 def compute_logits(
     params: Params, x: jax.Array, config: ModelConfig
 ) -> jax.Array:
@@ -151,23 +170,19 @@ def forward(
     attn_metadata: Any,
     logits_indices: jax.Array | None,
     attention: AttentionFn,
-    layer_fn: Callable = decoder_layer,
+    layers_fn: Callable = run_layers,
 ) -> tuple[jax.Array, list | None]:
     """The whole model over a flat token batch.
 
     token_ids, positions: [T] int32. kv_cache: a list with one entry per layer, handed to the
     attention function (or None when attention needs no cache). logits_indices: [N] token
-    indices whose logits are wanted (None: all T). `layer_fn` runs one layer (the sequential
-    `decoder_layer`, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
+    indices whose logits are wanted (None: all T). `layers_fn` runs the layers (`run_layers`, the
+    sequential schedule, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
     (fp32 logits [N, V], kv_cache).
     """
     x = params["embed"][token_ids]  # [T, D]
-    new_cache = []
-    for i, layer in enumerate(params["layers"]):
-        layer_cache = None if kv_cache is None else kv_cache[i]
-        x, layer_cache = layer_fn(layer, x, positions, layer_cache, attn_metadata, config,
-                                  attention)
-        new_cache.append(layer_cache)
+    x, kv_cache = layers_fn(params["layers"], x, positions, kv_cache, attn_metadata, config,
+                            attention)
     if logits_indices is not None:
         x = x[logits_indices]
-    return compute_logits(params, x, config), (None if kv_cache is None else new_cache)
+    return compute_logits(params, x, config), kv_cache

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from nanoflow_jax.kv_cache import write_kv
+from pallas_kernels._compat import num_sms
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
@@ -32,12 +33,20 @@ class PagedMetadata:
     prefill_seq_lens: jax.Array  # [Sp] int32 tokens in cache incl. this chunk; 0 = unused
 
 
-def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str):
-    """q [T, Hq, D], k/v [T, Hkv, D], layer_cache (k_pages, v_pages) -> ([T, Hq, D], cache)."""
-    k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots)
+def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
+                    write: bool = True, sm_share: float = 1.0):
+    """q [T, Hq, D], k/v [T, Hkv, D], layer_cache (k_pages, v_pages) -> ([T, Hq, D], cache).
+
+    `write=False`: the rows' K/V are in the cache already (the pipeline writes them outside a
+    side-stream call, which then only reads the cache). `sm_share` < 1 runs the decode kernel
+    persistent on that share of the SMs, leaving the rest to the GEMMs beside it.
+    """
+    k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots) if write else layer_cache
     scale = q.shape[-1] ** -0.5
     interpret = impl == "interpret"
     decode = decode_attention_reference if impl == "reference" else decode_attention
+    if sm_share < 1 and impl != "reference":
+        decode = functools.partial(decode, num_programs=max(1, round(sm_share * num_sms())))
     prefill = prefill_attention_reference if impl == "reference" else prefill_attention
     # Rows before prefill_query_start[0] belong to no chunk: their values here are unspecified.
     out = prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,

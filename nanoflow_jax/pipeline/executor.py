@@ -1,26 +1,34 @@
-"""Turns a `Schedule` into the decoder-layer function that `llama.forward` runs.
+"""Turns a `Schedule` into the function that runs all decoder layers of `llama.forward`.
 
-Each nano-op reads and writes whole-batch buffers through static token slices:
+Activations live as *pieces*: for each tensor (and layer) a set of token ranges [s, e) with
+their arrays,
 
-    x        [T, D]        residual stream (o_proj and down add into their rows)
-    q, k, v  [T, H·, Dh]   written by qkv (after RoPE)
-    attn     [T, Hq, Dh]   written by attn, which also writes the rows' K/V into the cache
-    gate_up  [T, 2F]       written by up_gate
+    x        [e-s, D]         the residual stream (one for all layers: each row's latest value)
+    q, k, v  [e-s, H·, Dh]    written by qkv (after RoPE), one per layer
+    attn     [e-s, Hq, Dh]    written by attn, which also writes the rows' K/V into the cache
+    gate_up  [e-s, 2F]        written by up_gate
 
-so ops of different kinds may use different boundaries. The KV cache is threaded through the
-attn ops in schedule order, which orders every attention after the KV writes of the tokens
-before it. On a GPU, an op with `stream > 0` is wrapped in `compute_on("gpu_stream:N")`
-(XLA issues it on its own CUDA stream); everywhere else streams are ignored and the schedule
-only changes the order of the work, which is how the CPU tests compare it with the sequential
-schedule.
+An op reads its rows (the piece itself when the ranges match, a concatenation otherwise) and
+writes a new piece, so nano-batches copy no whole-batch buffers and their chains of ops stay
+independent in the dataflow, which is what lets XLA run them at once. The KV cache is threaded
+through the attn ops in schedule order: every attention runs after the K/V writes of the
+tokens before it (the schedule checks that attention runs in token order).
+
+On a GPU an op with `stream > 0` runs inside `compute_on("gpu_stream:N")` (its own CUDA
+stream); consecutive ops with the same stream and group are one such call, so a GEMM chain
+costs one join. Ops of one group (per window) form one XLA scheduling group. Everywhere else
+streams are ignored and the schedule only orders the work, which is how the CPU tests compare
+it with the sequential schedule.
 """
 from __future__ import annotations
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.kv_cache import write_kv
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import slice_metadata
 from nanoflow_jax.pipeline.schedule import Schedule
@@ -78,64 +86,212 @@ def on_stream(fn, stream: int):
                 out_memory_spaces=jax.memory.Space.Device)
 
 
-def make_layer_fn(schedule: Schedule, use_streams: bool | None = None):
-    """A function with `llama.decoder_layer`'s signature running `schedule`'s nano-ops.
+READS = {"qkv": ("x",), "attn": ("q", "k", "v"), "o_proj": ("attn", "x"),
+         "up_gate": ("x",), "down": ("gate_up", "x")}
+WRITES = {"qkv": ("q", "k", "v"), "attn": ("attn",), "o_proj": ("x",), "up_gate": ("gate_up",),
+          "down": ("x",)}
 
-    `use_streams`: None = on a GPU only.
+
+def _key(name: str, layer: int) -> tuple[str, int]:
+    return (name, -1 if name == "x" else layer)  # the residual stream is one for all layers
+
+
+class _Pieces:
+    """The token ranges of one tensor: disjoint [(start, end, array)], sorted by start."""
+
+    def __init__(self, parts=()):
+        self.parts = sorted(parts, key=lambda p: p[0])
+
+    def overlapping(self, start: int, end: int):
+        return [p for p in self.parts if p[0] < end and p[1] > start]
+
+    def read(self, start: int, end: int) -> jax.Array:
+        parts = self.overlapping(start, end)
+        if len(parts) == 1 and parts[0][:2] == (start, end):
+            return parts[0][2]
+        if sum(min(e, end) - max(s, start) for s, e, _ in parts) != end - start:
+            raise AssertionError(f"rows {start}..{end} read before they are written")
+        return jnp.concatenate([a[max(s, start) - s:min(e, end) - s] for s, e, a in parts])
+
+    def write(self, start: int, end: int, array) -> None:
+        kept = []
+        for s, e, a in self.parts:
+            if e <= start or s >= end:
+                kept.append((s, e, a))
+                continue
+            if s < start:  # trim, keeping the rows outside [start, end)
+                kept.append((s, start, None if a is None else a[:start - s]))
+            if e > end:
+                kept.append((end, e, None if a is None else a[end - s:]))
+        self.parts = sorted(kept + [(start, end, array)], key=lambda p: p[0])
+
+
+class _State:
+    """Pieces of every tensor, the KV cache of every layer, and the step's constants."""
+
+    def __init__(self, pieces, caches, consts, prewritten=frozenset()):
+        self.pieces: dict[tuple[str, int], _Pieces] = pieces
+        self.caches: dict[int, object] = caches
+        self.consts = consts  # {"layer": {l: params}, "pos": {(s, e): [e-s]}, "meta": {(s, e): ·}}
+        self.prewritten = prewritten  # (layer, start, end) of attn ops whose K/V are written
+        # Outputs of the side-stream calls that read a layer's cache since its last write: a
+        # write waits for them (a barrier), so XLA need not copy the cache to keep it intact.
+        self.readers: dict[int, list] = {}
+
+    def write_rows_kv(self, layer: int, start: int, end: int) -> None:
+        """Writes the rows' K/V into the layer's cache in place, after the calls reading it."""
+        cache = self.caches[layer]
+        if self.readers.get(layer):
+            cache, _ = jax.lax.optimization_barrier((cache, self.readers.pop(layer)))
+        k, v = (self.pieces[_key(n, layer)].read(start, end) for n in ("k", "v"))
+        self.caches[layer] = write_kv(*cache, k, v, self.consts["meta"][start, end].slots)
+
+    def run(self, op, layer: int, config: ModelConfig, attention) -> None:
+        s, e = op.start, op.end
+        w = self.consts["layer"][layer]
+        read = lambda name: self.pieces[_key(name, layer)].read(s, e)  # noqa: E731
+        if op.op == "qkv":
+            outs = llama.split_rope(llama.qkv_proj(w, read("x"), config),
+                                    self.consts["pos"][s, e], config)
+        elif op.op == "attn":
+            kwargs = {} if op.sm_share == 1 else {"sm_share": op.sm_share}
+            if (layer, s, e) in self.prewritten:
+                kwargs["write"] = False
+            elif self.readers.get(layer):  # a write inside the attention: wait for the readers
+                self.caches[layer], _ = jax.lax.optimization_barrier(
+                    (self.caches[layer], self.readers.pop(layer)))
+            out, cache = attention(read("q"), read("k"), read("v"), self.caches[layer],
+                                   self.consts["meta"][s, e], **kwargs)
+            if "write" not in kwargs:
+                self.caches[layer] = cache
+            outs = (out,)
+        elif op.op == "o_proj":
+            outs = (llama.o_proj(w, read("attn"), read("x")),)
+        elif op.op == "up_gate":
+            outs = (llama.up_gate_proj(w, read("x"), config),)
+        else:
+            outs = (llama.down_proj(w, read("gate_up"), read("x")),)
+        for name, out in zip(WRITES[op.op], outs):
+            self.pieces.setdefault(_key(name, layer), _Pieces()).write(s, e, out)
+
+
+def _calls(flat, use_streams: bool):
+    """Splits the flattened (window, op) list into calls: runs of consecutive ops with the same
+    stream > 0 and group in one window; every other op is a call of its own (stream 0)."""
+    calls = []
+    for w, op in flat:
+        key = (w, op.stream, op.group) if use_streams and op.stream > 0 else None
+        if calls and key is not None and calls[-1][0] == key:
+            calls[-1][1].append((w, op))
+        else:
+            calls.append((key, [(w, op)]))
+    return calls
+
+
+class _Origin:
+    """Stands for a piece outside the call in `_call_inputs`' dry run; its rows are its own."""
+
+    def __init__(self, start: int, end: int):
+        self.range = (start, end)
+
+    def __getitem__(self, rows):
+        return self
+
+
+def _call_inputs(state: _State, ops):
+    """What a call reads from outside: {(tensor key, start, end): whole piece} and the cache
+    layers it updates, found by replaying its ops' reads and writes on the pieces' ranges."""
+    layout = {k: _Pieces([(s, e, _Origin(s, e)) for s, e, _ in p.parts])
+              for k, p in state.pieces.items()}
+    used, caches = set(), []
+    for w, op in ops:
+        layer = w + op.layer
+        for name in READS[op.op]:
+            for _, _, origin in layout[_key(name, layer)].overlapping(op.start, op.end):
+                if origin is not None:  # None: rows written earlier in this call
+                    used.add((_key(name, layer),) + origin.range)
+        if op.op == "attn" and layer not in caches:
+            caches.append(layer)
+        for name in WRITES[op.op]:
+            layout.setdefault(_key(name, layer), _Pieces()).write(op.start, op.end, None)
+    inputs = {(k, s, e): a for k, p in state.pieces.items() for s, e, a in p.parts
+              if (k, s, e) in used}
+    return inputs, caches
+
+
+def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_call=on_stream):
+    """A function with `llama.run_layers`' signature running `schedule`'s nano-ops.
+
+    `use_streams`: None = on a GPU only. `wrap_call(fn, stream)` issues a call on a stream
+    (tests swap in `jax.jit` to check the calls' plumbing on the CPU).
     """
     if use_streams is None:
         use_streams = jax.default_backend() == "gpu"
 
-    def issue(fn, stream: int, group: int = 0):
-        if not (use_streams and stream > 0):
-            return fn
-        issued = on_stream(fn, stream)
-        if not group:
-            return issued
-
-        def grouped(*args):
-            from jax.experimental.xla_metadata import set_xla_metadata
-
-            with set_xla_metadata(_scheduling_group_id=str(group)):
-                return issued(*args)
-
-        return grouped
-
-    def layer_fn(layer, x, positions, layer_cache, meta, config: ModelConfig, attention):
-        t = x.shape[0]
+    def run_layers(layers, x, positions, kv_cache, meta, config: ModelConfig, attention):
+        t, num_layers = x.shape[0], len(layers)
         sched = schedule.for_tokens(t)
-        q = k = v = attn = gate_up = None
-        for op in sched.ops:
-            s, e = op.start, op.end
-            if op.op == "qkv":
-                def qkv(layer, xs, pos):
-                    return llama.split_rope(llama.qkv_proj(layer, xs, config), pos, config)
+        flat = sched.flatten(num_layers)
+        ranges = {(o.start, o.end) for o in sched.ops}
+        consts = {"layer": dict(enumerate(layers)),
+                  "pos": {(s, e): positions[s:e] for s, e in ranges},
+                  "meta": {(s, e): slice_metadata(meta, s, e) for s, e in ranges}}
+        caches = dict(enumerate(kv_cache or [None] * num_layers))
+        state = _State({_key("x", 0): _Pieces([(0, t, x)])}, caches, consts)
+        groups = 1 + max(o.group for o in sched.ops)
+        for key, ops in _calls(flat, use_streams):
+            if key is None:
+                (w, op), = ops
+                state.run(op, w + op.layer, config, attention)
+                continue
+            w, stream, group = key
+            # K/V the call does not compute itself are written here, on the main stream, so
+            # the call only reads the cache: a side-stream call that updated it in place
+            # would make XLA copy the whole cache (measured: 123 ms steps, then out of memory).
+            computed = {w_ + o.layer for w_, o in ops if o.op == "qkv"}
+            prewritten = set()
+            for w_, o in ops:
+                if o.op == "attn" and w_ + o.layer not in computed:
+                    state.write_rows_kv(w_ + o.layer, o.start, o.end)
+                    prewritten.add((w_ + o.layer, o.start, o.end))
+            inputs, cache_layers = _call_inputs(state, ops)
+            used = {w_ + o.layer for w_, o in ops}
+            call_consts = {"layer": {l: layers[l] for l in used},
+                           "pos": {(o.start, o.end): consts["pos"][o.start, o.end]
+                                   for _, o in ops if o.op == "qkv"},
+                           "meta": {(o.start, o.end): consts["meta"][o.start, o.end]
+                                    for _, o in ops if o.op == "attn"}}
 
-                qs, ks, vs = issue(qkv, op.stream, op.group)(layer, x[s:e], positions[s:e])
-                if q is None:
-                    q = jax.numpy.zeros((t,) + qs.shape[1:], qs.dtype)
-                    k = jax.numpy.zeros((t,) + ks.shape[1:], ks.dtype)
-                    v = jax.numpy.zeros((t,) + vs.shape[1:], vs.dtype)
-                q, k, v = q.at[s:e].set(qs), k.at[s:e].set(ks), v.at[s:e].set(vs)
-            elif op.op == "attn":
-                def attend(qs, ks, vs, cache, m):
-                    return attention(qs, ks, vs, cache, m)
+            def body(inputs, caches, call_consts, ops=ops, prewritten=frozenset(prewritten)):
+                pieces = {}
+                for (k, s, e), a in inputs.items():
+                    pieces.setdefault(k, _Pieces()).parts.append((s, e, a))
+                local = _State(pieces, dict(caches), call_consts, prewritten)
+                for w_, op in ops:
+                    local.run(op, w_ + op.layer, config, attention)
+                given = {id(a) for a in inputs.values()}
+                written = {(k, s, e): a for k, p in local.pieces.items()
+                           for s, e, a in p.parts if id(a) not in given}
+                return written, {l: c for l, c in local.caches.items() if c is not caches[l]}
 
-                out, layer_cache = issue(attend, op.stream, op.group)(
-                    q[s:e], k[s:e], v[s:e], layer_cache, slice_metadata(meta, s, e))
-                attn = (jax.numpy.zeros_like(q) if attn is None else attn).at[s:e].set(out)
-            elif op.op == "o_proj":
-                o_proj = issue(llama.o_proj, op.stream, op.group)
-                x = x.at[s:e].set(o_proj(layer, attn[s:e], x[s:e]))
-            elif op.op == "up_gate":
-                up_gate = issue(functools.partial(llama.up_gate_proj, config=config),
-                                op.stream, op.group)
-                gu = up_gate(layer, x[s:e])
-                gate_up = (jax.numpy.zeros((t, gu.shape[1]), gu.dtype) if gate_up is None
-                           else gate_up).at[s:e].set(gu)
-            else:  # down
-                down = issue(llama.down_proj, op.stream, op.group)
-                x = x.at[s:e].set(down(layer, gate_up[s:e], x[s:e]))
-        return x, layer_cache
+            call = wrap_call(body, stream)
+            args = (inputs, {l: state.caches[l] for l in cache_layers}, call_consts)
+            if group:
+                from jax.experimental.xla_metadata import set_xla_metadata
 
-    return layer_fn
+                # One id per (window, group): XLA's scheduling groups must not span layers.
+                with set_xla_metadata(_scheduling_group_id=str((w + sched.windows) * groups
+                                                               + group)):
+                    written, caches = call(*args)
+            else:
+                written, caches = call(*args)
+            for (k, s, e), a in written.items():
+                state.pieces.setdefault(k, _Pieces()).write(s, e, a)
+            state.caches.update(caches)
+            for l in cache_layers:  # read, not written, by the call: later writes wait for it
+                if l not in caches:
+                    state.readers.setdefault(l, []).extend(written.values())
+        x = state.pieces[_key("x", 0)].read(0, t)
+        return x, None if kv_cache is None else [state.caches[l] for l in range(num_layers)]
+
+    return run_layers

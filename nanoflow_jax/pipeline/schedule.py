@@ -1,4 +1,4 @@
-"""A nano-batch schedule is data: per layer, an ordered list of nano-ops over token ranges.
+"""A nano-batch schedule is data: an ordered list of nano-ops over token ranges, per layer.
 
 A nano-op applies one of the layer's ops to the tokens [start, end) of the dense batch:
 
@@ -12,14 +12,23 @@ A nano-op applies one of the layer's ops to the tokens [start, end) of the dense
 non-zero streams may run concurrently when nothing orders them), `sm_share` the fraction of
 SMs a kernel may use (kept for the auto-search; the executor does not enforce it yet).
 
-The same op list is used for every layer. Token boundaries are given for `num_tokens`; for
-another bucket size they scale proportionally (rounded to a multiple of 16), and a bucket
-smaller than `min_tokens` runs the sequential schedule, where splitting cannot pay.
+The op list is one *window*, repeated for every layer: window w runs each op on layer
+w + op.layer, where `layer` is 0 (this window's layer) or 1 (the next one); ops of layers
+outside the model are skipped, so a pipeline that crosses layer boundaries (nano-batch A's
+next-layer qkv beside nano-batch B's attention) has its prologue and epilogue for free.
+
+`concurrent` asks XLA to let kernels with no data dependency between them run at once inside
+its CUDA graphs (command buffers in CONCURRENT scheduling mode): overlap without streams.
+
+Token boundaries are given for `num_tokens`; for another bucket size they scale
+proportionally (rounded to a multiple of 16), and a bucket smaller than `min_tokens` runs the
+sequential schedule, where splitting cannot pay.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 OPS = ("qkv", "attn", "o_proj", "up_gate", "down")  # data-flow order within a token
 
@@ -34,6 +43,7 @@ class NanoOp:
     # Ops with the same group > 0 form one XLA scheduling group (`_scheduling_group_id`):
     # XLA's scheduler keeps them together, so their async stream calls are in flight at once.
     group: int = 0
+    layer: int = 0  # 0: the window's layer; 1: the next layer (a pipeline across layers)
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -45,6 +55,8 @@ class NanoOp:
             raise ValueError(f"sm_share must be in (0, 1], got {self.sm_share}")
         if self.group < 0:
             raise ValueError(f"group must be >= 0, got {self.group}")
+        if self.layer not in (0, 1):
+            raise ValueError(f"layer must be 0 (this window's) or 1 (the next), got {self.layer}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +65,7 @@ class Schedule:
     num_tokens: int  # the dense batch the boundaries are written for
     ops: tuple[NanoOp, ...]
     min_tokens: int = 0  # smaller buckets run sequentially
+    concurrent: bool = False  # XLA may run independent kernels at once (see the module doc)
 
     def __post_init__(self):
         # Every op kind covers [0, num_tokens) exactly once, and a token's ops come in order.
@@ -67,25 +80,30 @@ class Schedule:
             if covered != self.num_tokens:
                 raise ValueError(f"schedule {self.name!r}: {kind} covers {covered} of "
                                  f"{self.num_tokens} tokens")
-        seen: dict[str, list[tuple[int, int]]] = {k: [] for k in OPS}
-        for o in self.ops:
-            if o.op != OPS[0]:
-                before = OPS[OPS.index(o.op) - 1]
-                if not _covers(seen[before], o.start, o.end):
-                    raise ValueError(f"schedule {self.name!r}: {o.op}[{o.start}:{o.end}] runs "
-                                     f"before its tokens' {before}")
-            seen[o.op].append((o.start, o.end))
+        _check_order(self)
 
     @property
     def is_sequential(self) -> bool:
-        return len(self.ops) == len(OPS)
+        """One op of each kind over the whole batch, in order: no splitting, no streams."""
+        return len(self.ops) == len(OPS) and all(o.layer == 0 and o.stream == 0
+                                                 for o in self.ops)
+
+    @property
+    def windows(self) -> int:
+        """How many windows run before the first layer's: the pipeline's prologue."""
+        return max(o.layer for o in self.ops)
+
+    def flatten(self, num_layers: int) -> list[tuple[int, NanoOp]]:
+        """Every (window, op) in execution order; the op runs on layer window + op.layer."""
+        return [(w, o) for w in range(-self.windows, num_layers) for o in self.ops
+                if 0 <= w + o.layer < num_layers]
 
     def for_tokens(self, num_tokens: int) -> "Schedule":
         """The schedule with its boundaries scaled to a bucket of `num_tokens`."""
         if num_tokens == self.num_tokens:
             return self
         if num_tokens < self.min_tokens or self.is_sequential:
-            return sequential(num_tokens)
+            return sequential(num_tokens, self.concurrent)
 
         def scale(b: int) -> int:
             if b in (0, self.num_tokens):
@@ -97,31 +115,58 @@ class Schedule:
             s, e = scale(o.start), scale(o.end)
             if s < e:
                 ops.append(dataclasses.replace(o, start=s, end=e))
-        return Schedule(self.name, num_tokens, tuple(ops), self.min_tokens)
+        return dataclasses.replace(self, num_tokens=num_tokens, ops=tuple(ops))
+
+    def compiler_options(self) -> dict[str, str]:
+        """XLA options for the step that runs this schedule (GPU)."""
+        if self.concurrent:
+            return {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+        return {}
 
     def to_json(self) -> str:
         return json.dumps({"name": self.name, "num_tokens": self.num_tokens,
-                           "min_tokens": self.min_tokens,
+                           "min_tokens": self.min_tokens, "concurrent": self.concurrent,
                            "ops": [dataclasses.asdict(o) for o in self.ops]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
         d = json.loads(text)
         return cls(d["name"], d["num_tokens"], tuple(NanoOp(**o) for o in d["ops"]),
-                   d.get("min_tokens", 0))
+                   d.get("min_tokens", 0), d.get("concurrent", False))
 
 
-def _covers(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
-    covered = [False] * (end - start)
-    for s, e in ranges:
-        for t in range(max(s, start), min(e, end)):
-            covered[t - start] = True
-    return all(covered)
+def _check_order(schedule: Schedule) -> None:
+    """Replays the schedule over a few layers and checks that every token's ops come in
+    data-flow order (layer by layer), and that within a layer attention runs in increasing
+    token order: a prompt chunk cut by a boundary needs its earlier rows' K/V in the cache."""
+    bounds = sorted({b for o in schedule.ops for b in (o.start, o.end)})
+    segments = list(zip(bounds[:-1], bounds[1:]))
+    done = {seg: (0, 0) for seg in segments}  # next (layer, op index) each segment must run
+    num_layers = schedule.windows + 3
+    last_attn = {}
+    for w, o in schedule.flatten(num_layers):
+        layer, k = w + o.layer, OPS.index(o.op)
+        for seg in segments:
+            if o.start <= seg[0] and seg[1] <= o.end and done[seg] != (layer, k):
+                want_layer, want_k = done[seg]
+                raise ValueError(
+                    f"schedule {schedule.name!r}: {o.op}[{o.start}:{o.end}] of layer {layer} "
+                    f"runs before its tokens' {OPS[want_k]} of layer {want_layer}")
+            if o.start <= seg[0] and seg[1] <= o.end:
+                done[seg] = (layer + (k + 1) // len(OPS), (k + 1) % len(OPS))
+        if o.op == "attn":
+            if o.start < last_attn.get(layer, 0):
+                raise ValueError(f"schedule {schedule.name!r}: attention of tokens {o.start}.. "
+                                 f"runs after that of later tokens in layer {layer}")
+            last_attn[layer] = o.end
+    if any(d != (num_layers, 0) for d in done.values()):
+        raise ValueError(f"schedule {schedule.name!r} leaves some tokens' ops unrun")
 
 
-def sequential(num_tokens: int) -> Schedule:
+def sequential(num_tokens: int, concurrent: bool = False) -> Schedule:
     """The baseline: every op over the whole batch, one after the other."""
-    return Schedule("sequential", num_tokens, tuple(NanoOp(k, 0, num_tokens) for k in OPS))
+    return Schedule("sequential" + ("+graph" if concurrent else ""), num_tokens,
+                    tuple(NanoOp(k, 0, num_tokens) for k in OPS), concurrent=concurrent)
 
 
 def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
@@ -139,9 +184,7 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
     """
     if grouped and not overlap:
         raise ValueError("a grouped schedule overlaps: grouped needs overlap=True")
-    if not 1 <= num_nano <= num_tokens // 16:
-        raise ValueError(f"cannot split {num_tokens} tokens into {num_nano} nano-batches")
-    bounds = [round(i * num_tokens / num_nano / 16) * 16 for i in range(num_nano)] + [num_tokens]
+    bounds = _bounds(num_tokens, num_nano)
     gemm, attn = (1, 2 if grouped else 0) if overlap else (0, 0)
     ops = []
     # Stage k of nano-batch i runs in "tick" i + k: ticks interleave the nano-batches.
@@ -157,18 +200,69 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano)
 
 
+def _bounds(num_tokens: int, num_nano: int) -> list[int]:
+    if not 1 <= num_nano <= num_tokens // 16:
+        raise ValueError(f"cannot split {num_tokens} tokens into {num_nano} nano-batches")
+    return [round(i * num_tokens / num_nano / 16) * 16 for i in range(num_nano)] + [num_tokens]
+
+
+def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
+                   concurrent: bool = False, attn_sm_share: float = 1.0) -> Schedule:
+    """`num_nano` nano-batches pipelined across layers, NanoFlow's overlap for LLaMA-3-8B.
+
+    Each layer runs `num_nano` ticks; in tick i nano-batch i's attention runs beside the
+    GEMM chain of nano-batch i-1: its o_proj, up/gate and down, then its next layer's qkv
+    (nano-batch 0's attention runs beside the last nano-batch's chain of the layer before).
+    With `streams` the chain is one call on stream 1 and the attention one call on stream 2,
+    the two in one XLA scheduling group: two joins per tick. Without streams (and without
+    `concurrent`) the same order runs on one stream: the cost of splitting alone.
+    `attn_sm_share` < 1 runs decode attention persistent on that share of the SMs, so the
+    GEMMs beside it have the others from the start (NanoFlow partitions SMs the same way).
+    """
+    bounds = _bounds(num_tokens, num_nano)
+    gemm, attn = (1, 2) if streams else (0, 0)
+    rows = lambda i: (bounds[i], bounds[i + 1])  # noqa: E731
+    ops = []
+    # The window is ticks 1..N of layer l: tick N is tick 0 of layer l + 1.
+    for tick in range(1, num_nano + 1):
+        group = tick if streams else 0
+        ops.append(NanoOp("attn", *rows(tick % num_nano), attn, attn_sm_share, group=group,
+                          layer=int(tick == num_nano)))
+        for op in ("o_proj", "up_gate", "down", "qkv"):
+            ops.append(NanoOp(op, *rows(tick - 1), gemm, group=group, layer=int(op == "qkv")))
+    name = (f"nano{num_nano}-pipe" + ("" if streams else "-nostreams")
+            + (f"-sm{round(100 * attn_sm_share)}" if attn_sm_share < 1 else "")
+            + ("+graph" if concurrent else ""))
+    return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano,
+                    concurrent=concurrent)
+
+
+_NAME = re.compile(r"nano(\d+)(-pipe(-nostreams)?(-sm(\d+))?|-nooverlap|-grouped)?")
+
+
 def named_schedule(name: str, num_tokens: int) -> Schedule:
-    """`sequential`, `nanoN`, `nanoN-nooverlap` or `nanoN-grouped` (N = 2..4), or a path to a
-    schedule JSON."""
-    if name == "sequential":
-        return sequential(num_tokens)
-    if name.startswith("nano"):
-        n, _, rest = name[4:].partition("-")
-        if n.isdigit() and rest in ("", "nooverlap", "grouped"):
-            return nano_batched(num_tokens, int(n), overlap=rest != "nooverlap",
-                                grouped=rest == "grouped")
+    """A schedule by name: `sequential`; per layer `nanoN` (GEMMs on stream 1),
+    `nanoN-nooverlap` (one stream), `nanoN-grouped` (two streams, a scheduling group per
+    tick); across layers `nanoN-pipe` (two streams, grouped) or `nanoN-pipe-nostreams`, either
+    with `-smP` (decode attention on P % of the SMs); any of these with `+graph` (XLA may run
+    independent kernels at once); or a path to a schedule JSON."""
     if name.endswith(".json"):
         with open(name) as f:
             return Schedule.from_json(f.read()).for_tokens(num_tokens)
-    raise ValueError(f"unknown schedule {name!r}: sequential, nano2..nano4, nanoN-nooverlap, nanoN-grouped, "
-                     f"or a .json file")
+    base, graph = name.removesuffix("+graph"), name.endswith("+graph")
+    if base == "sequential":
+        return sequential(num_tokens, graph)
+    m = _NAME.fullmatch(base)
+    if m and m[2] and m[2].startswith("-pipe"):
+        share = int(m[5]) / 100 if m[5] else 1.0
+        if not 0 < share <= 1:
+            raise ValueError(f"schedule {name!r}: the SM share must be 1..100 %")
+        return nano_pipelined(num_tokens, int(m[1]), streams=not m[3], concurrent=graph,
+                              attn_sm_share=share)
+    if m:
+        s = nano_batched(num_tokens, int(m[1]), overlap=m[2] != "-nooverlap",
+                         grouped=m[2] == "-grouped")
+        return dataclasses.replace(s, name=name, concurrent=graph)
+    raise ValueError(f"unknown schedule {name!r}: sequential, nanoN, nanoN-nooverlap, "
+                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP] (N = 2..4), each "
+                     f"optionally +graph, or a .json file")
