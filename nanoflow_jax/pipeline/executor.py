@@ -263,10 +263,11 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
                                     for _, o in ops if o.op == "attn"}}
 
             def body(inputs, caches, call_consts, ops=ops, prewritten=frozenset(prewritten)):
-                pieces = {}
+                parts = {}
                 for (k, s, e), a in inputs.items():
-                    pieces.setdefault(k, _Pieces()).parts.append((s, e, a))
-                local = _State(pieces, dict(caches), call_consts, prewritten)
+                    parts.setdefault(k, []).append((s, e, a))
+                local = _State({k: _Pieces(p) for k, p in parts.items()}, dict(caches),
+                               call_consts, prewritten)
                 for w_, op in ops:
                     local.run(op, w_ + op.layer, config, attention)
                 given = {id(a) for a in inputs.values()}
