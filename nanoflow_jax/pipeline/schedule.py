@@ -10,7 +10,8 @@ A nano-op applies one of the layer's ops to the tokens [start, end) of the dense
 
 `stream` names the GPU stream the op is issued on (0 = XLA's default; ops on different
 non-zero streams may run concurrently when nothing orders them), `sm_share` the fraction of
-SMs a kernel may use (kept for the auto-search; the executor does not enforce it yet).
+SMs a kernel may use (enforced for attention: its decode kernel then runs that share of the
+SMs' worth of persistent programs; GEMMs ignore it).
 
 The op list is one *window*, repeated for every layer: window w runs each op on layer
 w + op.layer, where `layer` is 0 (this window's layer) or 1 (the next one); ops of layers
