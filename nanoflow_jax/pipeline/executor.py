@@ -138,13 +138,18 @@ class _State:
         # write waits for them (a barrier), so XLA need not copy the cache to keep it intact.
         self.readers: dict[int, list] = {}
 
-    def write_rows_kv(self, layer: int, start: int, end: int) -> None:
-        """Writes the rows' K/V into the layer's cache in place, after the calls reading it."""
-        cache = self.caches[layer]
+    def cache_to_write(self, layer: int):
+        """The layer's cache, ordered after the side-stream calls still reading it."""
         if self.readers.get(layer):
-            cache, _ = jax.lax.optimization_barrier((cache, self.readers.pop(layer)))
+            self.caches[layer], _ = jax.lax.optimization_barrier(
+                (self.caches[layer], self.readers.pop(layer)))
+        return self.caches[layer]
+
+    def write_rows_kv(self, layer: int, start: int, end: int) -> None:
+        """Writes the rows' K/V into the layer's cache in place."""
         k, v = (self.pieces[_key(n, layer)].read(start, end) for n in ("k", "v"))
-        self.caches[layer] = write_kv(*cache, k, v, self.consts["meta"][start, end].slots)
+        self.caches[layer] = write_kv(*self.cache_to_write(layer), k, v,
+                                      self.consts["meta"][start, end].slots)
 
     def run(self, op, layer: int, config: ModelConfig, attention) -> None:
         s, e = op.start, op.end
@@ -155,14 +160,13 @@ class _State:
                                     self.consts["pos"][s, e], config)
         elif op.op == "attn":
             kwargs = {} if op.sm_share == 1 else {"sm_share": op.sm_share}
-            if (layer, s, e) in self.prewritten:
+            writes = (layer, s, e) not in self.prewritten
+            if not writes:
                 kwargs["write"] = False
-            elif self.readers.get(layer):  # a write inside the attention: wait for the readers
-                self.caches[layer], _ = jax.lax.optimization_barrier(
-                    (self.caches[layer], self.readers.pop(layer)))
-            out, cache = attention(read("q"), read("k"), read("v"), self.caches[layer],
+            cache = self.cache_to_write(layer) if writes else self.caches[layer]
+            out, cache = attention(read("q"), read("k"), read("v"), cache,
                                    self.consts["meta"][s, e], **kwargs)
-            if "write" not in kwargs:
+            if writes:
                 self.caches[layer] = cache
             outs = (out,)
         elif op.op == "o_proj":
