@@ -66,10 +66,16 @@ def _decode_kernel(*refs, **static):
     _decode_program(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **static)
 
 
+def decode_work_item(w, num_kv_heads: int, num_splits: int, *refs, **static):
+    """Runs work item w = (b · Hkv + h) · S + split: the numbering of the persistent kernel and
+    of `fused_gemm_decode`'s attention programs."""
+    b, rest = w // (num_kv_heads * num_splits), w % (num_kv_heads * num_splits)
+    _decode_program(b, rest // num_splits, rest % num_splits, *refs, **static)
+
+
 def _persistent_decode_kernel(*refs, num_programs: int, num_kv_heads: int, num_splits: int,
                               num_work: int, **static):
-    """Grid (num_programs,): program p runs work items p, p + num_programs, ... where item
-    w = (b · Hkv + h) · S + split."""
+    """Grid (num_programs,): program p runs work items p, p + num_programs, ..."""
     pid = pl.program_id(0)
 
     def one(i, carry):
@@ -77,8 +83,7 @@ def _persistent_decode_kernel(*refs, num_programs: int, num_kv_heads: int, num_s
 
         @pl.when(w < num_work)
         def _():
-            b, rest = w // (num_kv_heads * num_splits), w % (num_kv_heads * num_splits)
-            _decode_program(b, rest // num_splits, rest % num_splits, *refs, **static)
+            decode_work_item(w, num_kv_heads, num_splits, *refs, **static)
 
         return carry
 

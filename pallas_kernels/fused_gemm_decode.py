@@ -33,8 +33,8 @@ that loop over tiles g apart (the GEMM's share of the grid, and so of the SMs, i
 fixed, e.g. 100 of 132 SMs' worth, and the attention gets the rest).
 
 Attention part: exactly `decode_attention` (same layout, same body: the program body is
-`decode_attention._decode_program`, called with (sequence, KV head, split) from the
-attention index a = (b · Hkv + h) · S + split).  With several splits the per-split
+`decode_attention._decode_program`, run by `decode_work_item` for the attention index
+a = (b · Hkv + h) · S + split).  With several splits the per-split
 normalised outputs and log2-sum-exp come out of the kernel in fp32 and the same jnp combine
 (`decode_attention.combine_splits`) merges them after the call.
 
@@ -69,9 +69,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels.decode_attention import (
-    _decode_program,
     combine_splits,
     decode_attention_reference,
+    decode_work_item,
     plan_decode,
 )
 
@@ -171,13 +171,10 @@ def _fused_kernel(
         lax.fori_loop(0, (n_tiles - p + gemm_programs - 1) // gemm_programs, one, 0)
 
     def attention(a):
-        b = a // (num_kv_heads * num_splits)
-        h = (a // num_splits) % num_kv_heads
-        split = a % num_splits
-        _decode_program(
-            b,
-            h,
-            split,
+        decode_work_item(
+            a,
+            num_kv_heads,
+            num_splits,
             page_tables_ref,
             lengths_ref,
             q_ref,
