@@ -49,6 +49,11 @@ flags.DEFINE_list("fused_tuning", [], "fused kernel: key=int pairs, e.g. "
 F = flags.FLAGS
 
 
+def _int_pairs(items: list[str]) -> dict[str, int]:
+    """["num_warps=8", ...] -> {"num_warps": 8, ...}"""
+    return {k: int(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def _time(fn, *args):
     out = fn(*args)
     jax.block_until_ready(out)
@@ -81,7 +86,7 @@ def main(argv):
     fused = functools.partial(fused_gemm_decode, sm_scale=dh**-0.5, interpret=smoke,
                               interleave=F.fused_interleave,
                               gemm_programs=F.fused_gemm_programs or None,
-                              **{kv.split("=")[0]: int(kv.split("=")[1]) for kv in F.fused_tuning})
+                              **_int_pairs(F.fused_tuning))
 
     def gemm(x, w):
         return x @ w
@@ -126,8 +131,7 @@ def main(argv):
             lambda x, w, q, k, v, tab, lens: (gemm(x, w), attend(q, k, v, tab, lens)),
             compiler_options={"xla_gpu_graph_min_graph_size": "1"})
         for n in map(int, F.persistent_programs):
-            part = functools.partial(attn, num_programs=n, **{
-                kv.split("=")[0]: int(kv.split("=")[1]) for kv in F.persistent_tuning})
+            part = functools.partial(attn, num_programs=n, **_int_pairs(F.persistent_tuning))
             variants[f"attention alone, {n} programs"] = jax.jit(
                 lambda x, w, q, k, v, tab, lens, part=part: part(q, k, v, tab, lens))
 
