@@ -13,6 +13,9 @@ repeats, blocked):
     streams: GEMM on gpu_stream:1, attention on gpu_stream:2 (compute_on);
     streams + scheduling group: both calls in one `_scheduling_group_id` group;
     concurrent graph: no streams, XLA's command buffer in CONCURRENT scheduling mode;
+    persistent GEMM (--mgpu_programs): a Mosaic GPU GEMM on G CTAs
+    (pallas_kernels/persistent_matmul.py) issued first, the attention beside it on the other
+    SMs, on streams or in the concurrent graph;
     fused kernel: both in ONE Pallas launch (pallas_kernels/fused_gemm_decode.py: GEMM tiles
     and attention programs split by program id; --fused_interleave, --fused_gemm_programs).
 Prints whether the compiled HLO holds call-start/call-done pairs, and the speedup over back to
@@ -27,8 +30,10 @@ import numpy as np
 from absl import app, flags
 
 from nanoflow_jax.pipeline.executor import on_stream
+from pallas_kernels import _compat
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
+from pallas_kernels.persistent_matmul import MatmulTiling, persistent_matmul
 
 flags.DEFINE_integer("gemm_tokens", 512, "rows of the GEMM's nano-batch")
 flags.DEFINE_integer("decodes", 150, "sequences in the attention's nano-batch")
@@ -40,6 +45,10 @@ flags.DEFINE_list("persistent_programs", ["16", "33", "66"],
                   "partitioning by grid size): alone, and beside the GEMM")
 flags.DEFINE_list("persistent_tuning", [], "persistent attention: key=int pairs, e.g. "
                   "num_warps=8,num_stages=4")
+flags.DEFINE_list("mgpu_programs", [], "persistent Mosaic GPU GEMM on this many CTAs: alone, "
+                  "and beside the attention (full grid, and on the remaining SMs)")
+flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
+                  "tile_m=128,tile_n=128,tile_k=64,max_concurrent_steps=4,wg_split_m=0")
 flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
                   "program order of the fused kernel")
 flags.DEFINE_integer("fused_gemm_programs", 0,
@@ -147,6 +156,26 @@ def main(argv):
                 lambda x, w, q, k, v, tab, lens, part=part: (part(q, k, v, tab, lens),
                                                              gemm(x, w)),
                 compiler_options=concurrent)
+        tiling = MatmulTiling(**_int_pairs(F.mgpu_tiling))
+        for g in map(int, F.mgpu_programs):
+            mm = functools.partial(persistent_matmul, num_programs=g, tiling=tiling)
+            rest = functools.partial(attn, num_programs=max(1, _compat.num_sms() - g),
+                                     **_int_pairs(F.persistent_tuning))
+            variants[f"mgpu GEMM alone, {g} CTAs"] = jax.jit(lambda x, w, *_, mm=mm: mm(x, w))
+
+            def grouped_mgpu(x, w, q, k, v, tab, lens, mm=mm, att=attend):
+                from jax.experimental.xla_metadata import set_xla_metadata
+
+                with set_xla_metadata(_scheduling_group_id="1"):  # the GEMM issued first
+                    y = on_stream(mm, 1)(x, w)
+                    return y, on_stream(att, 2)(q, k, v, tab, lens)
+
+            variants[f"streams + group, mgpu GEMM {g} CTAs | attention"] = jax.jit(grouped_mgpu)
+            variants[f"streams + group, mgpu GEMM {g} CTAs | attention on the rest"] = jax.jit(
+                functools.partial(grouped_mgpu, att=rest))
+            variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, mm=mm: (mm(x, w), attend(q, k, v, tab, lens)),
+                compiler_options=concurrent)
     rows = []
     for name, fn in variants.items():
         try:
@@ -163,6 +192,13 @@ def main(argv):
         print(f"{name} | {ms:.3f} | {starts} | {times['back to back'] / ms:.3f}")
     print(f"ideal (larger of the two alone) | {ideal:.3f} | - | "
           f"{times['back to back'] / ideal:.3f}")
+    for g in map(int, F.mgpu_programs):  # a fast but wrong GEMM would mislead too
+        name = f"mgpu GEMM alone, {g} CTAs"
+        if np.isfinite(times.get(name, np.nan)):
+            got, want = variants[name](*args), variants["gemm alone"](*args)
+            err = float(jnp.linalg.norm((got.astype(jnp.float32) - want.astype(jnp.float32))
+                                        .ravel()) / jnp.linalg.norm(want.astype(jnp.float32)))
+            print(f"{name} vs cuBLAS: rel err {err:.1e}")
     if np.isfinite(times["fused kernel"]):  # a fast but wrong kernel would mislead
         got, want = variants["fused kernel"](*args), variants["back to back"](*args)
         errs = [float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)).ravel())

@@ -66,3 +66,17 @@ def num_sms() -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def mosaic_gpu_interpret_params():
+    """`interpret=` value that runs a Mosaic GPU kernel (`plgpu.kernel`) on the CPU.
+
+    JAX 0.10.2 and 0.11 keep the GPU interpreter's params class private
+    (`InterpretGPUParams`); a later public name is preferred when present.
+    """
+    from jax.experimental.pallas import mosaic_gpu as mgpu
+
+    cls = getattr(mgpu, "InterpretParams", None)
+    if cls is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+    return cls()
