@@ -68,7 +68,8 @@ def _as_calls(fn, stream):
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_batched(T, 3, grouped=True),
                                       nano_batched(T, 4, overlap=False), CUSTOM,
-                                      nano_pipelined(T, 2), nano_pipelined(T, 3, streams=False)],
+                                      nano_pipelined(T, 2), nano_pipelined(T, 3, streams=False),
+                                      nano_pipelined(T, 2, streams=False, gemm_sm_share=0.5)],
                          ids=lambda s: s.name)
 def test_schedule_matches_sequential(kind, schedule):
     model = nf.load_model("tiny-llama", dtype="float32", seed=11)
@@ -100,6 +101,36 @@ def test_schedule_with_kernels_in_interpret_mode():
                                      wrap_call=_as_calls))
     rows = np.asarray(batch.attn.slots) >= 0
     assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
+
+
+def test_gemm_sm_share_runs_the_persistent_gemm_in_interpret_mode():
+    """GEMM ops with an SM share go through `gemm_on`: here the persistent Mosaic GPU GEMM on 2
+    CTAs in its CPU interpreter (fp32 tiles that cover every tiny-llama projection; the
+    interpreter crashes on a 64-wide bf16 or fp32 N tile)."""
+    from pallas_kernels.persistent_matmul import MatmulTiling, persistent_matmul
+
+    tiling = MatmulTiling(tile_m=64, tile_n=32, tile_k=64, max_concurrent_steps=2,
+                          wg_split_m=True)
+    shares = []
+
+    def gemm_on(share):
+        shares.append(share)
+        return functools.partial(persistent_matmul, num_programs=2, tiling=tiling,
+                                 interpret=True)
+
+    model = nf.load_model("tiny-llama", dtype="float32", seed=3)
+    rng = np.random.default_rng()
+    batch = jax.device_put(_batch("mixed", rng, model.config.vocab_size))
+    kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
+    attention = attention_fn("reference")
+    want, _ = _forward(model.params, model.config, kv, batch, attention, llama.run_layers)
+    schedule = nano_pipelined(T, 2, streams=False, gemm_sm_share=0.85)
+    got, _ = _forward(model.params, model.config, kv, batch, attention,
+                      make_layers_fn(schedule, gemm_on=gemm_on))
+    rows = np.asarray(batch.attn.slots) >= 0
+    assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
+    # 4 GEMM ops x 2 nano-batches x 2 layers, each given the schedule's share.
+    assert shares == [0.85] * 16
 
 
 def test_engine_with_a_nano_batch_schedule_generates_the_same_tokens():
@@ -151,6 +182,12 @@ def test_pipelined_schedules_cross_layers_in_data_flow_order():
     assert s.compiler_options() == {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
     assert Schedule.from_json(s.to_json()) == s
     assert {o.sm_share for o in s.ops if o.op == "attn"} == {0.25}
+    partitioned = named_schedule("nano2-pipe-nostreams-gemm85+graph", 256)
+    assert partitioned.name == "nano2-pipe-nostreams-gemm85+graph"
+    assert {(o.op == "attn", o.sm_share) for o in partitioned.ops} == {(True, 1), (False, 0.85)}
+    # The persistent GEMM chain is issued first in each tick: the attention after it finds
+    # the SMs it leaves.
+    assert [o.op for o in partitioned.ops[:5]] == ["o_proj", "up_gate", "down", "qkv", "attn"]
     # Tick 1 of window l: nano-batch 1's attention beside nano-batch 0's o_proj, up/gate,
     # down and its next layer's qkv; tick 2: nano-batch 0's next-layer attention beside
     # nano-batch 1's chain.

@@ -79,10 +79,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 # ---- the ops of one layer (the pipeline executor schedules these on token slices) ----------
 
 
-def qkv_proj(layer: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+# `matmul` computes every projection's GEMM: jnp.matmul, or a pipeline schedule's persistent
+# GEMM on a share of the SMs (pallas_kernels/persistent_matmul.py).
+
+
+def qkv_proj(layer: Params, x: jax.Array, config: ModelConfig, matmul=jnp.matmul) -> jax.Array:
     """Pre-attention norm + fused q/k/v GEMM: x [T, D] -> qkv [T, (Hq + 2·Hkv)·Dh]."""
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    qkv = h @ layer["wqkv"]
+    qkv = matmul(h, layer["wqkv"])
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
     return qkv
@@ -100,20 +104,22 @@ def split_rope(
     return q, k, v.reshape(t, config.num_kv_heads, dh)
 
 
-def o_proj(layer: Params, attn: jax.Array, residual: jax.Array) -> jax.Array:
+def o_proj(layer: Params, attn: jax.Array, residual: jax.Array, matmul=jnp.matmul) -> jax.Array:
     """attn [T, Hq, Dh] -> residual + attn·Wo, [T, D]."""
-    return residual + attn.reshape(attn.shape[0], -1) @ layer["wo"]
+    return residual + matmul(attn.reshape(attn.shape[0], -1), layer["wo"])
 
 
-def up_gate_proj(layer: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+def up_gate_proj(layer: Params, x: jax.Array, config: ModelConfig,
+                 matmul=jnp.matmul) -> jax.Array:
     """Pre-MLP norm + fused gate/up GEMM: x [T, D] -> [T, 2·F]."""
-    return rms_norm(x, layer["mlp_norm"], config.rms_norm_eps) @ layer["w_gate_up"]
+    return matmul(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer["w_gate_up"])
 
 
-def down_proj(layer: Params, gate_up: jax.Array, residual: jax.Array) -> jax.Array:
+def down_proj(layer: Params, gate_up: jax.Array, residual: jax.Array,
+              matmul=jnp.matmul) -> jax.Array:
     """SwiGLU then the down GEMM: gate_up [T, 2·F] -> residual + (silu(g)·u)·Wdown, [T, D]."""
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return residual + (jax.nn.silu(gate) * up) @ layer["w_down"]
+    return residual + matmul(jax.nn.silu(gate) * up, layer["w_down"])
 
 
 def decoder_layer(

@@ -129,7 +129,8 @@ class _Pieces:
 class _State:
     """Pieces of every tensor, the KV cache of every layer, and the step's constants."""
 
-    def __init__(self, pieces, caches, consts, prewritten=frozenset()):
+    def __init__(self, pieces, caches, consts, prewritten=frozenset(), gemm_on=None):
+        self.gemm_on = gemm_on  # share of the SMs -> matmul on that share (None: jnp.matmul)
         self.pieces: dict[tuple[str, int], _Pieces] = pieces
         self.caches: dict[int, object] = caches
         self.consts = consts  # {"layer": {l: params}, "pos": {(s, e): [e-s]}, "meta": {(s, e): ·}}
@@ -154,9 +155,11 @@ class _State:
     def run(self, op, layer: int, config: ModelConfig, attention) -> None:
         s, e = op.start, op.end
         w = self.consts["layer"][layer]
+        mm = {} if op.sm_share == 1 or self.gemm_on is None else {
+            "matmul": self.gemm_on(op.sm_share)}
         read = lambda name: self.pieces[_key(name, layer)].read(s, e)  # noqa: E731
         if op.op == "qkv":
-            outs = llama.split_rope(llama.qkv_proj(w, read("x"), config),
+            outs = llama.split_rope(llama.qkv_proj(w, read("x"), config, **mm),
                                     self.consts["pos"][s, e], config)
         elif op.op == "attn":
             kwargs = {} if op.sm_share == 1 else {"sm_share": op.sm_share}
@@ -170,11 +173,11 @@ class _State:
                 self.caches[layer] = cache
             outs = (out,)
         elif op.op == "o_proj":
-            outs = (llama.o_proj(w, read("attn"), read("x")),)
+            outs = (llama.o_proj(w, read("attn"), read("x"), **mm),)
         elif op.op == "up_gate":
-            outs = (llama.up_gate_proj(w, read("x"), config),)
+            outs = (llama.up_gate_proj(w, read("x"), config, **mm),)
         else:
-            outs = (llama.down_proj(w, read("gate_up"), read("x")),)
+            outs = (llama.down_proj(w, read("gate_up"), read("x"), **mm),)
         for name, out in zip(WRITES[op.op], outs):
             self.pieces.setdefault(_key(name, layer), _Pieces()).write(s, e, out)
 
@@ -223,14 +226,29 @@ def _call_inputs(state: _State, ops):
     return inputs, caches
 
 
-def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_call=on_stream):
+def persistent_gemm(sm_share: float):
+    """The matmul of a GEMM op given `sm_share` of the SMs: the persistent Mosaic GPU GEMM on
+    that many CTAs (at least one)."""
+    from pallas_kernels import _compat
+    from pallas_kernels.persistent_matmul import persistent_matmul
+
+    return functools.partial(persistent_matmul,
+                             num_programs=max(1, round(sm_share * _compat.num_sms())))
+
+
+def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_call=on_stream,
+                   gemm_on=None):
     """A function with `llama.run_layers`' signature running `schedule`'s nano-ops.
 
     `use_streams`: None = on a GPU only. `wrap_call(fn, stream)` issues a call on a stream
-    (tests swap in `jax.jit` to check the calls' plumbing on the CPU).
+    (tests swap in `jax.jit` to check the calls' plumbing on the CPU). `gemm_on(sm_share)` gives
+    the matmul of GEMM ops with `sm_share` < 1: None = `persistent_gemm` on a GPU, elsewhere
+    jnp.matmul (like streams, SM shares only shape the work on a GPU).
     """
     if use_streams is None:
         use_streams = jax.default_backend() == "gpu"
+    if gemm_on is None and jax.default_backend() == "gpu":
+        gemm_on = persistent_gemm
 
     def run_layers(layers, x, positions, kv_cache, meta, config: ModelConfig, attention):
         t, num_layers = x.shape[0], len(layers)
@@ -241,7 +259,7 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
                   "pos": {(s, e): positions[s:e] for s, e in ranges},
                   "meta": {(s, e): slice_metadata(meta, s, e) for s, e in ranges}}
         caches = dict(enumerate(kv_cache or [None] * num_layers))
-        state = _State({_key("x", 0): _Pieces([(0, t, x)])}, caches, consts)
+        state = _State({_key("x", 0): _Pieces([(0, t, x)])}, caches, consts, gemm_on=gemm_on)
         groups = 1 + max(o.group for o in sched.ops)
         for key, ops in _calls(flat, use_streams):
             if key is None:
@@ -271,7 +289,7 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
                 for (k, s, e), a in inputs.items():
                     parts.setdefault(k, []).append((s, e, a))
                 local = _State({k: _Pieces(p) for k, p in parts.items()}, dict(caches),
-                               call_consts, prewritten)
+                               call_consts, prewritten, gemm_on)
                 for w_, op in ops:
                     local.run(op, w_ + op.layer, config, attention)
                 given = {id(a) for a in inputs.values()}

@@ -10,8 +10,8 @@ A nano-op applies one of the layer's ops to the tokens [start, end) of the dense
 
 `stream` names the GPU stream the op is issued on (0 = XLA's default; ops on different
 non-zero streams may run concurrently when nothing orders them), `sm_share` the fraction of
-SMs a kernel may use (enforced for attention: its decode kernel then runs that share of the
-SMs' worth of persistent programs; GEMMs ignore it).
+SMs a kernel may use, on a GPU: decode attention then runs that share of the SMs' worth of
+persistent programs, a GEMM runs as a persistent Mosaic GPU GEMM on that many CTAs.
 
 The op list is one *window*, repeated for every layer: window w runs each op on layer
 w + op.layer, where `layer` is 0 (this window's layer) or 1 (the next one); ops of layers
@@ -208,7 +208,8 @@ def _bounds(num_tokens: int, num_nano: int) -> list[int]:
 
 
 def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
-                   concurrent: bool = False, attn_sm_share: float = 1.0) -> Schedule:
+                   concurrent: bool = False, attn_sm_share: float = 1.0,
+                   gemm_sm_share: float = 1.0) -> Schedule:
     """`num_nano` nano-batches pipelined across layers, NanoFlow's overlap for LLaMA-3-8B.
 
     Each layer runs `num_nano` ticks; in tick i nano-batch i's attention runs beside the
@@ -219,6 +220,9 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
     `concurrent`) the same order runs on one stream: the cost of splitting alone.
     `attn_sm_share` < 1 runs decode attention persistent on that share of the SMs, so the
     GEMMs beside it have the others from the start (NanoFlow partitions SMs the same way).
+    `gemm_sm_share` < 1 partitions the other way round: the GEMMs run persistent on that share
+    of the SMs and are issued first in each tick, so the full-grid attention issued after them
+    finds the remaining SMs free (the variant that overlapped best in overlap_micro).
     """
     bounds = _bounds(num_tokens, num_nano)
     gemm, attn = (1, 2) if streams else (0, 0)
@@ -227,25 +231,29 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
     # The window is ticks 1..N of layer l: tick N is tick 0 of layer l + 1.
     for tick in range(1, num_nano + 1):
         group = tick if streams else 0
-        ops.append(NanoOp("attn", *rows(tick % num_nano), attn, attn_sm_share, group=group,
-                          layer=int(tick == num_nano)))
-        for op in ("o_proj", "up_gate", "down", "qkv"):
-            ops.append(NanoOp(op, *rows(tick - 1), gemm, group=group, layer=int(op == "qkv")))
+        attention = [NanoOp("attn", *rows(tick % num_nano), attn, attn_sm_share, group=group,
+                            layer=int(tick == num_nano))]
+        chain = [NanoOp(op, *rows(tick - 1), gemm, gemm_sm_share, group=group,
+                        layer=int(op == "qkv")) for op in ("o_proj", "up_gate", "down", "qkv")]
+        ops += chain + attention if gemm_sm_share < 1 else attention + chain
     name = (f"nano{num_nano}-pipe" + ("" if streams else "-nostreams")
             + (f"-sm{round(100 * attn_sm_share)}" if attn_sm_share < 1 else "")
+            + (f"-gemm{round(100 * gemm_sm_share)}" if gemm_sm_share < 1 else "")
             + ("+graph" if concurrent else ""))
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano,
                     concurrent=concurrent)
 
 
-_NAME = re.compile(r"nano(\d+)(-pipe(-nostreams)?(-sm(\d+))?|-nooverlap|-grouped)?")
+_NAME = re.compile(
+    r"nano(\d+)(-pipe(-nostreams)?(-sm(\d+))?(-gemm(\d+))?|-nooverlap|-grouped)?")
 
 
 def named_schedule(name: str, num_tokens: int) -> Schedule:
     """A schedule by name: `sequential`; per layer `nanoN` (GEMMs on stream 1),
     `nanoN-nooverlap` (one stream), `nanoN-grouped` (two streams, a scheduling group per
     tick); across layers `nanoN-pipe` (two streams, grouped) or `nanoN-pipe-nostreams`, either
-    with `-smP` (decode attention on P % of the SMs); any of these with `+graph` (XLA may run
+    with `-smP` (decode attention on P % of the SMs) and/or `-gemmP` (GEMMs persistent on P %
+    of the SMs, issued before the attention); any of these with `+graph` (XLA may run
     independent kernels at once); or a path to a schedule JSON."""
     if name.endswith(".json"):
         with open(name) as f:
@@ -255,15 +263,15 @@ def named_schedule(name: str, num_tokens: int) -> Schedule:
         return sequential(num_tokens, graph)
     m = _NAME.fullmatch(base)
     if m and m[2] and m[2].startswith("-pipe"):
-        share = int(m[5]) / 100 if m[5] else 1.0
-        if not 0 < share <= 1:
-            raise ValueError(f"schedule {name!r}: the SM share must be 1..100 %")
+        shares = [int(p) / 100 if p else 1.0 for p in (m[5], m[7])]
+        if not all(0 < share <= 1 for share in shares):
+            raise ValueError(f"schedule {name!r}: an SM share must be 1..100 %")
         return nano_pipelined(num_tokens, int(m[1]), streams=not m[3], concurrent=graph,
-                              attn_sm_share=share)
+                              attn_sm_share=shares[0], gemm_sm_share=shares[1])
     if m:
         s = nano_batched(num_tokens, int(m[1]), overlap=m[2] != "-nooverlap",
                          grouped=m[2] == "-grouped")
         return dataclasses.replace(s, name=name, concurrent=graph)
     raise ValueError(f"unknown schedule {name!r}: sequential, nanoN, nanoN-nooverlap, "
-                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP] (N = 2..4), each "
+                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP][-gemmP] (N = 2..4), each "
                      f"optionally +graph, or a .json file")
