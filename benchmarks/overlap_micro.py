@@ -45,6 +45,9 @@ flags.DEFINE_list("persistent_programs", ["16", "33", "66"],
                   "partitioning by grid size): alone, and beside the GEMM")
 flags.DEFINE_list("persistent_tuning", [], "persistent attention: key=int pairs, e.g. "
                   "num_warps=8,num_stages=4")
+flags.DEFINE_bool("chain", False, "the GEMM side is a pipeline tick's chain instead of one "
+                  "GEMM: o_proj, up/gate, down and qkv of the nano-batch, with their "
+                  "element-wise ops")
 flags.DEFINE_list("mgpu_programs", [], "persistent Mosaic GPU GEMM on this many CTAs: alone, "
                   "and beside the attention (full grid, and on the remaining SMs)")
 flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
@@ -61,6 +64,20 @@ F = flags.FLAGS
 def _int_pairs(items: list[str]) -> dict[str, int]:
     """["num_warps=8", ...] -> {"num_warps": 8, ...}"""
     return {k: int(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def _graphs(hlo: str) -> str:
+    """How many command-buffer (CUDA graph) computations the compiled HLO holds, and how many
+    of its Mosaic GPU kernels sit inside one (a kernel outside splits the graph)."""
+    inside = outside = graphs = 0
+    in_graph = False
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):  # a computation header
+            in_graph = "command_buffer" in line
+            graphs += in_graph
+        elif "mosaic_gpu" in line and "custom-call" in line:
+            inside, outside = inside + in_graph, outside + (not in_graph)
+    return f"{graphs} graphs ({inside} of {inside + outside} Mosaic GPU kernels inside)"
 
 
 def _time(fn, *args):
@@ -83,6 +100,11 @@ def main(argv):
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (t, d), dtype)
     w = jax.random.normal(keys[1], (d, 2 * f), dtype) * d**-0.5
+    if F.chain:  # LLaMA-3-8B's four projections ([in, out]), fresh weights each
+        wk = jax.random.split(keys[1], 4)
+        w = {"o": jax.random.normal(wk[0], (d, d), dtype) * d**-0.5, "gate_up": w,
+             "down": jax.random.normal(wk[2], (f, d), dtype) * f**-0.5,
+             "qkv": jax.random.normal(wk[3], (d, d + 2 * hkv * dh), dtype) * d**-0.5}
     pages_per = -(-ctx // page)
     num_pages = b * pages_per
     k_pages = jax.random.normal(keys[2], (hkv, num_pages, page, dh), dtype)
@@ -97,8 +119,14 @@ def main(argv):
                               gemm_programs=F.fused_gemm_programs or None,
                               **_int_pairs(F.fused_tuning))
 
-    def gemm(x, w):
-        return x @ w
+    def gemm(x, w, matmul=jnp.matmul):
+        if not F.chain:
+            return matmul(x, w)
+        h = x + matmul(x, w["o"])
+        gate, up = jnp.split(matmul(h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True)
+                                                      + 1e-5), w["gate_up"]), 2, axis=-1)
+        h = h + matmul(jax.nn.silu(gate) * up, w["down"])
+        return matmul(h, w["qkv"])
 
     def attend(q, k, v, tab, lens):
         return attn(q, k, v, tab, lens)
@@ -109,8 +137,9 @@ def main(argv):
         "attention alone": jax.jit(lambda x, w, q, k, v, tab, lens: attend(q, k, v, tab, lens)),
         "back to back": jax.jit(lambda x, w, q, k, v, tab, lens: (gemm(x, w),
                                                                    attend(q, k, v, tab, lens))),
-        "fused kernel": jax.jit(fused),
     }
+    if not F.chain:
+        variants["fused kernel"] = jax.jit(fused)
     if not smoke:
         variants["streams 1+2"] = jax.jit(lambda x, w, q, k, v, tab, lens: (
             on_stream(gemm, 1)(x, w), on_stream(attend, 2)(q, k, v, tab, lens)))
@@ -158,7 +187,8 @@ def main(argv):
                 compiler_options=concurrent)
         tiling = MatmulTiling(**_int_pairs(F.mgpu_tiling))
         for g in map(int, F.mgpu_programs):
-            mm = functools.partial(persistent_matmul, num_programs=g, tiling=tiling)
+            mm = functools.partial(gemm, matmul=functools.partial(
+                persistent_matmul, num_programs=g, tiling=tiling))
             rest = functools.partial(attn, num_programs=max(1, _compat.num_sms() - g),
                                      **_int_pairs(F.persistent_tuning))
             variants[f"mgpu GEMM alone, {g} CTAs"] = jax.jit(lambda x, w, *_, mm=mm: mm(x, w))
@@ -181,13 +211,14 @@ def main(argv):
         try:
             hlo = fn.lower(*args).compile().as_text()
             ms = _time(fn, *args)
-            rows.append((name, ms, hlo.count("call-start")))
+            rows.append((name, ms, f'{hlo.count("call-start")}; {_graphs(hlo)}'))
         except Exception as e:  # a variant XLA rejects is a finding, not a crash
             rows.append((name, float("nan"), f"failed: {type(e).__name__}: {str(e)[:160]}"))
     times = dict((r[0], r[1]) for r in rows)
     ideal = max(times["gemm alone"], times["attention alone"])
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}")
-    print("variant | ms | call-start ops | speedup vs back to back")
+    print("variant | ms | call-start ops; CUDA graphs (Mosaic GPU kernels inside) | "
+          "speedup vs back to back")
     for name, ms, starts in rows:
         print(f"{name} | {ms:.3f} | {starts} | {times['back to back'] / ms:.3f}")
     print(f"ideal (larger of the two alone) | {ideal:.3f} | - | "
@@ -199,7 +230,7 @@ def main(argv):
             err = float(jnp.linalg.norm((got.astype(jnp.float32) - want.astype(jnp.float32))
                                         .ravel()) / jnp.linalg.norm(want.astype(jnp.float32)))
             print(f"{name} vs cuBLAS: rel err {err:.1e}")
-    if np.isfinite(times["fused kernel"]):  # a fast but wrong kernel would mislead
+    if np.isfinite(times.get("fused kernel", np.nan)):  # a fast but wrong kernel would mislead
         got, want = variants["fused kernel"](*args), variants["back to back"](*args)
         errs = [float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)).ravel())
                       / jnp.linalg.norm(r.astype(jnp.float32).ravel())) for g, r in zip(got, want)]
