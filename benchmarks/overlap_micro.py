@@ -50,6 +50,8 @@ flags.DEFINE_bool("chain", False, "the GEMM side is a pipeline tick's chain inst
                   "element-wise ops")
 flags.DEFINE_list("mgpu_programs", [], "persistent Mosaic GPU GEMM on this many CTAs: alone, "
                   "and beside the attention (full grid, and on the remaining SMs)")
+flags.DEFINE_list("rest_per_sm", ["1"], "beside the persistent GEMM on G CTAs, the attention "
+                  "also runs persistent on m x (SMs - G) programs, for each m")
 flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
                   "tile_m=128,tile_n=128,tile_k=64,max_concurrent_steps=4,wg_split_m=0")
 flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
@@ -189,8 +191,6 @@ def main(argv):
         for g in map(int, F.mgpu_programs):
             mm = functools.partial(gemm, matmul=functools.partial(
                 persistent_matmul, num_programs=g, tiling=tiling))
-            rest = functools.partial(attn, num_programs=max(1, _compat.num_sms() - g),
-                                     **_int_pairs(F.persistent_tuning))
             variants[f"mgpu GEMM alone, {g} CTAs"] = jax.jit(lambda x, w, *_, mm=mm: mm(x, w))
 
             def grouped_mgpu(x, w, q, k, v, tab, lens, mm=mm, att=attend):
@@ -201,8 +201,15 @@ def main(argv):
                     return y, on_stream(att, 2)(q, k, v, tab, lens)
 
             variants[f"streams + group, mgpu GEMM {g} CTAs | attention"] = jax.jit(grouped_mgpu)
-            variants[f"streams + group, mgpu GEMM {g} CTAs | attention on the rest"] = jax.jit(
-                functools.partial(grouped_mgpu, att=rest))
+            for m in map(int, F.rest_per_sm):
+                rest = functools.partial(attn, num_programs=m * max(1, _compat.num_sms() - g),
+                                         **_int_pairs(F.persistent_tuning))
+                variants[f"streams + group, mgpu GEMM {g} CTAs | attention on the rest, "
+                         f"{m} per SM"] = jax.jit(functools.partial(grouped_mgpu, att=rest))
+                variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention on the rest, "
+                         f"{m} per SM"] = jax.jit(
+                    lambda x, w, q, k, v, tab, lens, mm=mm, rest=rest: (
+                        mm(x, w), rest(q, k, v, tab, lens)), compiler_options=concurrent)
             variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention"] = jax.jit(
                 lambda x, w, q, k, v, tab, lens, mm=mm: (mm(x, w), attend(q, k, v, tab, lens)),
                 compiler_options=concurrent)
