@@ -15,7 +15,8 @@ repeats, blocked):
     concurrent graph: no streams, XLA's command buffer in CONCURRENT scheduling mode;
     persistent GEMM (--mgpu_programs): a Mosaic GPU GEMM on G CTAs
     (pallas_kernels/persistent_matmul.py) issued first, the attention beside it on the other
-    SMs, on streams or in the concurrent graph;
+    SMs (full grid, or persistent on --rest_per_sm programs per free SM), on streams or in
+    the concurrent graph; `--chain` makes the GEMM side a pipeline tick's four projections;
     fused kernel: both in ONE Pallas launch (pallas_kernels/fused_gemm_decode.py: GEMM tiles
     and attention programs split by program id; --fused_interleave, --fused_gemm_programs).
 Prints whether the compiled HLO holds call-start/call-done pairs, and the speedup over back to
