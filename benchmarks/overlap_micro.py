@@ -34,6 +34,7 @@ from nanoflow_jax.pipeline.executor import on_stream
 from pallas_kernels import _compat
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
+from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu
 from pallas_kernels.persistent_matmul import MatmulTiling, persistent_matmul
 
 flags.DEFINE_integer("gemm_tokens", 512, "rows of the GEMM's nano-batch")
@@ -53,6 +54,11 @@ flags.DEFINE_list("mgpu_programs", [], "persistent Mosaic GPU GEMM on this many 
                   "and beside the attention (full grid, and on the remaining SMs)")
 flags.DEFINE_list("rest_per_sm", ["1"], "beside the persistent GEMM on G CTAs, the attention "
                   "also runs persistent on m x (SMs - G) programs, for each m")
+flags.DEFINE_list("mgpu_attention_programs", [], "the Mosaic GPU decode attention "
+                  "(pallas_kernels/decode_attention_mgpu.py) on this many CTAs: alone, and "
+                  "beside the persistent GEMM on the other SMs")
+flags.DEFINE_list("mgpu_attention_tuning", [], "Mosaic GPU attention: key=int pairs, e.g. "
+                  "pages_per_block=4,stages=4")
 flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
                   "tile_m=128,tile_n=128,tile_k=64,max_concurrent_steps=4,wg_split_m=0")
 flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
@@ -214,6 +220,27 @@ def main(argv):
             variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention"] = jax.jit(
                 lambda x, w, q, k, v, tab, lens, mm=mm: (mm(x, w), attend(q, k, v, tab, lens)),
                 compiler_options=concurrent)
+        for p in map(int, F.mgpu_attention_programs):
+            matt = functools.partial(decode_attention_mgpu, sm_scale=dh**-0.5, num_programs=p,
+                                     **_int_pairs(F.mgpu_attention_tuning))
+            variants[f"mgpu attention alone, {p} CTAs"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, matt=matt: matt(q, k, v, tab, lens))
+            g = _compat.num_sms() - p  # the persistent GEMM on the other SMs, issued first
+            mm = functools.partial(gemm, matmul=functools.partial(
+                persistent_matmul, num_programs=g, tiling=tiling))
+            variants[f"concurrent graph, mgpu GEMM {g} CTAs | mgpu attention {p}"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, mm=mm, matt=matt: (
+                    mm(x, w), matt(q, k, v, tab, lens)), compiler_options=concurrent)
+
+            def grouped_both(x, w, q, k, v, tab, lens, mm=mm, matt=matt):
+                from jax.experimental.xla_metadata import set_xla_metadata
+
+                with set_xla_metadata(_scheduling_group_id="1"):
+                    y = on_stream(mm, 1)(x, w)
+                    return y, on_stream(matt, 2)(q, k, v, tab, lens)
+
+            variants[f"streams + group, mgpu GEMM {g} CTAs | mgpu attention {p}"] = jax.jit(
+                grouped_both)
     rows = []
     for name, fn in variants.items():
         try:
@@ -221,6 +248,9 @@ def main(argv):
             ms = _time(fn, *args)
             rows.append((name, ms, f'{hlo.count("call-start")}; {_graphs(hlo)}'))
         except Exception as e:  # a variant XLA rejects is a finding, not a crash
+            import traceback
+
+            traceback.print_exc()
             rows.append((name, float("nan"), f"failed: {type(e).__name__}: {str(e)[:160]}"))
     times = dict((r[0], r[1]) for r in rows)
     ideal = max(times["gemm alone"], times["attention alone"])
@@ -238,6 +268,13 @@ def main(argv):
             err = float(jnp.linalg.norm((got.astype(jnp.float32) - want.astype(jnp.float32))
                                         .ravel()) / jnp.linalg.norm(want.astype(jnp.float32)))
             print(f"{name} vs cuBLAS: rel err {err:.1e}")
+    for p in map(int, F.mgpu_attention_programs):  # against the Triton kernel
+        name = f"mgpu attention alone, {p} CTAs"
+        if np.isfinite(times.get(name, np.nan)):
+            got = variants[name](*args).astype(jnp.float32)
+            want = variants["attention alone"](*args).astype(jnp.float32)
+            err = float(jnp.linalg.norm((got - want).ravel()) / jnp.linalg.norm(want.ravel()))
+            print(f"{name} vs the Triton kernel: rel err {err:.1e}")
     if np.isfinite(times.get("fused kernel", np.nan)):  # a fast but wrong kernel would mislead
         got, want = variants["fused kernel"](*args), variants["back to back"](*args)
         errs = [float(jnp.linalg.norm((g.astype(jnp.float32) - r.astype(jnp.float32)).ravel())
