@@ -57,6 +57,8 @@ flags.DEFINE_list("rest_per_sm", ["1"], "beside the persistent GEMM on G CTAs, t
 flags.DEFINE_list("mgpu_attention_programs", [], "the Mosaic GPU decode attention "
                   "(pallas_kernels/decode_attention_mgpu.py) on this many CTAs: alone, and "
                   "beside the persistent GEMM on the other SMs")
+flags.DEFINE_integer("mgpu_attention_per_sm", 1, "Mosaic GPU attention: CTAs per SM left "
+                     "free by the GEMM (2 with stages=2: two CTAs share an SM)")
 flags.DEFINE_list("mgpu_attention_tuning", [], "Mosaic GPU attention: key=int pairs, e.g. "
                   "pages_per_block=4,stages=4")
 flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
@@ -221,7 +223,8 @@ def main(argv):
                 lambda x, w, q, k, v, tab, lens, mm=mm: (mm(x, w), attend(q, k, v, tab, lens)),
                 compiler_options=concurrent)
         for p in map(int, F.mgpu_attention_programs):
-            matt = functools.partial(decode_attention_mgpu, sm_scale=dh**-0.5, num_programs=p,
+            matt = functools.partial(decode_attention_mgpu, sm_scale=dh**-0.5,
+                                     num_programs=p * F.mgpu_attention_per_sm,
                                      **_int_pairs(F.mgpu_attention_tuning))
             variants[f"mgpu attention alone, {p} CTAs"] = jax.jit(
                 lambda x, w, q, k, v, tab, lens, matt=matt: matt(q, k, v, tab, lens))
