@@ -169,6 +169,15 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
                 plgpu.barrier_wait(v_free.at[slot])
 
 
+def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype) -> bool:
+    """Whether `decode_attention_mgpu` takes these shapes: a GQA group of at most 8 heads,
+    head_dim a multiple of 64, pages of a multiple of 8 tokens dividing 64, bf16 or fp16."""
+    num_kv_heads, _, page_size, head_dim = cache_shape
+    return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= _ROWS
+            and head_dim % 64 == 0 and page_size % 8 == 0 and 64 % page_size == 0
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
 def decode_attention_mgpu(
     q: jax.Array,  # [B, Hq, D]
     k_pages: jax.Array,  # [Hkv, P, page_size, D]

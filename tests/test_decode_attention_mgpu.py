@@ -1,0 +1,53 @@
+"""Mosaic GPU paged decode attention (Mosaic GPU's CPU interpreter) vs the jnp reference.
+
+The interpreter runs the kernel's TMA page ring, barriers, paging, masking and online softmax;
+it has no transposed WGMMA operands, so there the two products are plain dots (the GPU run of
+`benchmarks/overlap_micro.py --mgpu_attention_programs=...` checks the WGMMA path against the
+Triton kernel).
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_attention import decode_attention_reference
+from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
+from tests.helpers import random_seed
+
+
+def test_matches_reference_over_ragged_lengths():
+    seed = random_seed()
+    rng = np.random.default_rng(seed)
+    batch, hq, hkv, d, page_size, max_pages = 3, 8, 2, 64, 16, 5
+    num_pages = batch * max_pages + 2
+    lengths = np.asarray([1, 64 + 9, 0], np.int32)
+    q = jnp.asarray(rng.standard_normal((batch, hq, d)), jnp.bfloat16)
+    k = rng.standard_normal((hkv, num_pages, page_size, d))
+    v = rng.standard_normal((hkv, num_pages, page_size, d))
+    tables = rng.permutation(num_pages)[:batch * max_pages].reshape(batch, max_pages)
+    for b, n in enumerate(lengths):  # slots a sequence does not own hold large garbage
+        for i, page in enumerate(tables[b]):
+            k[:, page, max(0, n - i * page_size):] = 1e4
+            v[:, page, max(0, n - i * page_size):] = -1e4
+    k, v = (jnp.asarray(x, jnp.bfloat16) for x in (k, v))
+    tables, lengths = jnp.asarray(tables, jnp.int32), jnp.asarray(lengths)
+    # one token; a 64-token block and a partial one; no tokens (a padding row: zeros)
+    # 2 CTAs over 6 (sequence, KV head) items: each CTA runs 3 items through one ring of 2.
+    got = decode_attention_mgpu(q, k, v, tables, lengths, sm_scale=d**-0.5, num_programs=2,
+                                stages=2, interpret=True)
+    want = decode_attention_reference(q, k, v, tables, lengths, sm_scale=d**-0.5)
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2, err_msg=f"seed {seed}")
+    assert not np.asarray(got[2]).any()
+
+
+def test_supports_and_rejects():
+    assert supports(32, (8, 100, 16, 128), jnp.bfloat16)  # LLaMA-3-8B
+    assert not supports(32, (8, 100, 16, 128), jnp.float32)
+    assert not supports(32, (2, 100, 16, 128), jnp.bfloat16)  # a GQA group of 16
+    assert not supports(8, (2, 100, 4, 128), jnp.bfloat16)  # 4-token pages
+    q = jnp.zeros((1, 8, 64), jnp.float32)
+    cache = jnp.zeros((2, 4, 16, 64), jnp.float32)
+    with pytest.raises(ValueError, match="bf16"):
+        decode_attention_mgpu(q, cache, cache, jnp.zeros((1, 4), jnp.int32),
+                              jnp.ones((1,), jnp.int32), sm_scale=1.0, interpret=True)
