@@ -41,7 +41,8 @@ its CPU interpreter has gaps (no scalar prefetch, no dynamic grid).  Measured
 on an H100 (JAX 0.11.2, scripts/bench_kernels.py): this kernel reads the KV
 cache at 2.73-2.82 TB/s, 94-97 % of a device copy (2.91 TB/s), at batch
 256 x 1024 and 64 x 4096 tokens (LLaMA-3-8B heads), so Mosaic GPU has little
-left to win here.  The Triton backend is deprecated in JAX 0.11 (still works;
+left to win here on the full grid. From few SMs it does (persistent programs stream too few
+bytes each): `decode_attention_mgpu.py` is the Mosaic GPU kernel for that case.  The Triton backend is deprecated in JAX 0.11 (still works;
 warns): `_compat.py` is the single place to adapt.
 """
 
