@@ -10,12 +10,15 @@ and the largest difference of the top log-probability (random weights give flat 
 re-rounding alone flips a few argmaxes: 255/256 tokens and 0.02 in one measured case;
 docs/overlap.md has what the stream schedules gave).
 """
+import os
+import re
 import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
+from benchmarks.trace_summary import format_summary, summarize_dir
 from nanoflow_jax.batch import SeqChunk, build_batch
 from nanoflow_jax.bench import measure_peak_flops
 from nanoflow_jax.config import EngineConfig
@@ -27,6 +30,8 @@ flags.DEFINE_string("model", "llama-3-8b", "preset or checkpoint")
 flags.DEFINE_integer("repeats", 20, "timed steps per case")
 flags.DEFINE_multi_string("schedule", ["sequential"],
                           "nano-batch schedules to time (repeat the flag to compare several)")
+flags.DEFINE_string("trace_dir", "", "also trace 2 steps per case with jax.profiler under this "
+                    "folder and print the kernel overlap (benchmarks/trace_summary.py)")
 flags.DEFINE_bool("mixed_only", False, "only the mixed T=1024 case (compiles one bucket)")
 F = flags.FLAGS
 
@@ -115,6 +120,12 @@ def profile(runner, peak, schedule, cases):
         rows.append((schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
                      1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree))
         print("row: " + _fmt(rows[-1]), flush=True)  # kept if a later schedule times out
+        if F.trace_dir:
+            folder = os.path.join(F.trace_dir, re.sub(r"\W", "_", f"{schedule}_{t}"))
+            with jax.profiler.trace(folder):
+                jax.block_until_ready([step() for _ in range(2)])
+            print(f"trace: {schedule} | {name} | {format_summary(summarize_dir(folder, 2))}",
+                  flush=True)
     return rows
 
 
