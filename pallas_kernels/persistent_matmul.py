@@ -35,9 +35,10 @@ except ImportError:  # pragma: no cover
 
 @dataclasses.dataclass(frozen=True)
 class MatmulTiling:
-    """One CTA computes a [tile_m * (2 if wg_split_m) , tile_n * (1 if wg_split_m else 2)] output
-    tile (two compute warpgroups, split along M or N) in steps of tile_k, with
-    `max_concurrent_steps` K-steps in flight in shared memory.
+    """How the GEMM is cut: each of a CTA's two compute warpgroups computes a tile_m × tile_n
+    block, side by side along N (a 128 × 256 CTA tile by default) or along M with
+    `wg_split_m`; K advances tile_k at a time with `max_concurrent_steps` steps in flight in
+    shared memory. `grid_tile_width` groups output tiles for L2 reuse.
 
     The default fits 227 KiB of shared memory: 4 x (128x64 + 64x256) x 2 B + epilogue 32 KiB."""
 

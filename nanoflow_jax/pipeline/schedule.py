@@ -221,8 +221,9 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
     `attn_sm_share` < 1 runs decode attention persistent on that share of the SMs, so the
     GEMMs beside it have the others from the start (NanoFlow partitions SMs the same way).
     `gemm_sm_share` < 1 partitions the other way round: the GEMMs run persistent on that share
-    of the SMs and are issued first in each tick, so the full-grid attention issued after them
-    finds the remaining SMs free (the variant that overlapped best in overlap_micro).
+    of the SMs and are issued first in each tick, so the attention issued after them finds the
+    remaining SMs free; with both shares each half is persistent on its own SMs (docs/overlap.md,
+    session 4, has what each measured).
     """
     bounds = _bounds(num_tokens, num_nano)
     gemm, attn = (1, 2) if streams else (0, 0)
