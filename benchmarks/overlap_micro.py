@@ -77,6 +77,43 @@ def _int_pairs(items: list[str]) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=", 1) for item in items)}
 
 
+# No streams: XLA's CUDA graph runs independent kernels as parallel nodes (two kernels are below
+# the default minimum graph size of 5, hence the second option).
+CONCURRENT = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
+              "xla_gpu_graph_min_graph_size": "1"}
+
+
+def _issue(gemm_fn, attn_fn, attention_first: bool):
+    """(x, w, q, k, v, tab, lens) -> (gemm_fn(x, w), attn_fn(q, k, v, tab, lens)), the two
+    issued in the given order (the one issued first takes the SMs first)."""
+    def run(x, w, q, k, v, tab, lens):
+        if attention_first:
+            a = attn_fn(q, k, v, tab, lens)
+            return gemm_fn(x, w), a
+        y = gemm_fn(x, w)
+        return y, attn_fn(q, k, v, tab, lens)
+
+    return run
+
+
+def _grouped(gemm_fn, attn_fn, attention_first: bool = False):
+    """GEMM on gpu_stream:1, attention on gpu_stream:2, both calls in one XLA scheduling group."""
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    run = _issue(on_stream(gemm_fn, 1), on_stream(attn_fn, 2), attention_first)
+
+    def grouped(*args):
+        with set_xla_metadata(_scheduling_group_id="1"):
+            return run(*args)
+
+    return jax.jit(grouped)
+
+
+def _graph(gemm_fn, attn_fn, attention_first: bool = False):
+    """Both on the main stream, in a CUDA graph that may run them at once."""
+    return jax.jit(_issue(gemm_fn, attn_fn, attention_first), compiler_options=CONCURRENT)
+
+
 def _time(fn, *args):
     out = fn(*args)
     jax.block_until_ready(out)
@@ -148,20 +185,8 @@ def main(argv):
             lambda x, w, q, k, v, tab, lens: (gemm(x, w),
                                               on_stream(attend, 1)(q, k, v, tab, lens)))
 
-        def grouped(x, w, q, k, v, tab, lens):
-            from jax.experimental.xla_metadata import set_xla_metadata
-
-            with set_xla_metadata(_scheduling_group_id="1"):
-                return on_stream(gemm, 1)(x, w), on_stream(attend, 2)(q, k, v, tab, lens)
-
-        variants["streams + scheduling group"] = jax.jit(grouped)
-        # No streams: XLA's CUDA graph runs the two independent kernels as parallel nodes
-        # (two kernels are below the default minimum graph size of 5, hence the second option).
-        concurrent = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
-                      "xla_gpu_graph_min_graph_size": "1"}
-        variants["concurrent graph, no streams"] = jax.jit(
-            lambda x, w, q, k, v, tab, lens: (gemm(x, w), attend(q, k, v, tab, lens)),
-            compiler_options=concurrent)
+        variants["streams + scheduling group"] = _grouped(gemm, attend)
+        variants["concurrent graph, no streams"] = _graph(gemm, attend)
         variants["back to back, graph (serial)"] = jax.jit(
             lambda x, w, q, k, v, tab, lens: (gemm(x, w), attend(q, k, v, tab, lens)),
             compiler_options={"xla_gpu_graph_min_graph_size": "1"})
@@ -169,45 +194,23 @@ def main(argv):
             part = functools.partial(attn, num_programs=n, **_int_pairs(F.persistent_tuning))
             variants[f"attention alone, {n} programs"] = jax.jit(
                 lambda x, w, q, k, v, tab, lens, part=part: part(q, k, v, tab, lens))
-
-            def grouped_part(x, w, q, k, v, tab, lens, part=part):
-                from jax.experimental.xla_metadata import set_xla_metadata
-
-                with set_xla_metadata(_scheduling_group_id="1"):  # attention issued first
-                    a = on_stream(part, 2)(q, k, v, tab, lens)
-                    return on_stream(gemm, 1)(x, w), a
-
-            variants[f"streams + group, attention on {n} programs"] = jax.jit(grouped_part)
-            variants[f"concurrent graph, attention on {n} programs"] = jax.jit(
-                lambda x, w, q, k, v, tab, lens, part=part: (part(q, k, v, tab, lens),
-                                                             gemm(x, w)),
-                compiler_options=concurrent)
+            variants[f"streams + group, attention on {n} programs"] = _grouped(
+                gemm, part, attention_first=True)
+            variants[f"concurrent graph, attention on {n} programs"] = _graph(
+                gemm, part, attention_first=True)
         tiling = MatmulTiling(**_int_pairs(F.mgpu_tiling))
         for g in map(int, F.mgpu_programs):
             mm = functools.partial(gemm, matmul=functools.partial(
                 persistent_matmul, num_programs=g, tiling=tiling))
             variants[f"mgpu GEMM alone, {g} CTAs"] = jax.jit(lambda x, w, *_, mm=mm: mm(x, w))
-
-            def grouped_mgpu(x, w, q, k, v, tab, lens, mm=mm, att=attend):
-                from jax.experimental.xla_metadata import set_xla_metadata
-
-                with set_xla_metadata(_scheduling_group_id="1"):  # the GEMM issued first
-                    y = on_stream(mm, 1)(x, w)
-                    return y, on_stream(att, 2)(q, k, v, tab, lens)
-
-            variants[f"streams + group, mgpu GEMM {g} CTAs | attention"] = jax.jit(grouped_mgpu)
+            variants[f"streams + group, mgpu GEMM {g} CTAs | attention"] = _grouped(mm, attend)
             for m in map(int, F.rest_per_sm):
                 rest = functools.partial(attn, num_programs=m * max(1, _compat.num_sms() - g),
                                          **_int_pairs(F.persistent_tuning))
-                variants[f"streams + group, mgpu GEMM {g} CTAs | attention on the rest, "
-                         f"{m} per SM"] = jax.jit(functools.partial(grouped_mgpu, att=rest))
-                variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention on the rest, "
-                         f"{m} per SM"] = jax.jit(
-                    lambda x, w, q, k, v, tab, lens, mm=mm, rest=rest: (
-                        mm(x, w), rest(q, k, v, tab, lens)), compiler_options=concurrent)
-            variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention"] = jax.jit(
-                lambda x, w, q, k, v, tab, lens, mm=mm: (mm(x, w), attend(q, k, v, tab, lens)),
-                compiler_options=concurrent)
+                label = f"mgpu GEMM {g} CTAs | attention on the rest, {m} per SM"
+                variants[f"streams + group, {label}"] = _grouped(mm, rest)
+                variants[f"concurrent graph, {label}"] = _graph(mm, rest)
+            variants[f"concurrent graph, mgpu GEMM {g} CTAs | attention"] = _graph(mm, attend)
         for p in map(int, F.mgpu_attention_programs):
             ctas = p * F.mgpu_attention_per_sm
             matt = functools.partial(decode_attention_mgpu, sm_scale=dh**-0.5, num_programs=ctas,
@@ -217,19 +220,9 @@ def main(argv):
             g = _compat.num_sms() - p  # the persistent GEMM on the other SMs, issued first
             mm = functools.partial(gemm, matmul=functools.partial(
                 persistent_matmul, num_programs=g, tiling=tiling))
-            variants[f"concurrent graph, mgpu GEMM {g} CTAs | mgpu attention {ctas}"] = jax.jit(
-                lambda x, w, q, k, v, tab, lens, mm=mm, matt=matt: (
-                    mm(x, w), matt(q, k, v, tab, lens)), compiler_options=concurrent)
-
-            def grouped_both(x, w, q, k, v, tab, lens, mm=mm, matt=matt):
-                from jax.experimental.xla_metadata import set_xla_metadata
-
-                with set_xla_metadata(_scheduling_group_id="1"):
-                    y = on_stream(mm, 1)(x, w)
-                    return y, on_stream(matt, 2)(q, k, v, tab, lens)
-
-            variants[f"streams + group, mgpu GEMM {g} CTAs | mgpu attention {ctas}"] = jax.jit(
-                grouped_both)
+            label = f"mgpu GEMM {g} CTAs | mgpu attention {ctas}"
+            variants[f"concurrent graph, {label}"] = _graph(mm, matt)
+            variants[f"streams + group, {label}"] = _grouped(mm, matt)
     rows = []
     for name, fn in variants.items():
         try:

@@ -57,6 +57,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels._paged import check_paged_inputs
 
 _LOG2E = math.log2(math.e)
 _MASK = -1e30  # finite "minus infinity": never produces inf - inf = NaN.
@@ -208,15 +209,8 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
     """Checks the inputs and picks the launch: (padded page tables, splits, the static kwargs
     of `_decode_program`). Shared with the fused GEMM + attention kernel."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-    if not sm_scale > 0:
-        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-        raise ValueError("page_size and head_dim must be powers of two")
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    check_paged_inputs(q, k_pages, v_pages, sm_scale)
     if page_tables.shape[0] != batch or lengths.shape != (batch,):
         raise ValueError("page_tables / lengths do not match the batch")
     group = num_q_heads // num_kv_heads

@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels._paged import check_paged_inputs
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -198,16 +199,12 @@ def decode_attention_mgpu(
         raise NotImplementedError("this jax has no Mosaic GPU Pallas backend")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
+    check_paged_inputs(q, k_pages, v_pages, sm_scale, pow2=False)
+    if not supports(num_q_heads, k_pages.shape, q.dtype) or k_pages.dtype != q.dtype:
+        raise ValueError(f"takes bf16 or fp16 q and cache of one dtype, a GQA group of at most "
+                         f"{_ROWS} heads, head_dim a multiple of 64 and 8-64-token pages; got "
+                         f"q {q.shape} {q.dtype}, cache {k_pages.shape} {k_pages.dtype}")
     group = num_q_heads // num_kv_heads
-    if group * num_kv_heads != num_q_heads or group > _ROWS:
-        raise ValueError(f"{num_q_heads} query heads over {num_kv_heads} KV heads: the GQA "
-                         f"group must divide and be at most {_ROWS}")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
-        raise ValueError(f"bf16 or fp16 q and cache of one dtype, got {q.dtype}, "
-                         f"{k_pages.dtype}")
-    if head_dim % 64 or page_size % 8:
-        raise ValueError(f"head_dim ({head_dim}) must divide by 64, page_size ({page_size}) "
-                         f"by 8")
     pages_per_block = pages_per_block or max(1, 64 // page_size)
     block_kv = pages_per_block * page_size
     if block_kv % 64:

@@ -54,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels._paged import check_paged_inputs
 
 _LOG2E = math.log2(math.e)
 _MASK = -1e30
@@ -237,16 +238,9 @@ def prefill_attention(
     and reshaping.  Returns [T, Hq, D] in q.dtype.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, head_dim_k = k_pages.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
     num_seqs = seq_lens.shape[0]
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages {k_pages.shape} != v_pages {v_pages.shape}")
-    if head_dim_k != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"bad shapes: q {q.shape}, k_pages {k_pages.shape}")
-    if not sm_scale > 0:
-        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
-    if page_size & (page_size - 1) or head_dim & (head_dim - 1):
-        raise ValueError("page_size and head_dim must be powers of two")
+    check_paged_inputs(q, k_pages, v_pages, sm_scale)
     if query_start.shape != (num_seqs + 1,) or page_tables.shape[0] != num_seqs:
         raise ValueError("query_start / page_tables do not match seq_lens")
     block_q = _compat.next_pow2(block_q)

@@ -39,6 +39,16 @@ def _make(seed, *, batch, hq, hkv, d, page_size, max_pages, lengths, dtype, extr
     return cast(q), cast(k), cast(v), jnp.asarray(pt), jnp.asarray(lengths)
 
 
+def _make_ragged(seed, *, page_size, max_pages, **kwargs):
+    """`_make` over five sequences of ragged lengths: one token, an exact page multiple, the
+    full table, a padding row (0) and a random length."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2 * page_size, max_pages * page_size, 0,
+               int(rng.integers(1, max_pages * page_size + 1))]
+    return _make(seed, batch=len(lengths), page_size=page_size, max_pages=max_pages,
+                 lengths=lengths, **kwargs)
+
+
 CASES = [
     # (hq, hkv, d, page_size, pages_per_block, num_splits, flat_gather, dtype)
     (4, 4, 64, 4, 2, None, True, jnp.float32),  # GQA 1 (MHA), split-K
@@ -51,27 +61,8 @@ CASES = [
 @pytest.mark.parametrize("hq,hkv,d,page_size,ppb,splits,flat,dtype", CASES)
 def test_decode_matches_reference(hq, hkv, d, page_size, ppb, splits, flat, dtype):
     seed = random_seed()
-    max_pages = 6
-    rng = np.random.default_rng(seed)
-    # ragged: length 1, an exact page multiple, the full table, a padding row, random
-    lengths = [
-        1,
-        2 * page_size,
-        max_pages * page_size,
-        0,
-        int(rng.integers(1, max_pages * page_size + 1)),
-    ]
-    q, k, v, pt, lens = _make(
-        seed,
-        batch=len(lengths),
-        hq=hq,
-        hkv=hkv,
-        d=d,
-        page_size=page_size,
-        max_pages=max_pages,
-        lengths=lengths,
-        dtype=dtype,
-    )
+    q, k, v, pt, lens = _make_ragged(seed, hq=hq, hkv=hkv, d=d, page_size=page_size,
+                                     max_pages=6, dtype=dtype)
     scale = d**-0.5
     out = decode_attention(
         q,

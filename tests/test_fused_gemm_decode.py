@@ -15,32 +15,15 @@ from pallas_kernels.fused_gemm_decode import (
     program_order,
 )
 from tests.helpers import random_seed, rel_err
-from tests.test_decode_attention import _make  # scattered pages, NaN past each length
+from tests.test_decode_attention import _make_ragged  # scattered pages, NaN past each length
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def _inputs(seed, *, m, k, n, hq, hkv, d, page_size, max_pages, dtype):
+    q, kp, vp, pt, lens = _make_ragged(seed, hq=hq, hkv=hkv, d=d, page_size=page_size,
+                                       max_pages=max_pages, dtype=dtype)
     rng = np.random.default_rng(seed)
-    # ragged: length 1, an exact page multiple, the full table, a padding row, random
-    lengths = [
-        1,
-        2 * page_size,
-        max_pages * page_size,
-        0,
-        int(rng.integers(1, max_pages * page_size + 1)),
-    ]
-    q, kp, vp, pt, lens = _make(
-        seed,
-        batch=len(lengths),
-        hq=hq,
-        hkv=hkv,
-        d=d,
-        page_size=page_size,
-        max_pages=max_pages,
-        lengths=lengths,
-        dtype=dtype,
-    )
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
     w = jnp.asarray(rng.standard_normal((k, n)) * k**-0.5, dtype)
     return x, w, q, kp, vp, pt, lens
