@@ -80,3 +80,14 @@ def mosaic_gpu_interpret_params():
     if cls is None:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
     return cls()
+
+
+def mgpu_load(ref, layout):
+    """A Mosaic GPU shared-memory ref loaded into registers of `layout`. JAX 0.10 takes the
+    index as a positional argument; 0.11 deprecates it (index the ref instead)."""
+    from jax.experimental.pallas import mosaic_gpu as mgpu
+
+    try:
+        return mgpu.load(ref, layout=layout)
+    except TypeError:
+        return mgpu.load(ref, (), layout=layout)

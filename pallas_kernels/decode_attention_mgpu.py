@@ -52,10 +52,13 @@ _LOG2E = math.log2(math.e)
 
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem,
-            table_smem, q_bar, table_bar, k_bar, v_bar, k_free, v_free, *, num_programs: int,
-            num_kv_heads: int, page_size: int, pages_per_block: int, stages: int,
+            table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
+            v_free, merge_full, merge_free, *, num_programs: int, num_kv_heads: int,
+            page_size: int, pages_per_block: int, stages: int, consumers: int,
             scale_log2: float, interpret: bool):
-    """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max]."""
+    """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max].
+    q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem [64] fp32 carry
+    consumer 1's partial result to consumer 0 (unused with one consumer)."""
     num_items = q_ref.shape[0]
     block_kv = pages_per_block * page_size
     head_dim = q_ref.shape[2]
@@ -64,6 +67,10 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
     my_items = (num_items - cta + num_programs - 1) // num_programs
     # Loop carries need the WGMMA register layout up front; the CPU interpreter has no layouts.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    rows = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector, one value per WGMMA row
+
+    def load(ref, layout):
+        return ref[...] if interpret else _compat.mgpu_load(ref, layout)
 
     def matmul(a, b_ref, n, transpose_b=False):
         """a [64, K] (registers or shared memory) @ b_ref [K, n] (or b_ref.T: [n, K]) in
@@ -88,24 +95,34 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
         length = lengths_ref[b]
         return item, b, item % num_kv_heads, length, (length + block_kv - 1) // block_kv
 
-    @pl.when(wg == 0)
-    def _consumer():
-        def one_item(i, step):  # step: KV blocks consumed before this item (ring position)
-            item, _, _, length, n_blocks = item_of(i)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_smem
-            plgpu.copy_gmem_to_smem(q_ref.at[item], q_smem.at[pl.ds(0, _ROWS)], q_bar)
-            plgpu.barrier_wait(q_bar)
-            acc = cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-            m_i = cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32),
-                       plgpu.Layout.WGMMA.reduce(1))
-            l_i = cast(jnp.zeros((_WGMMA_M,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    def bcast(row_vec, like):  # [64] per row -> like's [64, n]
+        return lax.broadcast_in_dim(row_vec, like.shape, [0])
 
-            def one_block(j, carry):
+    def consumer(c: int):
+        """Consumer c takes the ring's blocks g with g % consumers == c (so the slots
+        s % consumers == c): each item's KV is split between the consumers, and consumer 0
+        merges the partial softmaxes."""
+        q_mine = q_smem.at[c]
+
+        def one_item(i, step):  # step: KV blocks of earlier items (ring position)
+            item, _, _, length, n_blocks = item_of(i)
+            if c == 0:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
+            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
+            plgpu.barrier_wait(q_bar.at[c])
+            acc = cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            m_i = cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), rows)
+            l_i = cast(jnp.zeros((_WGMMA_M,), jnp.float32), rows)
+            first = lax.rem(c + consumers - lax.rem(step, consumers), consumers)
+            mine = (n_blocks - first + consumers - 1) // consumers
+
+            def one_block(n, carry):
                 acc, m_i, l_i = carry
+                j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
 
-                s = matmul(q_smem, k_smem.at[slot], block_kv, transpose_b=True)
+                s = matmul(q_mine, k_smem.at[slot], block_kv, transpose_b=True)
                 plgpu.barrier_arrive(k_free.at[slot])
                 col = (lax.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1) if interpret
                        else plgpu.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1,
@@ -113,28 +130,57 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
                 s = jnp.where(j * block_kv + col < length, s * scale_log2, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                p = jnp.exp2(s - bcast(m_new, s))
                 l_i = l_i * alpha + p.sum(axis=1)
                 plgpu.barrier_wait(v_bar.at[slot])
 
                 pv_block = matmul(p.astype(v_smem.dtype), v_smem.at[slot], head_dim)
                 plgpu.barrier_arrive(v_free.at[slot])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv_block
+                acc = acc * bcast(alpha, acc) + pv_block
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, n_blocks, one_block, (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(0, mine, one_block, (acc, m_i, l_i))
+            if c > 0:  # hand the partial result (m, l, acc) to consumer 0
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_wait(merge_free)
+
+                acc_smem[...] = acc
+                m_smem[...] = m_i
+                l_smem[...] = l_i
+                plgpu.barrier_arrive(merge_full)
+                return step + n_blocks
+            if consumers > 1:
+                plgpu.barrier_wait(merge_full)
+                acc_1 = load(acc_smem, plgpu.Layout.WGMMA)
+                m_1, l_1 = load(m_smem, rows), load(l_smem, rows)
+                plgpu.barrier_arrive(merge_free)
+                m_new = jnp.maximum(m_i, m_1)
+                # -inf where neither consumer saw a token (length 0): keep exp2 finite.
+                m_new = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
+                alpha, alpha_1 = jnp.exp2(m_i - m_new), jnp.exp2(m_1 - m_new)
+                l_i = l_i * alpha + l_1 * alpha_1
+                acc = acc * bcast(alpha, acc) + acc_1 * bcast(alpha_1, acc)
             # Rows of an empty sequence (length 0) have l = 0 and stay exact zeros.
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-            acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            q_smem[...] = acc.astype(q_smem.dtype)
+            acc = acc / bcast(l_safe, acc)
+            q_mine[...] = acc.astype(q_mine.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, _ROWS)], o_ref.at[item])
+            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, _ROWS)], o_ref.at[item])
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0)
+        if c == 0:
+            plgpu.wait_smem_to_gmem(0)
+        else:  # consumer 0's last read, so no barrier phase is left unobserved
+            @pl.when(my_items > 0)
+            def _():
+                plgpu.barrier_wait(merge_free)
 
-    @pl.when(wg == 1)
+    for c in range(consumers):
+        pl.when(wg == c)(functools.partial(consumer, c))
+
+    @pl.when(wg == consumers)
     def _producer():
         def one_item(i, step):
             _, b, h, length, n_blocks = item_of(i)
@@ -190,11 +236,13 @@ def decode_attention_mgpu(
     num_programs: int | None = None,
     pages_per_block: int | None = None,
     stages: int = 4,
+    consumers: int = 2,
     interpret: bool = False,
 ) -> jax.Array:  # [B, Hq, D]
     """Paged GQA attention of one query token per sequence, on `num_programs` CTAs (None: one
     per SM). `pages_per_block` pages (default: 64 tokens) form one KV block; `stages` blocks
-    are in flight per CTA. Sequence b attends to cache slots 0..lengths[b]-1."""
+    are in flight per CTA, shared by `consumers` (1 or 2) computing warpgroups that split each
+    item's blocks. Sequence b attends to cache slots 0..lengths[b]-1."""
     if plgpu is None:  # pragma: no cover
         raise NotImplementedError("this jax has no Mosaic GPU Pallas backend")
     batch, num_q_heads, head_dim = q.shape
@@ -209,6 +257,9 @@ def decode_attention_mgpu(
     block_kv = pages_per_block * page_size
     if block_kv % 64:
         raise ValueError(f"a KV block of {block_kv} tokens: WGMMA needs a multiple of 64")
+    if consumers not in (1, 2) or stages % consumers:
+        raise ValueError(f"consumers must be 1 or 2 and divide stages; got {consumers}, "
+                         f"{stages}")
     num_items = batch * num_kv_heads
     programs = min(num_programs or _compat.num_sms(), num_items)
     # [B, Hq, D] -> one [8, D] row block per (sequence, KV head), padded with zeros.
@@ -216,30 +267,39 @@ def decode_attention_mgpu(
                       ((0, 0), (0, 0), (0, _ROWS - group), (0, 0)))
     q_items = q_items.reshape(num_items, _ROWS, head_dim)
     max_pages = page_tables.shape[1]
-    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 4)))  # 16 B rows
+    # Rows of 128 B: whole TMA rows, and a copy size JAX 0.10's lowering takes.
+    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(
         _kernel, num_programs=programs, num_kv_heads=num_kv_heads, page_size=page_size,
-        pages_per_block=pages_per_block, stages=stages, scale_log2=sm_scale * _LOG2E,
-        interpret=interpret)
+        pages_per_block=pages_per_block, stages=stages, consumers=consumers,
+        scale_log2=sm_scale * _LOG2E, interpret=interpret)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
         scratch_types=[
-            plgpu.SMEM((_WGMMA_M, head_dim), q.dtype, transforms=swizzled),  # q, then out
+            # each consumer's q; consumer 0's is then the output's staging buffer
+            plgpu.SMEM((consumers, _WGMMA_M, head_dim), q.dtype, transforms=swizzled),
             plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=swizzled),  # K ring
             plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=swizzled),  # V ring
             plgpu.SMEM((tables.shape[1],), jnp.int32),  # the item's page-table row
-            plgpu.Barrier(),  # q arrived
+            # consumer 1's partial acc, m and l for consumer 0 (a token's worth with one)
+            plgpu.SMEM((_WGMMA_M if consumers > 1 else 8, head_dim), jnp.float32,
+                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+            plgpu.SMEM((_WGMMA_M,), jnp.float32),
+            plgpu.SMEM((_WGMMA_M,), jnp.float32),
+            plgpu.Barrier(num_barriers=consumers),  # a consumer's q arrived
             plgpu.Barrier(),  # table row arrived
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),  # K slot full
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),  # V slot full
             plgpu.Barrier(num_barriers=stages),  # K slot consumed
             plgpu.Barrier(num_barriers=stages),  # V slot consumed
+            plgpu.Barrier(),  # consumer 1's partial result is in acc/m/l_smem
+            plgpu.Barrier(),  # consumer 0 has read it
         ],
         grid=(programs,),
         grid_names=("programs",),
-        num_threads=2,  # warpgroup 0 computes, warpgroup 1 issues the TMA copies
+        num_threads=consumers + 1,  # the computing warpgroups, then the TMA producer
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_compat.mosaic_gpu_interpret_params() if interpret else None,

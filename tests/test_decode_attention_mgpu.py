@@ -14,12 +14,13 @@ from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
 from tests.helpers import random_seed
 
 
-def test_matches_reference_over_ragged_lengths():
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_matches_reference_over_ragged_lengths(consumers):
     seed = random_seed()
     rng = np.random.default_rng(seed)
-    batch, hq, hkv, d, page_size, max_pages = 3, 8, 2, 64, 16, 5
+    batch, hq, hkv, d, page_size, max_pages = 3, 8, 2, 64, 16, 9
     num_pages = batch * max_pages + 2
-    lengths = np.asarray([1, 64 + 9, 0], np.int32)
+    lengths = np.asarray([1, 2 * 64 + 9, 0], np.int32)
     q = jnp.asarray(rng.standard_normal((batch, hq, d)), jnp.bfloat16)
     k = rng.standard_normal((hkv, num_pages, page_size, d))
     v = rng.standard_normal((hkv, num_pages, page_size, d))
@@ -30,10 +31,12 @@ def test_matches_reference_over_ragged_lengths():
             v[:, page, max(0, n - i * page_size):] = -1e4
     k, v = (jnp.asarray(x, jnp.bfloat16) for x in (k, v))
     tables, lengths = jnp.asarray(tables, jnp.int32), jnp.asarray(lengths)
-    # one token; a 64-token block and a partial one; no tokens (a padding row: zeros)
+    # one token; two 64-token blocks and a partial one; no tokens (a padding row: zeros)
     # 2 CTAs over 6 (sequence, KV head) items: each CTA runs 3 items through one ring of 2.
+    # With two consumers, each takes every other block of the ring, so an item's blocks are
+    # split between them (or all land on one) and consumer 0 merges the two softmaxes.
     got = decode_attention_mgpu(q, k, v, tables, lengths, sm_scale=d**-0.5, num_programs=2,
-                                stages=2, interpret=True)
+                                stages=2, consumers=consumers, interpret=True)
     want = decode_attention_reference(q, k, v, tables, lengths, sm_scale=d**-0.5)
     assert got.shape == want.shape and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
