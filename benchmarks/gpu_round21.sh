@@ -3,7 +3,9 @@
 # (S^T = K Q^T with the GQA group as WGMMA's N = 16, P^T through shared memory), with one or
 # two computing warpgroups and several ring depths, alone on 33 / 44 / 66 / 132 CTAs; then
 # beside a tick's GEMM chain on the other SMs.
-# Usage (device tool, repo root): bash benchmarks/gpu_round21.sh
+# Ran at commit 29c7d15; the transposed layout was removed after it (slower with one consumer,
+# and two consumers race on Mosaic GPU's shared cross-warp reduction scratch).
+# Usage (device tool, repo root): git checkout 29c7d15 && bash benchmarks/gpu_round21.sh
 source "$(dirname "$0")/gpu_common.sh"
 show() {  # name: the timing rows and errors of one log
     grep "|\|rel err" "$out/$1.log" | grep "mgpu attention alone\|^attention alone\|^gemm alone\|^back to back |\|mgpu GEMM\|^ideal" \

@@ -12,14 +12,19 @@ Layout and work split (the same KV cache layout as the Triton kernel):
     [page_size, D] tile, one TMA copy.
   * A work item is one (sequence, KV head): the GQA group of `Hq / Hkv` query heads, padded
     to 8 rows. CTA c of `num_programs` runs items c, c + num_programs, ...
-  * Warpgroup 1 (producer) reads the item's page-table row into shared memory, then for each
-    block of `pages_per_block` pages issues one TMA copy per page for K and for V into the
-    ring slot, after the consumer has released it. Pages past the sequence's end re-read its
-    last page (masked), so every block has the same number of copies.
-  * Warpgroup 0 (consumer) computes S = Q K^T with WGMMA (Q padded to 64 rows in shared
-    memory; only the first 8 are real), masks columns past the length, runs the online
-    softmax in fp32 (base 2) and accumulates P V with WGMMA, releasing each slot's K and V
-    as soon as their WGMMA is done.
+  * The last warpgroup (producer) reads the item's page-table row into shared memory, then
+    for each block of `pages_per_block` pages issues one TMA copy per page for K and for V
+    into the ring slot, after its consumer has released it. Pages past the sequence's end
+    re-read its last page (masked), so every block has the same number of copies.
+  * The first `consumers` warpgroups (1 or 2) compute. Consumer c takes the ring's blocks
+    g with g % consumers == c, so an item's blocks alternate between them: each computes
+    S = Q K^T with WGMMA (Q padded to 64 rows in shared memory; only the first 8 are real),
+    masks columns past the length, runs the online softmax in fp32 (base 2) and accumulates
+    P V with WGMMA, releasing each slot's K and V as soon as their WGMMA is done. At the
+    item's end consumer 1 hands (m, l, acc) to consumer 0 through shared memory, which
+    merges the two softmaxes and writes the output. Why two: one consumer's chain (WGMMA,
+    wait, softmax, WGMMA, wait) is latency-bound; a second one fills its gaps (1.2x from
+    33-44 CTAs, BENCHMARKS.md "Session 5").
 
 Cache slots past `lengths` are masked out of the softmax but are read: they must hold finite
 values (the engine's cache does: zero-initialised, written with finite K/V). A NaN there
@@ -48,55 +53,45 @@ except ImportError:  # pragma: no cover
 
 _ROWS = 8  # query rows stored per work item (the GQA group, padded)
 _WGMMA_M = 64  # WGMMA's row count: Q is padded to it in shared memory
-_COLS = 16  # transposed layout: query rows as WGMMA's N (16: P^T's 32 B rows, swizzle 32)
 _LOG2E = math.log2(math.e)
 
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem,
-            table_smem, p_smem, o_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar,
-            v_bar, k_free, v_free, merge_full, merge_free, *, num_programs: int,
-            num_kv_heads: int, page_size: int, pages_per_block: int, stages: int,
-            consumers: int, transposed: bool, scale_log2: float, interpret: bool):
-    """Row layout: q_ref [items, 8, D], q_smem [consumers, 64, D], o_ref [items, 8, D].
-    Transposed: q_ref/q_smem [items/consumers, 16, D], p_smem [consumers, block_kv, 16],
-    o_smem [D, 16], o_ref [items, D, 16]. k_ref/v_ref [Hkv, P, page_size, D]; tables_ref
-    [B, P_max]. acc_smem, m_smem, l_smem carry consumer 1's partial result to consumer 0."""
+            table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
+            v_free, merge_full, merge_free, *, num_programs: int, num_kv_heads: int,
+            page_size: int, pages_per_block: int, stages: int, consumers: int,
+            scale_log2: float, interpret: bool):
+    """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max].
+    q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem [64] fp32 carry
+    consumer 1's partial result to consumer 0 (unused with one consumer)."""
     num_items = q_ref.shape[0]
     block_kv = pages_per_block * page_size
     head_dim = q_ref.shape[2]
     wg = lax.axis_index("wg")
     cta = lax.axis_index("programs")
     my_items = (num_items - cta + num_programs - 1) // num_programs
-    # Row layout: S = Q K^T is [64 query rows, block_kv tokens], the softmax reduces axis 1.
-    # Transposed: S^T = K Q^T is [block_kv tokens, 16 query rows], it reduces axis 0.
-    tok = 0 if transposed else 1  # the token axis of S and of the softmax
-    s_shape = (block_kv, _COLS) if transposed else (_WGMMA_M, block_kv)
-    acc_shape = (head_dim, _COLS) if transposed else (_WGMMA_M, head_dim)
     # Loop carries need the WGMMA register layout up front; the CPU interpreter has no layouts.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
-    per_row = plgpu.Layout.WGMMA.reduce(tok)  # one value per query row
+    rows = plgpu.Layout.WGMMA.reduce(1)  # a [64] vector, one value per WGMMA row
 
     def load(ref, layout):
         return ref[...] if interpret else _compat.mgpu_load(ref, layout)
 
-    def wgmma(a, b_ref, shape):
-        """a [M, K] (registers or a shared-memory ref) @ b_ref [K, N] (a ref, possibly a
-        transposed view), fp32. WGMMA into a fresh accumulator (the interpreter has no
-        run_state to seed one, nor transposed operands: there it is a plain dot)."""
+    def matmul(a, b_ref, n, transpose_b=False):
+        """a [64, K] (registers or shared memory) @ b_ref [K, n] (or b_ref.T: [n, K]) in
+        shared memory, fp32. WGMMA into a fresh accumulator (the interpreter has no run_state
+        to seed one); the interpreter has no transposed WGMMA operands either, so there it is
+        a plain dot."""
         if interpret:
-            val = lambda x: x if isinstance(x, jax.Array) else x[...]
-            return jnp.dot(val(a), val(b_ref), preferred_element_type=jnp.float32)
+            a_val = a if isinstance(a, jax.Array) else a[...]
+            b_val = b_ref[...].T if transpose_b else b_ref[...]
+            return jnp.dot(a_val, b_val, preferred_element_type=jnp.float32)
 
         def body(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_ref)
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
             return acc_ref[...]
 
-        return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-    def t(ref):  # a 2-D ref's transposed view
-        if interpret:
-            return ref[...].T
-        return plgpu.transpose_ref(ref, (1, 0))
+        return pl.run_scoped(body, plgpu.ACC((_WGMMA_M, n), jnp.float32))
 
     def item_of(i):
         """(item, sequence, KV head, length, KV blocks) of this CTA's i-th work item."""
@@ -105,26 +100,24 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
         length = lengths_ref[b]
         return item, b, item % num_kv_heads, length, (length + block_kv - 1) // block_kv
 
-    def bcast(per_row_vec, shape):  # one value per query row -> shape
-        return lax.broadcast_in_dim(per_row_vec, shape, [1 - tok])
+    def bcast(row_vec, like):  # [64] per row -> like's [64, n]
+        return lax.broadcast_in_dim(row_vec, like.shape, [0])
 
     def consumer(c: int):
         """Consumer c takes the ring's blocks g with g % consumers == c (so the slots
         s % consumers == c): each item's KV is split between the consumers, and consumer 0
         merges the partial softmaxes."""
         q_mine = q_smem.at[c]
-        q_rows = q_ref.shape[1]
 
         def one_item(i, step):  # step: KV blocks of earlier items (ring position)
             item, _, _, length, n_blocks = item_of(i)
             if c == 0:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left
-            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, q_rows)], q_bar.at[c])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
+            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
             plgpu.barrier_wait(q_bar.at[c])
-            acc = cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-            m_i = cast(jnp.full((_COLS if transposed else _WGMMA_M,), -jnp.inf, jnp.float32),
-                       per_row)
-            l_i = cast(jnp.zeros(m_i.shape, jnp.float32), per_row)
+            acc = cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+            m_i = cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), rows)
+            l_i = cast(jnp.zeros((_WGMMA_M,), jnp.float32), rows)
             first = lax.rem(c + consumers - lax.rem(step, consumers), consumers)
             mine = (n_blocks - first + consumers - 1) // consumers
 
@@ -133,30 +126,22 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
                 j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
-                if transposed:
-                    s = wgmma(k_smem.at[slot], t(q_mine), s_shape)
-                else:
-                    s = wgmma(q_mine, t(k_smem.at[slot]), s_shape)
+
+                s = matmul(q_mine, k_smem.at[slot], block_kv, transpose_b=True)
                 plgpu.barrier_arrive(k_free.at[slot])
-                token = (lax.broadcasted_iota(jnp.int32, s_shape, tok) if interpret
-                         else plgpu.broadcasted_iota(jnp.int32, s_shape, tok,
-                                                     layout=plgpu.Layout.WGMMA))
-                s = jnp.where(j * block_kv + token < length, s * scale_log2, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=tok))
+                col = (lax.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1) if interpret
+                       else plgpu.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1,
+                                                   layout=plgpu.Layout.WGMMA))
+                s = jnp.where(j * block_kv + col < length, s * scale_log2, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - bcast(m_new, s_shape))
-                l_i = l_i * alpha + p.sum(axis=tok)
-                p16 = p.astype(v_smem.dtype)
-                if transposed:  # P^T goes through shared memory: WGMMA's B operand
-                    p_smem[c] = p16
-                    plgpu.commit_smem()
+                p = jnp.exp2(s - bcast(m_new, s))
+                l_i = l_i * alpha + p.sum(axis=1)
                 plgpu.barrier_wait(v_bar.at[slot])
-                if transposed:  # O^T += V^T P^T
-                    pv_block = wgmma(t(v_smem.at[slot]), p_smem.at[c], acc_shape)
-                else:
-                    pv_block = wgmma(p16, v_smem.at[slot], acc_shape)
+
+                pv_block = matmul(p.astype(v_smem.dtype), v_smem.at[slot], head_dim)
                 plgpu.barrier_arrive(v_free.at[slot])
-                acc = acc * bcast(alpha, acc_shape) + pv_block
+                acc = acc * bcast(alpha, acc) + pv_block
                 return acc, m_new, l_i
 
             acc, m_i, l_i = lax.fori_loop(0, mine, one_block, (acc, m_i, l_i))
@@ -173,25 +158,20 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             if consumers > 1:
                 plgpu.barrier_wait(merge_full)
                 acc_1 = load(acc_smem, plgpu.Layout.WGMMA)
-                m_1, l_1 = load(m_smem, per_row), load(l_smem, per_row)
+                m_1, l_1 = load(m_smem, rows), load(l_smem, rows)
                 plgpu.barrier_arrive(merge_free)
                 m_new = jnp.maximum(m_i, m_1)
                 # -inf where neither consumer saw a token (length 0): keep exp2 finite.
                 m_new = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
                 alpha, alpha_1 = jnp.exp2(m_i - m_new), jnp.exp2(m_1 - m_new)
                 l_i = l_i * alpha + l_1 * alpha_1
-                acc = acc * bcast(alpha, acc_shape) + acc_1 * bcast(alpha_1, acc_shape)
+                acc = acc * bcast(alpha, acc) + acc_1 * bcast(alpha_1, acc)
             # Rows of an empty sequence (length 0) have l = 0 and stay exact zeros.
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
-            acc = acc / bcast(l_safe, acc_shape)
-            if transposed:
-                o_smem[...] = acc.astype(o_smem.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[item])
-            else:  # q_mine is free now: it stages the output
-                q_mine[...] = acc.astype(q_mine.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, _ROWS)], o_ref.at[item])
+            acc = acc / bcast(l_safe, acc)
+            q_mine[...] = acc.astype(q_mine.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, _ROWS)], o_ref.at[item])
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -262,7 +242,6 @@ def decode_attention_mgpu(
     pages_per_block: int | None = None,
     stages: int = 4,
     consumers: int = 2,
-    transposed: bool = True,
     interpret: bool = False,
 ) -> jax.Array:  # [B, Hq, D]
     """Paged GQA attention of one query token per sequence, on `num_programs` CTAs (None: one
@@ -288,48 +267,32 @@ def decode_attention_mgpu(
                          f"{stages}")
     num_items = batch * num_kv_heads
     programs = min(num_programs or _compat.num_sms(), num_items)
-    q_rows = _COLS if transposed else _ROWS
-    # [B, Hq, D] -> one [q_rows, D] block per (sequence, KV head), padded with zeros.
+    # [B, Hq, D] -> one [8, D] row block per (sequence, KV head), padded with zeros.
     q_items = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
-                      ((0, 0), (0, 0), (0, q_rows - group), (0, 0)))
-    q_items = q_items.reshape(num_items, q_rows, head_dim)
+                      ((0, 0), (0, 0), (0, _ROWS - group), (0, 0)))
+    q_items = q_items.reshape(num_items, _ROWS, head_dim)
     max_pages = page_tables.shape[1]
     # Rows of 128 B: whole TMA rows, and a copy size JAX 0.10's lowering takes.
     tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
-
-    def swizzled(bytes_):  # WGMMA operand tiles: 8 rows of `bytes_`, swizzled
-        return (plgpu.TilingTransform((8, bytes_ // q.dtype.itemsize)),
-                plgpu.SwizzleTransform(bytes_))
-
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(
         _kernel, num_programs=programs, num_kv_heads=num_kv_heads, page_size=page_size,
         pages_per_block=pages_per_block, stages=stages, consumers=consumers,
-        transposed=transposed, scale_log2=sm_scale * _LOG2E, interpret=interpret)
-    rows = _COLS if transposed else _WGMMA_M  # query rows per WGMMA
-    merged = (head_dim, _COLS) if transposed else (_WGMMA_M, head_dim)  # consumer 1's acc
-    # Transposed, V^T is WGMMA's A operand beside P^T [block_kv, 16] as B: both swizzle 32 B.
-    v_swizzle = 32 if transposed else 128
-    out_shape = (num_items, head_dim, _COLS) if transposed else q_items.shape
+        scale_log2=sm_scale * _LOG2E, interpret=interpret)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, q.dtype),
+        out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
         scratch_types=[
-            # each consumer's q (row layout: consumer 0's then stages the output)
-            plgpu.SMEM((consumers, rows, head_dim), q.dtype, transforms=swizzled(128)),
-            plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=swizzled(128)),  # K
-            plgpu.SMEM((stages, block_kv, head_dim), q.dtype,
-                       transforms=swizzled(v_swizzle)),  # V ring
+            # each consumer's q; consumer 0's is then the output's staging buffer
+            plgpu.SMEM((consumers, _WGMMA_M, head_dim), q.dtype, transforms=swizzled),
+            plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=swizzled),  # K ring
+            plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=swizzled),  # V ring
             plgpu.SMEM((tables.shape[1],), jnp.int32),  # the item's page-table row
-            # transposed: each consumer's P^T, and the output O^T
-            plgpu.SMEM((consumers, block_kv if transposed else 8, _COLS), q.dtype,
-                       transforms=swizzled(32)),
-            plgpu.SMEM((head_dim, _COLS) if transposed else (8, _COLS), q.dtype),
             # consumer 1's partial acc, m and l for consumer 0 (a token's worth with one)
-            plgpu.SMEM(merged if consumers > 1 else (8, 32), jnp.float32,
-                       transforms=() if transposed else (plgpu.TilingTransform((8, 32)),
-                                                         plgpu.SwizzleTransform(128))),
-            plgpu.SMEM((rows,), jnp.float32),
-            plgpu.SMEM((rows,), jnp.float32),
+            plgpu.SMEM((_WGMMA_M if consumers > 1 else 8, head_dim), jnp.float32,
+                       transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
+            plgpu.SMEM((_WGMMA_M,), jnp.float32),
+            plgpu.SMEM((_WGMMA_M,), jnp.float32),
             plgpu.Barrier(num_barriers=consumers),  # a consumer's q arrived
             plgpu.Barrier(),  # table row arrived
             plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=stages),  # K slot full
@@ -347,7 +310,5 @@ def decode_attention_mgpu(
         interpret=_compat.mosaic_gpu_interpret_params() if interpret else None,
     )
     out = call(lengths.astype(jnp.int32), tables, q_items, k_pages, v_pages)
-    if transposed:  # [items, D, 16] -> [items, 16, D]
-        out = out.transpose(0, 2, 1)
-    return out.reshape(batch, num_kv_heads, q_rows, head_dim)[:, :, :group].reshape(
+    return out.reshape(batch, num_kv_heads, _ROWS, head_dim)[:, :, :group].reshape(
         batch, num_q_heads, head_dim)
