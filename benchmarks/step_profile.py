@@ -60,7 +60,7 @@ def main(argv):
             print(f"schedule {schedule} failed: {type(e).__name__}: {str(e)[:300]}")
     print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
     print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
-          "2·P·T/peak ms | tokens = first schedule's, max |Δ top logprob|")
+          "2·P·T/peak ms | tokens = first schedule's, max |Δ logprob of the token|")
     for r in rows:
         print(_fmt(r))
 
@@ -70,7 +70,7 @@ def _fmt(r) -> str:
             f"{r[7]}")
 
 
-FIRST = {}  # case -> the first schedule's (greedy tokens, top logprobs) of its first step
+FIRST = {}  # case -> the first schedule's (greedy tokens, their logprobs) of its first step
 
 
 def profile(runner, peak, schedule, cases):
@@ -100,7 +100,7 @@ def profile(runner, peak, schedule, cases):
 
         sampled = list(range(nd)) + ([shape.num_decode] if chunk else [])
         out = step()
-        tokens, top = (np.asarray(a)[sampled] for a in (out.token_ids, out.top_logprobs[:, 0]))
+        tokens, top = (np.asarray(a)[sampled] for a in (out.token_ids, out.logprob))
         first_tokens, first_top = FIRST.setdefault(name, (tokens, top))
         agree = (f"{int((tokens == first_tokens).sum())}/{len(tokens)}, "
                  f"{float(np.abs(top - first_top).max()):.1e}")

@@ -224,7 +224,8 @@ def test_logprobs_are_raw_log_softmax(num_logprobs):
     logits = rng.normal(size=(6, 100)).astype(np.float32) * 3
     logits[:, 90:] = -np.inf
     params = [SamplingParams(temperature=0.5, top_k=7, top_p=0.9)] * 3 + \
-        [SamplingParams(temperature=0), SamplingParams(), SamplingParams(top_p=0.3)]
+        [SamplingParams(temperature=0, logprobs=num_logprobs), SamplingParams(),
+         SamplingParams(top_p=0.3)]
     out = run(logits, params, num_logprobs=num_logprobs)
     ref = log_softmax(logits)
     np.testing.assert_allclose(out.logprob, ref[np.arange(6), out.token_ids], rtol=1e-5, atol=1e-5)
@@ -234,6 +235,18 @@ def test_logprobs_are_raw_log_softmax(num_logprobs):
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, out.top_ids, -1),
                                rtol=1e-5, atol=1e-5)
     assert np.all(np.diff(out.top_logprobs, axis=-1) <= 0)
+
+
+def test_top_logprobs_only_when_a_row_asks():
+    logits = np.random.default_rng(5).normal(size=(4, 64)).astype(np.float32)
+    none = run(logits, [SamplingParams(temperature=0)] * 4, num_logprobs=3)
+    assert (none.top_logprobs == -np.inf).all() and not none.top_ids.any()  # the top-k skipped
+    asks = SamplingParams(temperature=0, logprobs=2)
+    one = run(logits, [SamplingParams(temperature=0)] * 3 + [asks],
+              num_logprobs=3)  # any row asking computes the top-k for all (same shapes)
+    np.testing.assert_array_equal(one.top_ids, np.argsort(-logits, axis=-1)[:, :3])
+    np.testing.assert_array_equal(none.token_ids, one.token_ids)
+    np.testing.assert_allclose(none.logprob, one.logprob)  # the chosen token's, always
 
 
 def test_masked_logits_never_sampled_and_never_nan():

@@ -44,6 +44,10 @@ class SamplingTensors:
     seed: jax.Array  # uint32: low 32 bits of the sequence's seed
     step: jax.Array  # int32: index of the token being sampled within the sequence's output
     seed_hi: jax.Array | None = None  # uint32: high 32 bits of the seed (None => zeros)
+    # int32: top logprobs the row's request wants (SamplingParams.logprobs; 0 = none). When no
+    # row wants any, `sample` skips the [B, V] top-k (XLA sorts: 7 % of a T=1024 step on an
+    # H100, BENCHMARKS.md "Session 5"). None => always computed.
+    num_logprobs: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -91,6 +95,8 @@ def sampling_tensors(
         raise ValueError(f"steps must be in [0, 2**31), got range [{min(steps)}, {max(steps)}]")
     step = np.zeros(pad_to, np.int32)
     step[:b] = steps
+    num_logprobs = np.zeros(pad_to, np.int32)
+    num_logprobs[:b] = [p.logprobs or 0 for p in params_list]
     return SamplingTensors(
         temperature=temperature,
         top_k=top_k,
@@ -98,6 +104,7 @@ def sampling_tensors(
         seed=(seed64 & np.uint64(0xFFFFFFFF)).astype(np.uint32),
         step=step,
         seed_hi=(seed64 >> np.uint64(32)).astype(np.uint32),
+        num_logprobs=num_logprobs,
     )
 
 
@@ -170,9 +177,18 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> Samp
 
     logp = _log_softmax(logits)  # [B, V] raw distribution, as vLLM reports it
     logprob = jnp.take_along_axis(logp, token_ids[:, None], axis=-1)[:, 0]
-    if num_logprobs:
-        top_logprobs, top_ids = jax.lax.top_k(logp, num_logprobs)
+    def top():
+        return tuple(jax.lax.top_k(logp, num_logprobs))
+
+    def skipped():  # no row wants top logprobs: -inf and token 0, never read
+        return (jnp.full((b, num_logprobs), -jnp.inf, jnp.float32),
+                jnp.zeros((b, num_logprobs), jnp.int32))
+
+    if not num_logprobs:
+        top_logprobs, top_ids = skipped()
+    elif t.num_logprobs is None:
+        top_logprobs, top_ids = top()
     else:
-        top_logprobs, top_ids = jnp.zeros((b, 0), jnp.float32), jnp.zeros((b, 0), jnp.int32)
+        top_logprobs, top_ids = jax.lax.cond(jnp.any(t.num_logprobs > 0), top, skipped)
     return SampleOutput(token_ids=token_ids, logprob=logprob,
                         top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)
