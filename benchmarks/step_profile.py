@@ -33,6 +33,8 @@ flags.DEFINE_multi_string("schedule", ["sequential"],
 flags.DEFINE_string("trace_dir", "", "also trace 2 steps per case with jax.profiler under this "
                     "folder and print the kernel overlap (benchmarks/trace_summary.py)")
 flags.DEFINE_bool("mixed_only", False, "only the mixed T=1024 case (compiles one bucket)")
+flags.DEFINE_list("logprobs", ["0"], "top logprobs each row asks for; one row of the table per "
+                  "value (0: the sampler skips its [B, V] top-k)")
 F = flags.FLAGS
 
 CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
@@ -77,7 +79,7 @@ def profile(runner, peak, schedule, cases):
     cfg, page = runner.model_config, runner.config.page_size
     rng = np.random.default_rng(0)
     rows = []
-    for name, t, nd, ctx, chunk in cases:
+    for case_name, t, nd, ctx, chunk in cases:
         pages_per = -(-(ctx + 1) // page)
         perm = rng.permutation(runner.num_pages)
         decodes = [SeqChunk([int(rng.integers(cfg.vocab_size))], ctx,
@@ -89,44 +91,52 @@ def profile(runner, peak, schedule, cases):
                                  perm[start:start + -(-chunk // page)].tolist())]
         shape = runner.shape_for(nd + chunk)
         batch = jax.device_put(build_batch(decodes, prefills, shape, page))
-        sampling = jax.device_put(sampling_tensors(
-            [SamplingParams(temperature=0.0)] * shape.num_logits,
-            [0] * shape.num_logits, [0] * shape.num_logits))
-
-        def step():
-            out, runner.kv = runner._step(runner.params, runner.kv, batch, sampling,
-                                          runner._prev_tokens)
-            return out
-
-        sampled = list(range(nd)) + ([shape.num_decode] if chunk else [])
-        out = step()
-        tokens, top = (np.asarray(a)[sampled] for a in (out.token_ids, out.logprob))
-        first_tokens, first_top = FIRST.setdefault(name, (tokens, top))
-        agree = (f"{int((tokens == first_tokens).sum())}/{len(tokens)}, "
-                 f"{float(np.abs(top - first_top).max()):.1e}")
-        for _ in range(3):
-            jax.block_until_ready(step())
-        times = []
-        for _ in range(F.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step())
-            times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        outs = [step() for _ in range(F.repeats)]  # back to back: how long does enqueueing take?
-        enqueue = (time.perf_counter() - t0) / F.repeats
-        jax.block_until_ready(outs)
-        back_to_back = (time.perf_counter() - t0) / F.repeats
-        gemm_ms = 2 * cfg.param_count * shape.num_tokens / peak * 1e3
-        rows.append((schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
-                     1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree))
-        print("row: " + _fmt(rows[-1]), flush=True)  # kept if a later schedule times out
-        if F.trace_dir:
-            folder = os.path.join(F.trace_dir, re.sub(r"\W", "_", f"{schedule}_{t}"))
-            with jax.profiler.trace(folder):
-                jax.block_until_ready([step() for _ in range(2)])
-            print(f"trace: {schedule} | {name} | {format_summary(summarize_dir(folder, 2))}",
-                  flush=True)
+        for n in map(int, F.logprobs):
+            name = case_name + (f", {n} top logprobs" if n else "")
+            sampling = jax.device_put(sampling_tensors(
+                [SamplingParams(temperature=0.0, logprobs=n or None)] * shape.num_logits,
+                [0] * shape.num_logits, [0] * shape.num_logits))
+            rows.append(_time_step(runner, peak, schedule, name, batch, sampling, shape, nd,
+                                   chunk))
     return rows
+
+
+def _time_step(runner, peak, schedule, name, batch, sampling, shape, nd, chunk):
+    """One row: the step's median time, back to back and enqueue times, agreement, a trace."""
+    def step():
+        out, runner.kv = runner._step(runner.params, runner.kv, batch, sampling,
+                                      runner._prev_tokens)
+        return out
+
+    sampled = list(range(nd)) + ([shape.num_decode] if chunk else [])
+    out = step()
+    tokens, top = (np.asarray(a)[sampled] for a in (out.token_ids, out.logprob))
+    first_tokens, first_top = FIRST.setdefault(name, (tokens, top))
+    agree = (f"{int((tokens == first_tokens).sum())}/{len(tokens)}, "
+             f"{float(np.abs(top - first_top).max()):.1e}")
+    for _ in range(3):
+        jax.block_until_ready(step())
+    times = []
+    for _ in range(F.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    outs = [step() for _ in range(F.repeats)]  # back to back: how long does enqueueing take?
+    enqueue = (time.perf_counter() - t0) / F.repeats
+    jax.block_until_ready(outs)
+    back_to_back = (time.perf_counter() - t0) / F.repeats
+    gemm_ms = 2 * runner.model_config.param_count * shape.num_tokens / peak * 1e3
+    row = (schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
+           1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree)
+    print("row: " + _fmt(row), flush=True)  # kept if a later schedule times out
+    if F.trace_dir:
+        folder = os.path.join(F.trace_dir, re.sub(r"\W", "_", f"{schedule}_{name}"))
+        with jax.profiler.trace(folder):
+            jax.block_until_ready([step() for _ in range(2)])
+        print(f"trace: {schedule} | {name} | {format_summary(summarize_dir(folder, 2))}",
+              flush=True)
+    return row
 
 
 if __name__ == "__main__":
