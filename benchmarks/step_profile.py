@@ -23,7 +23,7 @@ from nanoflow_jax.batch import SeqChunk, build_batch
 from nanoflow_jax.bench import measure_peak_flops
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
-from nanoflow_jax.engine.sampler import sampling_tensors
+from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
 from nanoflow_jax.sampling_params import SamplingParams
 
 flags.DEFINE_string("model", "llama-3-8b", "preset or checkpoint")
@@ -93,20 +93,18 @@ def profile(runner, peak, schedule, cases):
         batch = jax.device_put(build_batch(decodes, prefills, shape, page))
         for n in map(int, F.logprobs):
             name = case_name + (f", {n} top logprobs" if n else "")
-            sampling = jax.device_put(sampling_tensors(
-                [SamplingParams(temperature=0.0, logprobs=n or None)] * shape.num_logits,
-                [0] * shape.num_logits, [0] * shape.num_logits))
-            rows.append(_time_step(runner, peak, schedule, name, batch, sampling, shape, nd,
-                                   chunk))
+            params = [SamplingParams(temperature=0.0, logprobs=n or None)] * shape.num_logits
+            sampling = jax.device_put(sampling_tensors(params, [0] * shape.num_logits,
+                                                       [0] * shape.num_logits))
+            rows.append(_time_step(runner, peak, schedule, name, batch, sampling,
+                                   SampleMode.of(params), shape, nd, chunk))
     return rows
 
 
-def _time_step(runner, peak, schedule, name, batch, sampling, shape, nd, chunk):
+def _time_step(runner, peak, schedule, name, batch, sampling, mode, shape, nd, chunk):
     """One row: the step's median time, back to back and enqueue times, agreement, a trace."""
     def step():
-        out, runner.kv = runner._step(runner.params, runner.kv, batch, sampling,
-                                      runner._prev_tokens)
-        return out
+        return runner.run_step(batch, sampling, mode)
 
     sampled = list(range(nd)) + ([shape.num_decode] if chunk else [])
     out = step()

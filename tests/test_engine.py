@@ -7,6 +7,7 @@ import pytest
 
 import nanoflow_jax as nf
 from nanoflow_jax import LLM, SamplingParams
+from nanoflow_jax.engine.sampler import SampleMode
 from tests.helpers import golden_path
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -45,7 +46,11 @@ def llm():
 
 def test_many_requests_exact_lengths_no_leaks_no_recompiles(llm):
     compiled = llm.engine.runner.num_compiled
-    assert compiled == len(llm.engine.runner.buckets)  # all compiled by the warm-up
+    # all compiled by the warm-up: each bucket's model, and the sampler in each mode for each
+    # number of sampled rows the buckets have
+    runner = llm.engine.runner
+    rows = {runner.shape_for(t).num_logits for t in runner.buckets}
+    assert compiled == len(runner.buckets) + len(rows) * len(SampleMode.all())
     rng = np.random.default_rng()
     lens = rng.integers(1, 100, 200)
     outs_len = rng.integers(1, 40, 200)

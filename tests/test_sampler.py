@@ -5,21 +5,24 @@ import jax
 import numpy as np
 import pytest
 
-from nanoflow_jax.engine.sampler import SampleOutput, sample, sampling_tensors
+from nanoflow_jax.engine.sampler import SampleMode, SampleOutput, sample, sampling_tensors
 from nanoflow_jax.sampling_params import SamplingParams
 
-_sample = jax.jit(sample, static_argnames="num_logprobs")
+_sample = jax.jit(sample, static_argnames=("num_logprobs", "mode"))
 
 
-def run(logits, params, seeds=None, steps=None, num_logprobs=0, pad_to=None) -> SampleOutput:
-    """Sample rows of `logits` [B, V] (numpy) with per-row SamplingParams; numpy outputs."""
+def run(logits, params, seeds=None, steps=None, num_logprobs=0, pad_to=None,
+        mode=SampleMode()) -> SampleOutput:
+    """Sample rows of `logits` [B, V] (numpy) with per-row SamplingParams; numpy outputs.
+    The default mode runs every part of the sampler, right for any rows."""
     b = len(params)
     seeds = list(range(b)) if seeds is None else seeds
     steps = [0] * b if steps is None else steps
     t = sampling_tensors(params, seeds, steps, pad_to=pad_to)
     if pad_to is not None and pad_to > b:
         logits = np.concatenate([logits, np.zeros((pad_to - b, logits.shape[1]), np.float32)])
-    return jax.tree.map(np.asarray, _sample(np.asarray(logits, np.float32), t, num_logprobs))
+    return jax.tree.map(np.asarray, _sample(np.asarray(logits, np.float32), t, num_logprobs,
+                                            mode))
 
 
 def log_softmax(x):
@@ -237,16 +240,33 @@ def test_logprobs_are_raw_log_softmax(num_logprobs):
     assert np.all(np.diff(out.top_logprobs, axis=-1) <= 0)
 
 
-def test_top_logprobs_only_when_a_row_asks():
-    logits = np.random.default_rng(5).normal(size=(4, 64)).astype(np.float32)
-    none = run(logits, [SamplingParams(temperature=0)] * 4, num_logprobs=3)
-    assert (none.top_logprobs == -np.inf).all() and not none.top_ids.any()  # the top-k skipped
-    asks = SamplingParams(temperature=0, logprobs=2)
-    one = run(logits, [SamplingParams(temperature=0)] * 3 + [asks],
-              num_logprobs=3)  # any row asking computes the top-k for all (same shapes)
-    np.testing.assert_array_equal(one.top_ids, np.argsort(-logits, axis=-1)[:, :3])
-    np.testing.assert_array_equal(none.token_ids, one.token_ids)
-    np.testing.assert_allclose(none.logprob, one.logprob)  # the chosen token's, always
+def test_sample_mode_of_a_batch_changes_nothing_but_the_work():
+    """SampleMode.of(rows) skips the parts no row needs; tokens and logprobs stay those of the
+    full sampler, for every mix of greedy, drawing, filtering and logprob-asking rows."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(4, 64)).astype(np.float32) * 2
+    greedy, asks = SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=2)
+    draws, top1 = SamplingParams(temperature=0.8), SamplingParams(top_k=1)
+    top_k, top_p = SamplingParams(temperature=0.8, top_k=5), SamplingParams(top_p=0.5)
+    batches = [[greedy, top1, greedy, greedy], [greedy, asks, top1, greedy],
+               [draws, greedy, draws, top1], [asks, draws, greedy, greedy],
+               [top_k, draws, greedy, top1], [top_p, asks, top_k, draws]]
+    seen = set()
+    for params in batches:
+        mode = SampleMode.of(params)
+        seen.add(mode)
+        got = run(logits, params, num_logprobs=3, mode=mode)
+        full = run(logits, params, num_logprobs=3)
+        np.testing.assert_array_equal(got.token_ids, full.token_ids)
+        np.testing.assert_allclose(got.logprob, full.logprob)
+        if mode.logprobs:
+            np.testing.assert_array_equal(got.top_ids, full.top_ids)
+        else:  # skipped: nothing a row asked for
+            assert (got.top_logprobs == -np.inf).all() and not got.top_ids.any()
+    assert seen == set(SampleMode.all()) and len(SampleMode.all()) == 6
+    assert SampleMode.of([SamplingParams(temperature=0)] * 3) == SampleMode(False, False, False)
+    assert SampleMode.of([SamplingParams(top_p=0.9), SamplingParams(logprobs=0)]) == \
+        SampleMode(True, True, False)
 
 
 def test_masked_logits_never_sampled_and_never_nan():

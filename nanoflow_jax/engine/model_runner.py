@@ -1,10 +1,13 @@
 """The device side of the engine: weights, the KV cache, and one jitted step per bucket.
 
-`step(params, kv, batch, sampling, prev_tokens) -> (samples, kv)` runs embed → layers → logits
-at the sampled rows → on-device sampling, with the KV cache donated (updated in place). The
-runner is asynchronous: `dispatch` enqueues a step and returns at once with device arrays; a
-decode whose input token is still being sampled by the previous step names that step's sample
-row (`future_rows`), and the step reads it from `prev_tokens` on the device.
+A step is two jitted programs: `_forward(params, kv, batch, prev_tokens) -> (logits, kv)` runs
+embed → layers → logits at the sampled rows with the KV cache donated (updated in place), and
+`_sample_rows(logits, sampling, mode)` samples on the device, compiled once per `SampleMode`
+(what the batch's rows need, known on the host), so neither program holds a device-side branch
+that would make the host wait. The runner is asynchronous: `dispatch` enqueues a step and
+returns at once with device arrays; a decode whose input token is still being sampled by the
+previous step names that step's sample row (`future_rows`), and the step reads it from
+`prev_tokens` on the device.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 from nanoflow_jax.config import EngineConfig, ModelConfig
-from nanoflow_jax.engine.sampler import SampleOutput, sample, sampling_tensors
+from nanoflow_jax.engine.sampler import SampleMode, SampleOutput, sample, sampling_tensors
 from nanoflow_jax.engine.scheduler import SchedulerOutput
 from nanoflow_jax.engine.sequence import PENDING, Sequence
 from nanoflow_jax.kv_cache import init_kv_cache, page_bytes
@@ -35,18 +38,20 @@ log = logging.getLogger("nanoflow_jax")
 CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
 
 
-def _step(params, kv, batch, sampling, prev_tokens, *, config, attention, layers_fn,
-          num_rows):
-    """One iteration on the device. prev_tokens [num_rows]: the previous step's samples."""
+def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn):
+    """One iteration's model on the device -> (logits [num_logits, V], kv). prev_tokens
+    [num_rows]: the previous step's samples."""
     future = batch.future_rows
     token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
-    logits, kv = llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
-                               batch.logits_indices, attention, layers_fn)
-    out = sample(logits, sampling, MAX_LOGPROBS)
+    return llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
+                         batch.logits_indices, attention, layers_fn)
+
+
+def _sample_rows(logits, sampling, *, mode, num_rows):
+    out = sample(logits, sampling, MAX_LOGPROBS, mode)
     # Every bucket returns num_rows rows, so the next step's prev_tokens has one shape.
     pad = num_rows - logits.shape[0]
-    out = jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
-    return out, kv
+    return jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
 
 
 @dataclasses.dataclass
@@ -98,12 +103,14 @@ class ModelRunner:
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"
-        self._step = jax.jit(
-            functools.partial(_step, config=mc, attention=attention_fn(config.attention_impl),
-                              layers_fn=layers_fn, num_rows=self.num_rows),
+        self._forward = jax.jit(
+            functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
+                              layers_fn=layers_fn),
             donate_argnums=(1,),
             compiler_options=self.schedule.compiler_options() if on_gpu else None,
         )
+        self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
+                               static_argnames="mode")
         self._prev_tokens = jnp.zeros((self.num_rows,), jnp.int32)
         self.compile_time = 0.0
 
@@ -137,15 +144,19 @@ class ModelRunner:
 
     @property
     def num_compiled(self) -> int:
-        """Programs compiled so far for the step (a test checks none appear after warm-up)."""
-        return self._step._cache_size()
+        """Programs compiled so far for the step: the model's and the sampler's (a test checks
+        none appear after warm-up)."""
+        return self._forward._cache_size() + self._sample._cache_size()
 
     def warmup(self) -> None:
-        """Compile (and run once) the step of every bucket."""
+        """Compile (and run once) the model of every bucket and its sampler in every mode."""
         t0 = time.perf_counter()
         for t in self.buckets:
-            out = self.dispatch(SchedulerOutput([], [], []), shape=self.shape_for(t))
-            jax.block_until_ready(out.samples)
+            shape = self.shape_for(t)
+            batch = build_batch([], [], shape, self.config.page_size)
+            sampling = sampling_tensors([], [], [], pad_to=shape.num_logits)
+            for mode in SampleMode.all():
+                jax.block_until_ready(self.run_step(batch, sampling, mode))
         self.compile_time = time.perf_counter() - t0
         log.info("compiled %d buckets %s in %.1fs", len(self.buckets), self.buckets,
                  self.compile_time)
@@ -160,6 +171,14 @@ class ModelRunner:
         for full, part in zip(jax.tree.leaves(padded), jax.tree.leaves(dense)):
             full[rows] = part
         return padded
+
+    def run_step(self, batch, sampling, mode: SampleMode) -> SampleOutput:
+        """Enqueue the model and the sampler on a built batch; the samples become the next
+        step's prev_tokens."""
+        logits, self.kv = self._forward(self.params, self.kv, batch, self._prev_tokens)
+        samples = self._sample(logits, sampling, mode=mode)
+        self._prev_tokens = samples.token_ids
+        return samples
 
     def dispatch(self, sched: SchedulerOutput, shape: BatchShape | None = None) -> InFlight:
         """Enqueue one step on the device; returns without waiting for it."""
@@ -189,8 +208,7 @@ class ModelRunner:
         batch = build_batch(decodes, prefills, shape, self.config.page_size)
         sampling = self._sampling_rows(owners, shape.num_logits)
         t1 = time.perf_counter()
-        samples, self.kv = self._step(self.params, self.kv, batch, sampling, self._prev_tokens)
-        self._prev_tokens = samples.token_ids
+        samples = self.run_step(batch, sampling, SampleMode.of([s.params for s, _, _ in owners]))
         for seq, _, row in owners:
             seq.sample_row = row
         return InFlight(samples, owners, t1 - t0, time.perf_counter() - t1)

@@ -1,16 +1,19 @@
 """On-device sampling of one token per row, each row with its own parameters.
 
-`sample(logits [B, V], tensors, num_logprobs)` is a pure, jit-friendly function: static shapes,
-no host sync, called at the end of the jitted model step. Per row:
+`sample(logits [B, V], tensors, num_logprobs, mode)` is a pure, jit-friendly function: static
+shapes, no host sync. Per row:
     greedy rows (temperature < SAMPLING_EPS, or top_k == 1): argmax of the raw logits
         (ties -> lowest index, as jnp.argmax);
     other rows: x = logits / T; keep the top_k largest (0 = all), then of those the smallest
         prefix of the renormalized distribution whose mass reaches top_p (at least one token),
         as vLLM does; sample by Gumbel-max: argmax(x_kept + Gumbel noise).
-Filtering needs a [B, V] sort (V ~128k: costly), so it runs under a `lax.cond` only when some
-sampled row asks for top-k or top-p; otherwise the sort is skipped. The kept set is applied as
-a value threshold (x >= the last kept sorted value), so nothing is un-sorted or scattered;
-ties at the threshold are all kept (as vLLM's top-k).
+The costly parts run only when some row needs them, which the host knows when it builds the
+batch: `SampleMode` (a static argument) says whether any row draws (else no [B, V] noise),
+filters (a [B, V] sort) or asks for top logprobs (a [B, V] top-k). Not `lax.cond`: XLA's GPU
+conditional copies its predicate to the host and blocks the dispatching thread until the
+step reaches it, which stalls the engine's asynchronous dispatch for the whole step. The kept
+set is applied as a value threshold (x >= the last kept sorted value), so nothing is
+un-sorted or scattered; ties at the threshold are all kept (as vLLM's top-k).
 
 Reproducibility: a row's noise depends ONLY on its (seed, step), through
     key = fold_in(fold_in(fold_in(key(0), seed_lo), seed_hi), step)
@@ -22,6 +25,7 @@ returns them. Logits may hold -inf (masked vocab entries): no NaN comes out.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax
@@ -44,10 +48,29 @@ class SamplingTensors:
     seed: jax.Array  # uint32: low 32 bits of the sequence's seed
     step: jax.Array  # int32: index of the token being sampled within the sequence's output
     seed_hi: jax.Array | None = None  # uint32: high 32 bits of the seed (None => zeros)
-    # int32: top logprobs the row's request wants (SamplingParams.logprobs; 0 = none). When no
-    # row wants any, `sample` skips the [B, V] top-k (XLA sorts: 7 % of a T=1024 step on an
-    # H100, BENCHMARKS.md "Session 5"). None => always computed.
-    num_logprobs: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleMode:
+    """Which of the sampler's costly parts a batch needs (host-side, hashable: a static
+    argument of the jitted sampler). The default runs everything, right for any batch."""
+
+    sampled: bool = True  # some row draws a token (else every row is an argmax)
+    filtered: bool = True  # some drawing row has top_k or top_p (a [B, V] sort)
+    logprobs: bool = True  # some row asks for top logprobs (a [B, V] top-k)
+
+    @classmethod
+    def of(cls, params_list: Sequence[SamplingParams]) -> "SampleMode":
+        drawing = [p for p in params_list if not p.greedy]
+        return cls(sampled=bool(drawing),
+                   filtered=any(p.top_k > 0 or p.top_p < 1.0 for p in drawing),
+                   logprobs=any(p.logprobs for p in params_list))
+
+    @classmethod
+    def all(cls) -> list["SampleMode"]:
+        """Every distinct mode (filtering only matters when some row draws)."""
+        return [cls(s, f, lp) for s in (False, True) for f in (False, True)[:1 + s]
+                for lp in (False, True)]
 
 
 @flax.struct.dataclass
@@ -95,8 +118,6 @@ def sampling_tensors(
         raise ValueError(f"steps must be in [0, 2**31), got range [{min(steps)}, {max(steps)}]")
     step = np.zeros(pad_to, np.int32)
     step[:b] = steps
-    num_logprobs = np.zeros(pad_to, np.int32)
-    num_logprobs[:b] = [p.logprobs or 0 for p in params_list]
     return SamplingTensors(
         temperature=temperature,
         top_k=top_k,
@@ -104,7 +125,6 @@ def sampling_tensors(
         seed=(seed64 & np.uint64(0xFFFFFFFF)).astype(np.uint32),
         step=step,
         seed_hi=(seed64 >> np.uint64(32)).astype(np.uint32),
-        num_logprobs=num_logprobs,
     )
 
 
@@ -151,8 +171,10 @@ def _filter_top_k_top_p(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax
     return jnp.where(x >= threshold, x, -jnp.inf)
 
 
-def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> SampleOutput:
-    """logits [B, V] -> one token per row. `num_logprobs` (static) = N of top_ids [B, N]."""
+def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0,
+           mode: SampleMode = SampleMode()) -> SampleOutput:
+    """logits [B, V] -> one token per row. `num_logprobs` (static) = N of top_ids [B, N]; with
+    `mode.logprobs` False they are -inf and token 0 (no row reads them)."""
     logits = logits.astype(jnp.float32)
     b, v = logits.shape
     if not 0 <= num_logprobs <= v:
@@ -162,33 +184,21 @@ def sample(logits: jax.Array, t: SamplingTensors, num_logprobs: int = 0) -> Samp
     top_p = t.top_p.astype(jnp.float32)
     greedy = (temperature < SAMPLING_EPS) | (top_k == 1)  # [B]
 
-    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-
-    def draw():  # Gumbel-max over the filtered, temperature-scaled logits
+    token_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
+    if mode.sampled:  # Gumbel-max over the filtered, temperature-scaled logits
         x = logits / jnp.maximum(temperature, SAMPLING_EPS)[:, None]  # [B, V]; -inf stays -inf
-        needs_filter = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
-        x = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, k, p: x, x, top_k, top_p)
+        if mode.filtered:  # rows without top-k / top-p keep everything
+            x = _filter_top_k_top_p(x, top_k, top_p)
         noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), jnp.float32))(_row_keys(t))
         sampled = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)  # -inf + noise stays -inf
-        return jnp.where(greedy, argmax, sampled)
-
-    # An all-greedy batch skips the [B, V] noise generation (and the sort) altogether.
-    token_ids = jax.lax.cond(jnp.all(greedy), lambda: argmax, draw)
+        token_ids = jnp.where(greedy, token_ids, sampled)
 
     logp = _log_softmax(logits)  # [B, V] raw distribution, as vLLM reports it
     logprob = jnp.take_along_axis(logp, token_ids[:, None], axis=-1)[:, 0]
-    def top():
-        return tuple(jax.lax.top_k(logp, num_logprobs))
-
-    def skipped():  # no row wants top logprobs: -inf and token 0, never read
-        return (jnp.full((b, num_logprobs), -jnp.inf, jnp.float32),
-                jnp.zeros((b, num_logprobs), jnp.int32))
-
-    if not num_logprobs:
-        top_logprobs, top_ids = skipped()
-    elif t.num_logprobs is None:
-        top_logprobs, top_ids = top()
+    if num_logprobs and mode.logprobs:
+        top_logprobs, top_ids = jax.lax.top_k(logp, num_logprobs)
     else:
-        top_logprobs, top_ids = jax.lax.cond(jnp.any(t.num_logprobs > 0), top, skipped)
+        top_logprobs = jnp.full((b, num_logprobs), -jnp.inf, jnp.float32)
+        top_ids = jnp.zeros((b, num_logprobs), jnp.int32)
     return SampleOutput(token_ids=token_ids, logprob=logprob,
                         top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)
