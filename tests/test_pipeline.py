@@ -156,6 +156,14 @@ def test_validation_and_json():
     assert all(o.start % 16 == 0 and o.end <= 512 for o in scaled.ops)
     assert s.for_tokens(128).is_sequential  # below min_tokens: splitting cannot pay
     assert named_schedule("nano2-nooverlap", 256).name == "nano2-nooverlap"
+    big_only = named_schedule("nano2-pipe-nostreams-min512+graph", 1024)
+    plain = named_schedule("nano2-pipe-nostreams+graph", 1024)
+    assert big_only.name == "nano2-pipe-nostreams-min512+graph" and big_only.concurrent
+    assert big_only.ops == plain.ops and big_only.min_tokens == 512
+    assert big_only.for_tokens(256).is_sequential and not plain.for_tokens(256).is_sequential
+    assert not big_only.for_tokens(512).is_sequential
+    with pytest.raises(ValueError, match="unknown schedule"):
+        named_schedule("sequential-min512", 1024)
     grouped = named_schedule("nano2-grouped", 256)
     assert Schedule.from_json(grouped.to_json()) == grouped
     # One group per tick: nano-batch 0's attention beside nano-batch 1's qkv GEMM.

@@ -254,14 +254,18 @@ def named_schedule(name: str, num_tokens: int) -> Schedule:
     `nanoN-nooverlap` (one stream), `nanoN-grouped` (two streams, a scheduling group per
     tick); across layers `nanoN-pipe` (two streams, grouped) or `nanoN-pipe-nostreams`, either
     with `-smP` (decode attention on P % of the SMs) and/or `-gemmP` (GEMMs persistent on P %
-    of the SMs, issued before the attention); any of these with `+graph` (XLA may run
-    independent kernels at once); or a path to a schedule JSON."""
+    of the SMs, issued before the attention); any nanoN schedule with `-minM` (split only
+    buckets of at least M tokens; smaller ones run sequentially); any of these with `+graph`
+    (XLA may run independent kernels at once); or a path to a schedule JSON."""
     if name.endswith(".json"):
         with open(name) as f:
             return Schedule.from_json(f.read()).for_tokens(num_tokens)
     base, graph = name.removesuffix("+graph"), name.endswith("+graph")
     if base == "sequential":
         return sequential(num_tokens, graph)
+    if m := re.fullmatch(r"(nano.+)-min(\d+)", base):
+        s = named_schedule(m[1] + ("+graph" if graph else ""), num_tokens)
+        return dataclasses.replace(s, name=name, min_tokens=max(s.min_tokens, int(m[2])))
     m = _NAME.fullmatch(base)
     if m and m[2] and m[2].startswith("-pipe"):
         shares = [int(p) / 100 if p else 1.0 for p in (m[5], m[7])]
@@ -274,5 +278,6 @@ def named_schedule(name: str, num_tokens: int) -> Schedule:
                          grouped=m[2] == "-grouped")
         return dataclasses.replace(s, name=name, concurrent=graph)
     raise ValueError(f"unknown schedule {name!r}: sequential, nanoN, nanoN-nooverlap, "
-                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP][-gemmP] (N = 2..4), each "
-                     f"optionally +graph, or a .json file")
+                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP][-gemmP] (N = 2..4), "
+                     f"nanoN schedules optionally -minM, each optionally +graph, or a .json "
+                     f"file")
