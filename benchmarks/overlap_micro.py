@@ -41,6 +41,8 @@ flags.DEFINE_integer("gemm_tokens", 512, "rows of the GEMM's nano-batch")
 flags.DEFINE_integer("decodes", 150, "sequences in the attention's nano-batch")
 flags.DEFINE_integer("context", 1300, "tokens of context per decode")
 flags.DEFINE_integer("repeats", 30, "timed calls")
+flags.DEFINE_integer("page_size", 16, "tokens per KV page (one TMA copy each in the Mosaic GPU "
+                     "attention)")
 flags.DEFINE_bool("smoke", False, "tiny shapes on the CPU, no streams")
 flags.DEFINE_list("persistent_programs", ["16", "33", "66"],
                   "decode attention as a persistent kernel of this many programs (SM "
@@ -128,7 +130,8 @@ def _time(fn, *args):
 def main(argv):
     del argv
     smoke = F.smoke
-    d, f, hq, hkv, dh, page = (64, 128, 4, 2, 16, 4) if smoke else (4096, 14336, 32, 8, 128, 16)
+    d, f, hq, hkv, dh, page = ((64, 128, 4, 2, 16, 4) if smoke
+                               else (4096, 14336, 32, 8, 128, F.page_size))
     t, b, ctx = (32, 4, 20) if smoke else (F.gemm_tokens, F.decodes, F.context)
     dtype = jnp.float32 if smoke else jnp.bfloat16
     keys = jax.random.split(jax.random.key(0), 6)
