@@ -3,12 +3,13 @@
     PYTHONPATH=. python3 benchmarks/step_profile.py --model=llama-3-8b
 
 Builds batches directly (no scheduler): D decodes of context C plus prompt tokens up to T.
-Prints the median device time per step over repeats (each blocked on), the time to enqueue
-a step when steps are issued back to back, the share a GEMM-only roofline would take, and how
-many greedy tokens of the step agree with the first schedule's (the same weights and batch)
-and the largest difference of the top log-probability (random weights give flat logits, so
-re-rounding alone flips a few argmaxes: 255/256 tokens and 0.02 in one measured case;
-docs/overlap.md has what the stream schedules gave).
+Prints the median time per step over repeats (each blocked on), the time per step and to
+enqueue one when steps are issued back to back (the device time per step, as the engine runs
+them), the share a GEMM-only roofline would take, and how many greedy tokens of the step
+agree with the first schedule's (the same weights and batch) and the largest difference of
+their log-probabilities (random weights give flat logits, so re-rounding alone flips a few
+argmaxes: 255/256 tokens and 0.02 in one measured case; docs/overlap.md has what the stream
+schedules gave). `--logprobs=0,20` adds rows whose requests ask for top logprobs.
 """
 import os
 import re
