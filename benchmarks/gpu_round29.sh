@@ -2,7 +2,8 @@
 # One device call (~3 min on an H100), session 5: the Mosaic GPU attention with each
 # consumer's P V and next Q K^T issued together (`pipelined`), against the plain loop, alone
 # on 33 / 44 / 66 / 132 CTAs; then the pipelined kernel beside a tick's GEMM chain.
-# Usage (device tool, repo root): bash benchmarks/gpu_round29.sh
+# Ran at commit ee061ef; the pipelined loop was removed after it (1.8x slower: round 29).
+# Usage (device tool, repo root): git checkout ee061ef && bash benchmarks/gpu_round29.sh
 source "$(dirname "$0")/gpu_common.sh"
 show() {
     grep "mgpu attention alone\|^attention alone\|^gemm alone\|^back to back |\|concurrent graph, mgpu\|^ideal\|rel err" \
