@@ -2,7 +2,8 @@
 # One device call (~3 min on an H100), session 5: the Mosaic GPU attention (two consumers)
 # with registers moved from the producer to the consumers (setmaxnreg: 232 / 40, as JAX's
 # FlashAttention-3 kernel), plain and pipelined loop, against the plain loop without.
-# Usage (device tool, repo root): bash benchmarks/gpu_round30.sh
+# Ran at commit d9f336c; the pipelined loop and the registers option were removed after it.
+# Usage (device tool, repo root): git checkout d9f336c && bash benchmarks/gpu_round30.sh
 source "$(dirname "$0")/gpu_common.sh"
 for tuning in pipelined=0 pipelined=0,registers=232 pipelined=1,registers=232; do
     name=attn_${tuning//[=,]/_}

@@ -60,7 +60,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
             v_free, merge_full, merge_free, *, num_programs: int, num_kv_heads: int,
             page_size: int, pages_per_block: int, stages: int, consumers: int,
-            pipelined: bool, registers: int, scale_log2: float, interpret: bool):
+            scale_log2: float, interpret: bool):
     """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max].
     q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem [64] fp32 carry
     consumer 1's partial result to consumer 0 (unused with one consumer)."""
@@ -77,26 +77,21 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
     def load(ref, layout):
         return ref[...] if interpret else _compat.mgpu_load(ref, layout)
 
-    def matmuls(*products):
-        """Each (a, b_ref, n, transpose_b): a [64, K] (registers or shared memory) @ b_ref
-        [K, n] (or b_ref.T: [n, K]) in shared memory, fp32. All WGMMAs are issued, then
-        waited for together, each into a fresh accumulator (the interpreter has no run_state
-        to seed one, nor transposed WGMMA operands: there they are plain dots)."""
+    def matmul(a, b_ref, n, transpose_b=False):
+        """a [64, K] (registers or shared memory) @ b_ref [K, n] (or b_ref.T: [n, K]) in
+        shared memory, fp32. WGMMA into a fresh accumulator (the interpreter has no run_state
+        to seed one); the interpreter has no transposed WGMMA operands either, so there it is
+        a plain dot."""
         if interpret:
-            return tuple(
-                jnp.dot(a if isinstance(a, jax.Array) else a[...],
-                        b_ref[...].T if transpose_b else b_ref[...],
-                        preferred_element_type=jnp.float32)
-                for a, b_ref, _, transpose_b in products)
+            a_val = a if isinstance(a, jax.Array) else a[...]
+            b_val = b_ref[...].T if transpose_b else b_ref[...]
+            return jnp.dot(a_val, b_val, preferred_element_type=jnp.float32)
 
-        def body(*acc_refs):
-            for acc_ref, (a, b_ref, _, transpose_b) in zip(acc_refs, products):
-                plgpu.wgmma(acc_ref, a,
-                            plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
-            return tuple(acc_ref[...] for acc_ref in acc_refs)
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
+            return acc_ref[...]
 
-        return pl.run_scoped(body, *[plgpu.ACC((_WGMMA_M, n), jnp.float32)
-                                     for _, _, n, _ in products])
+        return pl.run_scoped(body, plgpu.ACC((_WGMMA_M, n), jnp.float32))
 
     def item_of(i):
         """(item, sequence, KV head, length, KV blocks) of this CTA's i-th work item."""
@@ -113,8 +108,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
         s % consumers == c): each item's KV is split between the consumers, and consumer 0
         merges the partial softmaxes."""
         q_mine = q_smem.at[c]
-        if registers and not interpret:
-            plgpu.set_max_registers(registers, action="increase")
 
         def one_item(i, step):  # step: KV blocks of earlier items (ring position)
             item, _, _, length, n_blocks = item_of(i)
@@ -128,64 +121,30 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             first = lax.rem(c + consumers - lax.rem(step, consumers), consumers)
             mine = (n_blocks - first + consumers - 1) // consumers
 
-            def slot_of(n):  # the ring slot of this consumer's n-th block of the item
-                return lax.rem(step + first + n * consumers, stages)
+            def one_block(n, carry):
+                acc, m_i, l_i = carry
+                j = first + n * consumers  # the item's block
+                slot = lax.rem(step + j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
 
-            def qk(n):  # S of this consumer's n-th block: [64, block_kv]
-                plgpu.barrier_wait(k_bar.at[slot_of(n)])
-                s, = matmuls((q_mine, k_smem.at[slot_of(n)], block_kv, True))
-                plgpu.barrier_arrive(k_free.at[slot_of(n)])
-                return s
-
-            def softmax(n, s, m_i, l_i):
-                """Online softmax of block n's scores -> (P in V's dtype, alpha, m, l)."""
+                s = matmul(q_mine, k_smem.at[slot], block_kv, transpose_b=True)
+                plgpu.barrier_arrive(k_free.at[slot])
                 col = (lax.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1) if interpret
                        else plgpu.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1,
                                                    layout=plgpu.Layout.WGMMA))
-                j = first + n * consumers  # the item's block
                 s = jnp.where(j * block_kv + col < length, s * scale_log2, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - bcast(m_new, s))
-                return p.astype(v_smem.dtype), alpha, m_new, l_i * alpha + p.sum(axis=1)
+                l_i = l_i * alpha + p.sum(axis=1)
+                plgpu.barrier_wait(v_bar.at[slot])
 
-            def one_block(n, carry):
-                acc, m_i, l_i = carry
-                p, alpha, m_i, l_i = softmax(n, qk(n), m_i, l_i)
-                plgpu.barrier_wait(v_bar.at[slot_of(n)])
-                pv, = matmuls((p, v_smem.at[slot_of(n)], head_dim, False))
-                plgpu.barrier_arrive(v_free.at[slot_of(n)])
-                return acc * bcast(alpha, acc) + pv, m_i, l_i
+                pv_block = matmul(p.astype(v_smem.dtype), v_smem.at[slot], head_dim)
+                plgpu.barrier_arrive(v_free.at[slot])
+                acc = acc * bcast(alpha, acc) + pv_block
+                return acc, m_new, l_i
 
-            def one_block_pipelined(n, carry):
-                """Block n's P V and block n+1's Q K^T are issued together, so one wait
-                covers both: the chain per block is one WGMMA round trip, not two."""
-                acc, m_i, l_i, s = carry  # s: block n's scores, computed by the last step
-                p, alpha, m_i, l_i = softmax(n, s, m_i, l_i)
-                plgpu.barrier_wait(v_bar.at[slot_of(n)])
-
-                def with_next():
-                    plgpu.barrier_wait(k_bar.at[slot_of(n + 1)])
-                    pv, s_next = matmuls((p, v_smem.at[slot_of(n)], head_dim, False),
-                                         (q_mine, k_smem.at[slot_of(n + 1)], block_kv, True))
-                    plgpu.barrier_arrive(k_free.at[slot_of(n + 1)])
-                    return pv, s_next
-
-                def last():
-                    pv, = matmuls((p, v_smem.at[slot_of(n)], head_dim, False))
-                    return pv, s
-
-                pv, s = lax.cond(n + 1 < mine, with_next, last)
-                plgpu.barrier_arrive(v_free.at[slot_of(n)])
-                return acc * bcast(alpha, acc) + pv, m_i, l_i, s
-
-            if pipelined:
-                s_0 = lax.cond(mine > 0, lambda: qk(0), lambda: cast(
-                    jnp.zeros((_WGMMA_M, block_kv), jnp.float32), plgpu.Layout.WGMMA))
-                acc, m_i, l_i, _ = lax.fori_loop(0, mine, one_block_pipelined,
-                                                 (acc, m_i, l_i, s_0))
-            else:
-                acc, m_i, l_i = lax.fori_loop(0, mine, one_block, (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(0, mine, one_block, (acc, m_i, l_i))
             if c > 0:  # hand the partial result (m, l, acc) to consumer 0
                 @pl.when(i > 0)
                 def _():
@@ -228,9 +187,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
 
     @pl.when(wg == consumers)
     def _producer():
-        if registers and not interpret:
-            plgpu.set_max_registers(40, action="decrease")
-
         def one_item(i, step):
             _, b, h, length, n_blocks = item_of(i)
             last_page = jnp.maximum((length + page_size - 1) // page_size - 1, 0)
@@ -286,8 +242,6 @@ def decode_attention_mgpu(
     pages_per_block: int | None = None,
     stages: int = 4,
     consumers: int = 2,
-    pipelined: bool = True,
-    registers: int = 0,
     interpret: bool = False,
 ) -> jax.Array:  # [B, Hq, D]
     """Paged GQA attention of one query token per sequence, on `num_programs` CTAs (None: one
@@ -324,8 +278,7 @@ def decode_attention_mgpu(
     kernel = functools.partial(
         _kernel, num_programs=programs, num_kv_heads=num_kv_heads, page_size=page_size,
         pages_per_block=pages_per_block, stages=stages, consumers=consumers,
-        pipelined=pipelined, registers=registers, scale_log2=sm_scale * _LOG2E,
-        interpret=interpret)
+        scale_log2=sm_scale * _LOG2E, interpret=interpret)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
