@@ -2,12 +2,15 @@
 requests, seeds, stops, n > 1, logprobs, aborts, bad input, and no recompilation."""
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import nanoflow_jax as nf
 from nanoflow_jax import LLM, SamplingParams
-from nanoflow_jax.engine.sampler import SampleMode
+from nanoflow_jax.batch import build_batch
+from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
 from tests.helpers import golden_path
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -64,6 +67,22 @@ def test_many_requests_exact_lengths_no_leaks_no_recompiles(llm):
     assert llm.engine.allocator.num_free == llm.engine.runner.num_pages
     assert llm.engine.runner.num_compiled == compiled
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_step_has_no_device_side_branch(llm):
+    """An XLA conditional on the GPU copies its predicate to the host and blocks the thread
+    that enqueues the step until the device reaches it (in sessions 1-4 the sampler's
+    `lax.cond`s held every enqueue for a whole step). Neither program of a step has one."""
+    runner = llm.engine.runner
+    shape = runner.shape_for(runner.buckets[-1])
+    batch = build_batch([], [], shape, runner.config.page_size)
+    sampling = sampling_tensors([], [], [], pad_to=shape.num_logits)
+    forward = runner._forward.lower(runner.params, runner.kv, batch, runner._prev_tokens)
+    logits = jax.ShapeDtypeStruct((shape.num_logits, runner.model_config.vocab_size),
+                                  jnp.float32)
+    hlos = [forward.as_text()] + [runner._sample.lower(logits, sampling, mode=m).as_text()
+                                  for m in SampleMode.all()]
+    assert all("stablehlo.case" not in h and "stablehlo.if" not in h for h in hlos)
 
 
 def test_full_batch_stats_count_only_full_iterations(llm):
