@@ -85,9 +85,11 @@ def mosaic_gpu_interpret_params():
 def mgpu_load(ref, layout):
     """A Mosaic GPU shared-memory ref loaded into registers of `layout`. JAX 0.10 takes the
     index as a positional argument; 0.11 deprecates it (index the ref instead)."""
+    import inspect
+
     from jax.experimental.pallas import mosaic_gpu as mgpu
 
-    try:
-        return mgpu.load(ref, layout=layout)
-    except TypeError:
+    idx = inspect.signature(mgpu.load).parameters["idx"]
+    if idx.default is inspect.Parameter.empty:  # 0.10: the index is required
         return mgpu.load(ref, (), layout=layout)
+    return mgpu.load(ref, layout=layout)
