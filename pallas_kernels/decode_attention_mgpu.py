@@ -60,7 +60,7 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
             v_free, merge_full, merge_free, *, num_programs: int, num_kv_heads: int,
             page_size: int, pages_per_block: int, stages: int, consumers: int,
-            scale_log2: float, interpret: bool):
+            scale_log2: float, interpret: bool, ablate: int = 0):
     """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max].
     q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem [64] fp32 carry
     consumer 1's partial result to consumer 0 (unused with one consumer)."""
@@ -111,6 +111,18 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
 
         def one_item(i, step):  # step: KV blocks of earlier items (ring position)
             item, _, _, length, n_blocks = item_of(i)
+            if ablate == 4:  # no math and no per-item work: the ring alone
+                first = lax.rem(c + consumers - lax.rem(step, consumers), consumers)
+
+                def release(n, carry):
+                    slot = lax.rem(step + first + n * consumers, stages)
+                    for ready, free in ((k_bar, k_free), (v_bar, v_free)):
+                        plgpu.barrier_wait(ready.at[slot])
+                        plgpu.barrier_arrive(free.at[slot])
+                    return carry
+
+                lax.fori_loop(0, (n_blocks - first + consumers - 1) // consumers, release, 0)
+                return step + n_blocks
             if c == 0:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
             plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
@@ -126,18 +138,31 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
                 j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
+                if ablate == 3:  # no math: only wait for and release the slot
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return carry
 
                 s = matmul(q_mine, k_smem.at[slot], block_kv, transpose_b=True)
                 plgpu.barrier_arrive(k_free.at[slot])
                 col = (lax.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1) if interpret
                        else plgpu.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1,
                                                    layout=plgpu.Layout.WGMMA))
+                if ablate == 1:  # no softmax: P = S
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    pv_block = matmul(s.astype(v_smem.dtype), v_smem.at[slot], head_dim)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc + pv_block, m_i, l_i
                 s = jnp.where(j * block_kv + col < length, s * scale_log2, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - bcast(m_new, s))
                 l_i = l_i * alpha + p.sum(axis=1)
                 plgpu.barrier_wait(v_bar.at[slot])
+                if ablate == 2:  # no P V
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc * bcast(alpha, acc), m_new, l_i
 
                 pv_block = matmul(p.astype(v_smem.dtype), v_smem.at[slot], head_dim)
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -175,6 +200,8 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
+        if ablate == 4:
+            return
         if c == 0:
             plgpu.wait_smem_to_gmem(0)
         else:  # consumer 0's last read, so no barrier phase is left unobserved
@@ -243,6 +270,7 @@ def decode_attention_mgpu(
     stages: int = 4,
     consumers: int = 2,
     interpret: bool = False,
+    ablate: int = 0,
 ) -> jax.Array:  # [B, Hq, D]
     """Paged GQA attention of one query token per sequence, on `num_programs` CTAs (None: one
     per SM). `pages_per_block` pages (default: 64 tokens) form one KV block; `stages` blocks
@@ -278,7 +306,7 @@ def decode_attention_mgpu(
     kernel = functools.partial(
         _kernel, num_programs=programs, num_kv_heads=num_kv_heads, page_size=page_size,
         pages_per_block=pages_per_block, stages=stages, consumers=consumers,
-        scale_log2=sm_scale * _LOG2E, interpret=interpret)
+        scale_log2=sm_scale * _LOG2E, interpret=interpret, ablate=ablate)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
