@@ -92,9 +92,9 @@ def main(argv):
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}, {b} x {ctx} tokens, "
           f"{kv_bytes / 1e6:.0f} MB of K and V")
     print("variant | CTAs | ms per call | TB/s | rel err vs Triton")
-    for name, p, ms, gbs in rows:
+    for name, p, ms, tbs in rows:  # bytes / ms / 1e9 = TB/s
         err = errors.get((name, p))
-        print(f"{name} | {p} | {ms:.3f} | {gbs / 1e3:.2f} | "
+        print(f"{name} | {p} | {ms:.3f} | {tbs:.2f} | "
               f"{'-' if err is None else f'{err:.1e}'}")
 
 

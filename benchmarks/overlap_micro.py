@@ -7,7 +7,7 @@
 Shapes of a decode-heavy dense batch of LLaMA-3-8B: the up/gate GEMM of a 512-token
 nano-batch ([512, 4096] × [4096, 28672]) and the paged decode attention of 150 sequences of
 1300 tokens (our Pallas kernel). Variants, each timed as one jitted function (median of
-repeats, blocked):
+--repeats timings of --calls calls enqueued back to back):
     gemm alone, attention alone, ideal = the larger of the two;
     back to back (one stream);
     streams: GEMM on gpu_stream:1, attention on gpu_stream:2 (compute_on);
@@ -40,7 +40,8 @@ from pallas_kernels.persistent_matmul import MatmulTiling, persistent_matmul
 flags.DEFINE_integer("gemm_tokens", 512, "rows of the GEMM's nano-batch")
 flags.DEFINE_integer("decodes", 150, "sequences in the attention's nano-batch")
 flags.DEFINE_integer("context", 1300, "tokens of context per decode")
-flags.DEFINE_integer("repeats", 30, "timed calls")
+flags.DEFINE_integer("repeats", 30, "timings; the median is reported")
+flags.DEFINE_integer("calls", 10, "calls per timing, enqueued back to back (1: blocked each)")
 flags.DEFINE_integer("page_size", 16, "tokens per KV page (one TMA copy each in the Mosaic GPU "
                      "attention)")
 flags.DEFINE_bool("smoke", False, "tiny shapes on the CPU, no streams")
@@ -117,13 +118,15 @@ def _graph(gemm_fn, attn_fn, attention_first: bool = False):
 
 
 def _time(fn, *args):
-    out = fn(*args)
-    jax.block_until_ready(out)
+    """ms per call. `--calls` > 1: that many calls enqueued back to back and blocked once (device
+    time per call); 1: each call blocked on its own (sessions 2-5; the host's launch and sync,
+    0.1-0.25 ms, counted in every call)."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(F.repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+        jax.block_until_ready([fn(*args) for _ in range(F.calls)])
+        times.append((time.perf_counter() - t0) / F.calls)
     return 1e3 * float(np.median(times))
 
 
