@@ -217,9 +217,10 @@ def free_device_memory() -> None:
 
 
 def measure_peak_flops(device: str | None = None, n: int | None = None,
-                       repeats: int = 10) -> float:
+                       repeats: int = 10, calls: int = 10) -> float:
     """A large GEMM's FLOP/s through torch (bf16 on a GPU), for `--baseline=hf-only` runs that
-    never start JAX; otherwise bench.measure_peak_flops (JAX) is the ceiling."""
+    never start JAX; otherwise bench.measure_peak_flops (JAX) is the ceiling. Each timing runs
+    `calls` products back to back and synchronises once, as bench.measure_peak_flops does."""
     import statistics
 
     import torch
@@ -236,9 +237,10 @@ def measure_peak_flops(device: str | None = None, n: int | None = None,
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(calls):
+            a @ b
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls)
     return 2 * n**3 / statistics.median(times)
 
 
