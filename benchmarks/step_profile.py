@@ -33,28 +33,33 @@ flags.DEFINE_multi_string("schedule", ["sequential"],
                           "nano-batch schedules to time (repeat the flag to compare several)")
 flags.DEFINE_string("trace_dir", "", "also trace 2 steps per case with jax.profiler under this "
                     "folder and print the kernel overlap (benchmarks/trace_summary.py)")
-flags.DEFINE_bool("mixed_only", False, "only the mixed T=1024 case (compiles one bucket)")
+flags.DEFINE_bool("mixed_only", False, "only the mixed case (compiles one bucket)")
+flags.DEFINE_integer("mixed_tokens", 1024, "the mixed case's dense batch T (300 decodes of 1300 "
+                     "tokens, the rest one prompt chunk); also the engine's token budget")
 flags.DEFINE_list("logprobs", ["0"], "top logprobs each row asks for; one row of the table per "
                   "value (0: the sampler skips its [B, V] top-k)")
 F = flags.FLAGS
 
-CASES = [  # (name, tokens T, decodes, decode context, prompt chunk length)
-    ("mixed T=1024: 300 decodes @1300 + 724 prefill", 1024, 300, 1300, 724),
-    ("decode-only T=256: 256 decodes @1300", 256, 256, 1300, 0),
-    ("prefill-only T=1024: one 1024-token prompt", 1024, 0, 0, 1024),
-]
+def make_cases(mixed_tokens: int):
+    """(name, tokens T, decodes, decode context, prompt chunk length) of each case."""
+    t = mixed_tokens
+    return [
+        (f"mixed T={t}: 300 decodes @1300 + {t - 300} prefill", t, 300, 1300, t - 300),
+        ("decode-only T=256: 256 decodes @1300", 256, 256, 1300, 0),
+        (f"prefill-only T={t}: one {t}-token prompt", t, 0, 0, t),
+    ]
 
 
 def main(argv):
     del argv
     peak = measure_peak_flops()
-    cases = CASES[:1] if F.mixed_only else CASES
+    cases = make_cases(F.mixed_tokens)[:1 if F.mixed_only else None]
     rows = []
     for schedule in F.schedule:
         runner = None  # free the previous weights and KV cache before the next ones
         try:
             runner = ModelRunner(EngineConfig(
-                model=F.model, max_num_batched_tokens=1024, max_num_seqs=512,
+                model=F.model, max_num_batched_tokens=F.mixed_tokens, max_num_seqs=512,
                 min_bucket=min(c[1] for c in cases),
                 max_model_len=2048, num_pages=25000, schedule=schedule))
             runner.warmup()
