@@ -1,19 +1,23 @@
-"""Where does the Mosaic GPU decode attention's time go on a share of the SMs? (GPU)
+"""The Mosaic GPU decode attention on a share of the SMs, in device time per call. (GPU)
 
-    PYTHONPATH=. python3 benchmarks/attention_ablation.py --programs=44,132 \
-        --tunings="ablate=0;ablate=3;consumers=1,stages=6"
+    PYTHONPATH=. python3 benchmarks/attention_ablation.py --programs=33,44,132 \
+        --tunings="consumers=2;consumers=1,stages=6"
 
 The paged decode attention of `--decodes` sequences of `--context` tokens (LLaMA-3-8B heads,
 16-token pages scattered at random), run by `decode_attention_mgpu` on each CTA count for each
-tuning (`;`-separated key=int lists of its keyword arguments). `ablate` removes part of each
-consumer's work per KV block, so the time left says what the removed part cost:
-1 = no softmax (P = S), 2 = no P V product, 3 = no math at all (the consumers only wait for and
-release the ring's slots: what the producer and HBM deliver). Ablated outputs are wrong by
-design; tunings without `ablate` are checked against the Triton kernel.
+tuning (`;`-separated key=int lists of its keyword arguments), checked against the Triton
+kernel, beside two ceilings: the Triton kernel on the full grid and an XLA copy of the same K
+and V bytes (read + write counted, as METHOD.md says).
+
+Session 6 used it to see where the kernel's time goes: at commit e6495dd the kernel took an
+`ablate` argument that removed part of each consumer's work per KV block (1 = no softmax,
+2 = no P V product, 3 = no math: the consumers only wait for and release the ring's slots,
+4 = no per-item work either), e.g. `--tunings="ablate=0;ablate=1;ablate=2;ablate=3"`
+(`benchmarks/gpu_round31.sh`, BENCHMARKS.md "Session 6"). Tunings with `ablate` skip the
+check: their outputs are wrong by design.
 
 Timing: `--calls` calls dispatched back to back and blocked once (device time per call, no
-host gaps), median over `--repeats`. The ceiling row is an XLA copy of the same K and V bytes
-(read + write counted, as METHOD.md says).
+host gaps), median over `--repeats`.
 """
 import functools
 import time

@@ -4,7 +4,8 @@
 # and with registers moved from the producer (setmaxnreg 232 / 40); then a tick's GEMM chain
 # beside it, timed as device time per call (10 calls back to back: sessions 2-5 blocked each
 # call, which added 0.1-0.25 ms of host launch and sync to every variant).
-# Usage (device tool, repo root): bash benchmarks/gpu_round32.sh
+# Ran at commit e6495dd; `blocks_per_step`, `registers` and `ablate` were removed after it.
+# Usage (device tool, repo root): git checkout e6495dd && bash benchmarks/gpu_round32.sh
 source "$(dirname "$0")/gpu_common.sh"
 run ablation 300 python3 benchmarks/attention_ablation.py --programs=33,44,132 \
     --tunings="consumers=2;registers=232;blocks_per_step=2;blocks_per_step=2,registers=232;consumers=1,stages=6,blocks_per_step=2;blocks_per_step=2,ablate=3"

@@ -60,14 +60,12 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
             v_free, merge_full, merge_free, *, num_programs: int, num_kv_heads: int,
             page_size: int, pages_per_block: int, stages: int, consumers: int,
-            blocks_per_step: int, registers: int, scale_log2: float, interpret: bool,
-            ablate: int = 0):
+            scale_log2: float, interpret: bool):
     """q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D]; tables_ref [B, P_max].
     q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem [64] fp32 carry
     consumer 1's partial result to consumer 0 (unused with one consumer)."""
     num_items = q_ref.shape[0]
     block_kv = pages_per_block * page_size
-    step_kv = blocks_per_step * block_kv  # tokens a consumer takes at once
     head_dim = q_ref.shape[2]
     wg = lax.axis_index("wg")
     cta = lax.axis_index("programs")
@@ -79,65 +77,40 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
     def load(ref, layout):
         return ref[...] if interpret else _compat.mgpu_load(ref, layout)
 
-    def matmuls(products, n, transpose_b=False, summed=False):
-        """Each (a, b_ref) of `products`: a [64, K] (registers or shared memory) @ b_ref
-        [K, n] (or b_ref.T: [n, K]) in shared memory, fp32; a tuple of them, or their sum
-        with `summed`. All WGMMAs are issued, then waited for once, into fresh accumulators
-        (one with `summed`). The interpreter has no run_state to seed an accumulator, nor
-        transposed WGMMA operands: there they are plain dots."""
+    def matmul(a, b_ref, n, transpose_b=False):
+        """a [64, K] (registers or shared memory) @ b_ref [K, n] (or b_ref.T: [n, K]) in
+        shared memory, fp32. WGMMA into a fresh accumulator (the interpreter has no run_state
+        to seed one); the interpreter has no transposed WGMMA operands either, so there it is
+        a plain dot."""
         if interpret:
-            outs = tuple(jnp.dot(a if isinstance(a, jax.Array) else a[...],
-                                 b_ref[...].T if transpose_b else b_ref[...],
-                                 preferred_element_type=jnp.float32) for a, b_ref in products)
-            return sum(outs[1:], outs[0]) if summed else outs
+            a_val = a if isinstance(a, jax.Array) else a[...]
+            b_val = b_ref[...].T if transpose_b else b_ref[...]
+            return jnp.dot(a_val, b_val, preferred_element_type=jnp.float32)
 
-        def body(*acc_refs):
-            for i, (a, b_ref) in enumerate(products):
-                plgpu.wgmma(acc_refs[0 if summed else i], a,
-                            plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
-            outs = tuple(acc_ref[...] for acc_ref in acc_refs)
-            return outs[0] if summed else outs
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref)
+            return acc_ref[...]
 
-        return pl.run_scoped(body, *[plgpu.ACC((_WGMMA_M, n), jnp.float32)
-                                     for _ in range(1 if summed else len(products))])
+        return pl.run_scoped(body, plgpu.ACC((_WGMMA_M, n), jnp.float32))
 
     def item_of(i):
         """(item, sequence, KV head, length, KV blocks) of this CTA's i-th work item."""
         item = cta + i * num_programs
         b = item // num_kv_heads
         length = lengths_ref[b]
-        steps = (length + step_kv - 1) // step_kv
-        return item, b, item % num_kv_heads, length, steps * blocks_per_step
+        return item, b, item % num_kv_heads, length, (length + block_kv - 1) // block_kv
 
     def bcast(row_vec, like):  # [64] per row -> like's [64, n]
         return lax.broadcast_in_dim(row_vec, like.shape, [0])
 
     def consumer(c: int):
-        """Consumer c takes the ring's steps of `blocks_per_step` blocks, g // blocks_per_step
-        % consumers == c: each item's KV is split between the consumers, and consumer 0
+        """Consumer c takes the ring's blocks g with g % consumers == c (so the slots
+        s % consumers == c): each item's KV is split between the consumers, and consumer 0
         merges the partial softmaxes."""
         q_mine = q_smem.at[c]
-        if registers and not interpret:
-            plgpu.set_max_registers(registers, action="increase")
 
         def one_item(i, step):  # step: KV blocks of earlier items (ring position)
             item, _, _, length, n_blocks = item_of(i)
-            if ablate == 4:  # no math and no per-item work: the ring alone
-                n_steps = n_blocks // blocks_per_step
-                first = lax.rem(c + consumers - lax.rem(step // blocks_per_step, consumers),
-                                consumers)
-
-                def release(n, carry):
-                    for u in range(blocks_per_step):
-                        slot = lax.rem(step + (first + n * consumers) * blocks_per_step + u,
-                                       stages)
-                        for ready, free in ((k_bar, k_free), (v_bar, v_free)):
-                            plgpu.barrier_wait(ready.at[slot])
-                            plgpu.barrier_arrive(free.at[slot])
-                    return carry
-
-                lax.fori_loop(0, (n_steps - first + consumers - 1) // consumers, release, 0)
-                return step + n_blocks
             if c == 0:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
             plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
@@ -145,60 +118,33 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             acc = cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             m_i = cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), rows)
             l_i = cast(jnp.zeros((_WGMMA_M,), jnp.float32), rows)
-            n_steps = n_blocks // blocks_per_step
-            first = lax.rem(c + consumers - lax.rem(step // blocks_per_step, consumers),
-                            consumers)
-            mine = (n_steps - first + consumers - 1) // consumers
+            first = lax.rem(c + consumers - lax.rem(step, consumers), consumers)
+            mine = (n_blocks - first + consumers - 1) // consumers
 
-            def one_step(n, carry):
+            def one_block(n, carry):
                 acc, m_i, l_i = carry
-                j0 = (first + n * consumers) * blocks_per_step  # the item's first block
-                slots = [lax.rem(step + j0 + u, stages) for u in range(blocks_per_step)]
-                for slot in slots:
-                    plgpu.barrier_wait(k_bar.at[slot])
-                if ablate == 3:  # no math: only wait for and release the slots
-                    for slot in slots:
-                        plgpu.barrier_arrive(k_free.at[slot])
-                        plgpu.barrier_wait(v_bar.at[slot])
-                        plgpu.barrier_arrive(v_free.at[slot])
-                    return carry
+                j = first + n * consumers  # the item's block
+                slot = lax.rem(step + j, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
 
-                s = matmuls([(q_mine, k_smem.at[slot]) for slot in slots], block_kv,
-                            transpose_b=True)
-                for slot in slots:
-                    plgpu.barrier_arrive(k_free.at[slot])
+                s = matmul(q_mine, k_smem.at[slot], block_kv, transpose_b=True)
+                plgpu.barrier_arrive(k_free.at[slot])
                 col = (lax.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1) if interpret
                        else plgpu.broadcasted_iota(jnp.int32, (_WGMMA_M, block_kv), 1,
                                                    layout=plgpu.Layout.WGMMA))
-                if ablate == 1:  # no softmax: P = S
-                    for slot in slots:
-                        plgpu.barrier_wait(v_bar.at[slot])
-                    pv = matmuls([(s_u.astype(v_smem.dtype), v_smem.at[slot])
-                                  for s_u, slot in zip(s, slots)], head_dim, summed=True)
-                    for slot in slots:
-                        plgpu.barrier_arrive(v_free.at[slot])
-                    return acc + pv, m_i, l_i
-                s = [jnp.where((j0 + u) * block_kv + col < length, s_u * scale_log2, -jnp.inf)
-                     for u, s_u in enumerate(s)]
-                m_new = functools.reduce(jnp.maximum, [s_u.max(axis=1) for s_u in s], m_i)
+                s = jnp.where(j * block_kv + col < length, s * scale_log2, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
-                p = [jnp.exp2(s_u - bcast(m_new, s_u)) for s_u in s]
-                l_i = l_i * alpha + sum(p_u.sum(axis=1) for p_u in p)
-                for slot in slots:
-                    plgpu.barrier_wait(v_bar.at[slot])
-                if ablate == 2:  # no P V
-                    for slot in slots:
-                        plgpu.barrier_arrive(v_free.at[slot])
-                    return acc * bcast(alpha, acc), m_new, l_i
+                p = jnp.exp2(s - bcast(m_new, s))
+                l_i = l_i * alpha + p.sum(axis=1)
+                plgpu.barrier_wait(v_bar.at[slot])
 
-                pv = matmuls([(p_u.astype(v_smem.dtype), v_smem.at[slot])
-                              for p_u, slot in zip(p, slots)], head_dim, summed=True)
-                for slot in slots:
-                    plgpu.barrier_arrive(v_free.at[slot])
-                acc = acc * bcast(alpha, acc) + pv
+                pv_block = matmul(p.astype(v_smem.dtype), v_smem.at[slot], head_dim)
+                plgpu.barrier_arrive(v_free.at[slot])
+                acc = acc * bcast(alpha, acc) + pv_block
                 return acc, m_new, l_i
 
-            acc, m_i, l_i = lax.fori_loop(0, mine, one_step, (acc, m_i, l_i))
+            acc, m_i, l_i = lax.fori_loop(0, mine, one_block, (acc, m_i, l_i))
             if c > 0:  # hand the partial result (m, l, acc) to consumer 0
                 @pl.when(i > 0)
                 def _():
@@ -229,8 +175,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
-        if ablate == 4:
-            return
         if c == 0:
             plgpu.wait_smem_to_gmem(0)
         else:  # consumer 0's last read, so no barrier phase is left unobserved
@@ -243,8 +187,6 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
 
     @pl.when(wg == consumers)
     def _producer():
-        if registers and not interpret:
-            plgpu.set_max_registers(40, action="decrease")
         def one_item(i, step):
             _, b, h, length, n_blocks = item_of(i)
             last_page = jnp.maximum((length + page_size - 1) // page_size - 1, 0)
@@ -300,10 +242,7 @@ def decode_attention_mgpu(
     pages_per_block: int | None = None,
     stages: int = 4,
     consumers: int = 2,
-    blocks_per_step: int = 1,
-    registers: int = 0,
     interpret: bool = False,
-    ablate: int = 0,
 ) -> jax.Array:  # [B, Hq, D]
     """Paged GQA attention of one query token per sequence, on `num_programs` CTAs (None: one
     per SM). `pages_per_block` pages (default: 64 tokens) form one KV block; `stages` blocks
@@ -323,9 +262,9 @@ def decode_attention_mgpu(
     block_kv = pages_per_block * page_size
     if block_kv % 64:
         raise ValueError(f"a KV block of {block_kv} tokens: WGMMA needs a multiple of 64")
-    if consumers not in (1, 2) or stages % (consumers * blocks_per_step):
-        raise ValueError(f"consumers must be 1 or 2, and consumers x blocks_per_step divide "
-                         f"stages; got {consumers}, {blocks_per_step}, {stages}")
+    if consumers not in (1, 2) or stages % consumers:
+        raise ValueError(f"consumers must be 1 or 2 and divide stages; got {consumers}, "
+                         f"{stages}")
     num_items = batch * num_kv_heads
     programs = min(num_programs or _compat.num_sms(), num_items)
     # [B, Hq, D] -> one [8, D] row block per (sequence, KV head), padded with zeros.
@@ -339,8 +278,7 @@ def decode_attention_mgpu(
     kernel = functools.partial(
         _kernel, num_programs=programs, num_kv_heads=num_kv_heads, page_size=page_size,
         pages_per_block=pages_per_block, stages=stages, consumers=consumers,
-        blocks_per_step=blocks_per_step, registers=registers, scale_log2=sm_scale * _LOG2E,
-        interpret=interpret, ablate=ablate)
+        scale_log2=sm_scale * _LOG2E, interpret=interpret)
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),

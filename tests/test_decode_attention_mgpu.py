@@ -14,9 +14,8 @@ from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
 from tests.helpers import random_seed
 
 
-@pytest.mark.parametrize("consumers,blocks_per_step,stages", [(1, 1, 2), (2, 1, 2), (1, 2, 2),
-                                                              (2, 2, 4)])
-def test_matches_reference_over_ragged_lengths(consumers, blocks_per_step, stages):
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_matches_reference_over_ragged_lengths(consumers):
     seed = random_seed()
     rng = np.random.default_rng(seed)
     batch, hq, hkv, d, page_size, max_pages = 3, 8, 2, 64, 16, 9
@@ -35,11 +34,9 @@ def test_matches_reference_over_ragged_lengths(consumers, blocks_per_step, stage
     # one token; two 64-token blocks and a partial one; no tokens (a padding row: zeros)
     # 2 CTAs over 6 (sequence, KV head) items: each CTA runs 3 items through one ring of 2.
     # With two consumers, each takes every other block of the ring, so an item's blocks are
-    # split between them (or all land on one) and consumer 0 merges the two softmaxes. With
-    # two blocks per step, the partial block's step has a block wholly past the length.
+    # split between them (or all land on one) and consumer 0 merges the two softmaxes.
     got = decode_attention_mgpu(q, k, v, tables, lengths, sm_scale=d**-0.5, num_programs=2,
-                                stages=stages, consumers=consumers,
-                                blocks_per_step=blocks_per_step, interpret=True)
+                                stages=2, consumers=consumers, interpret=True)
     want = decode_attention_reference(q, k, v, tables, lengths, sm_scale=d**-0.5)
     assert got.shape == want.shape and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
