@@ -64,6 +64,10 @@ flags.DEFINE_integer("mgpu_attention_per_sm", 1, "Mosaic GPU attention: CTAs per
                      "free by the GEMM (2 with stages=2: two CTAs share an SM)")
 flags.DEFINE_list("mgpu_attention_tuning", [], "Mosaic GPU attention: key=int pairs, e.g. "
                   "pages_per_block=4,stages=4")
+flags.DEFINE_list("pairs", [], "G:P pairs: the persistent GEMM on G CTAs and the Mosaic GPU "
+                  "attention on P CTAs in one concurrent graph, each order; G + P may exceed "
+                  "the SMs, and CTAs of both then share an SM where shared memory and "
+                  "registers allow (overlap inside the SM)")
 flags.DEFINE_list("mgpu_tiling", [], "persistent GEMM: key=int pairs of MatmulTiling, e.g. "
                   "tile_m=128,tile_n=128,tile_k=64,max_concurrent_steps=4,wg_split_m=0")
 flags.DEFINE_enum("fused_interleave", "alternate", INTERLEAVES,
@@ -229,6 +233,19 @@ def main(argv):
             label = f"mgpu GEMM {g} CTAs | mgpu attention {ctas}"
             variants[f"concurrent graph, {label}"] = _graph(mm, matt)
             variants[f"streams + group, {label}"] = _grouped(mm, matt)
+        for pair in F.pairs:
+            g, p = map(int, pair.split(":"))
+            mm = functools.partial(gemm, matmul=functools.partial(
+                persistent_matmul, num_programs=g, tiling=tiling))
+            matt = functools.partial(decode_attention_mgpu, sm_scale=dh**-0.5, num_programs=p,
+                                     **_int_pairs(F.mgpu_attention_tuning))
+            variants[f"mgpu GEMM alone, {g} CTAs"] = jax.jit(lambda x, w, *_, mm=mm: mm(x, w))
+            variants[f"mgpu attention alone, {p} CTAs"] = jax.jit(
+                lambda x, w, q, k, v, tab, lens, matt=matt: matt(q, k, v, tab, lens))
+            variants[f"concurrent graph, mgpu GEMM {g} CTAs, then mgpu attention {p}"] = (
+                _graph(mm, matt))
+            variants[f"concurrent graph, mgpu attention {p} CTAs, then mgpu GEMM {g}"] = (
+                _graph(mm, matt, attention_first=True))
     rows = []
     for name, fn in variants.items():
         try:
