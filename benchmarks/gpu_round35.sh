@@ -3,6 +3,8 @@
 # requests (2048, NanoFlow's offline-throughput regime: the ramp and the decode-only tail are
 # a small part of the run), sequential+graph, with the GEMM ceiling now timed back to back.
 # Steady state needs ~341 decoding sequences (1024 tokens per step, 2/3 of them prefill).
+# Ran with sequential+graph, nano2-pipe-nostreams-min1024+graph,
+# nano2-pipe-nostreams-sm33-gemm67-min1024+graph and nano2-pipe-nostreams-min1024.
 # Usage (device tool, repo root): bash benchmarks/gpu_round35.sh [schedule]
 source "$(dirname "$0")/gpu_common.sh"
 schedule=${1:-sequential+graph}
