@@ -34,7 +34,7 @@ flags.DEFINE_integer("decodes", 150, "sequences")
 flags.DEFINE_integer("context", 1300, "tokens of context per sequence")
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_list("programs", ["44", "132"], "CTA counts")
-flags.DEFINE_string("tunings", "ablate=0", "';'-separated key=int lists of "
+flags.DEFINE_string("tunings", "consumers=2", "';'-separated key=int lists of "
                     "decode_attention_mgpu's keyword arguments")
 flags.DEFINE_integer("calls", 20, "calls per timing, dispatched back to back")
 flags.DEFINE_integer("repeats", 5, "timings; the median is reported")

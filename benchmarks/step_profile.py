@@ -40,6 +40,7 @@ flags.DEFINE_list("logprobs", ["0"], "top logprobs each row asks for; one row of
                   "value (0: the sampler skips its [B, V] top-k)")
 F = flags.FLAGS
 
+
 def make_cases(mixed_tokens: int):
     """(name, tokens T, decodes, decode context, prompt chunk length) of each case."""
     t = mixed_tokens
