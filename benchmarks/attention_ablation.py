@@ -20,13 +20,13 @@ Timing: `--calls` calls dispatched back to back and blocked once (device time pe
 host gaps), median over `--repeats`.
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from nanoflow_jax.bench import device_ms_per_call
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu
 
@@ -42,15 +42,7 @@ F = flags.FLAGS
 
 
 def _time(fn, *args) -> float:
-    """Device ms per call: `calls` calls enqueued back to back, one block at the end."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(F.repeats):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(F.calls)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t0) / F.calls)
-    return 1e3 * float(np.median(times))
+    return device_ms_per_call(fn, *args, calls=F.calls, repeats=F.repeats)
 
 
 def main(argv):

@@ -23,13 +23,13 @@ Prints whether the compiled HLO holds call-start/call-done pairs, and the speedu
 back. `--smoke` runs tiny shapes on the CPU without streams (checks the script only).
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from nanoflow_jax.bench import device_ms_per_call
 from nanoflow_jax.pipeline.executor import on_stream
 from pallas_kernels import _compat
 from pallas_kernels.decode_attention import decode_attention
@@ -122,16 +122,10 @@ def _graph(gemm_fn, attn_fn, attention_first: bool = False):
 
 
 def _time(fn, *args):
-    """ms per call. `--calls` > 1: that many calls enqueued back to back and blocked once (device
-    time per call); 1: each call blocked on its own (sessions 2-5; the host's launch and sync,
-    0.1-0.25 ms, counted in every call)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(F.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(F.calls)])
-        times.append((time.perf_counter() - t0) / F.calls)
-    return 1e3 * float(np.median(times))
+    """ms per call: `--calls` calls enqueued back to back and blocked once (device time per
+    call); `--calls=1` blocks on each call (sessions 2-5; the host's launch and sync, 0.1-0.25
+    ms, then counted in every call)."""
+    return device_ms_per_call(fn, *args, calls=F.calls, repeats=F.repeats)
 
 
 def main(argv):

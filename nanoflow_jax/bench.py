@@ -57,27 +57,31 @@ def prompt_token_ids(requests: list[Request], vocab_size: int, seed: int = 0) ->
     return [rng.integers(0, vocab_size, r.prompt_len).tolist() for r in requests]
 
 
-def measure_peak_flops(n: int | None = None, repeats: int = 10, calls: int = 10) -> float:
-    """bf16 GEMM FLOP/s measured in this process (the ceiling of 'optimal throughput').
+def device_ms_per_call(fn, *args, calls: int = 10, repeats: int = 10) -> float:
+    """Median ms per call of `fn(*args)` over `repeats` timings, each of `calls` calls enqueued
+    back to back and blocked once: device time per call, without the host's launch and sync
+    between calls (`calls=1` blocks on every call, and counts them). One warm-up call first."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e3 * float(np.median(times))
 
-    Each timing enqueues `calls` products back to back and blocks once, so the host's launch
-    and sync stay out of the ceiling (until session 6 each product was blocked on its own; on
-    an H100 that moved the ceiling little, 659-717 TFLOP/s then, 681-708 since). The median
-    of `repeats` timings."""
+
+def measure_peak_flops(n: int | None = None, repeats: int = 10, calls: int = 10) -> float:
+    """bf16 GEMM FLOP/s measured in this process (the ceiling of 'optimal throughput'), in
+    device time (`device_ms_per_call`). Until session 6 each product was blocked on its own;
+    on an H100 that moved the ceiling little (659-717 TFLOP/s then, 681-708 since)."""
     on_gpu = jax.default_backend() == "gpu"
     n = n or (8192 if on_gpu else 1024)
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     keys = jax.random.split(jax.random.key(0), 2)
     a = jax.random.normal(keys[0], (n, n), dtype)
     b = jax.random.normal(keys[1], (n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready([f(a, b) for _ in range(calls)])
-        times.append((time.perf_counter() - t0) / calls)
-    return 2 * n**3 / float(np.median(times))
+    ms = device_ms_per_call(jax.jit(lambda a, b: a @ b), a, b, calls=calls, repeats=repeats)
+    return 2 * n**3 / (ms / 1e3)
 
 
 def optimal_tokens_per_s(peak_flops: float, param_count: int) -> float:

@@ -237,3 +237,20 @@ def test_serving_rejects_bad_rates():
                            "--rates=2,0"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode != 0 and "must be > 0" in proc.stderr
+
+
+def test_device_ms_per_call_enqueues_calls_back_to_back():
+    """One warm-up call, then `repeats` timings of `calls` calls each, all blocked on."""
+    import jax.numpy as jnp
+
+    from nanoflow_jax.bench import device_ms_per_call
+
+    seen = []
+
+    def fn(x):
+        seen.append(1)
+        return x + 1
+
+    ms = device_ms_per_call(fn, jnp.ones(4), calls=3, repeats=2)
+    assert len(seen) == 1 + 3 * 2
+    assert ms > 0 and math.isfinite(ms)
