@@ -61,6 +61,8 @@ def device_ms_per_call(fn, *args, calls: int = 10, repeats: int = 10) -> float:
     """Median ms per call of `fn(*args)` over `repeats` timings, each of `calls` calls enqueued
     back to back and blocked once: device time per call, without the host's launch and sync
     between calls (`calls=1` blocks on every call, and counts them). One warm-up call first."""
+    if calls < 1 or repeats < 1:
+        raise ValueError(f"calls and repeats must be >= 1, got {calls} and {repeats}")
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):

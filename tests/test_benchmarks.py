@@ -254,3 +254,5 @@ def test_device_ms_per_call_enqueues_calls_back_to_back():
     ms = device_ms_per_call(fn, jnp.ones(4), calls=3, repeats=2)
     assert len(seen) == 1 + 3 * 2
     assert ms > 0 and math.isfinite(ms)
+    with pytest.raises(ValueError, match="calls and repeats"):
+        device_ms_per_call(fn, jnp.ones(4), calls=0)
