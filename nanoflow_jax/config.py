@@ -208,29 +208,51 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
 
 
+def _knob(default, help_text: str):
+    """An EngineConfig field whose help text is the one every script's flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Knobs of the serving engine (vLLM's names where they exist)."""
+    """Knobs of the serving engine (vLLM's names where they exist).
 
-    model: str = "tiny-llama"  # checkpoint directory or preset name
-    dtype: str = "bfloat16"
-    seed: int = 0  # random weights of presets, and requests that give no seed
-    max_num_batched_tokens: int = 1024  # the dense batch: tokens per iteration
-    max_num_seqs: int = 256  # running sequences (decode rows per iteration)
-    max_prefill_seqs: int = 16  # prompt chunks per iteration
-    page_size: int = 16
-    # Share of the memory JAX may use (its bytes_limit, itself XLA_PYTHON_CLIENT_MEM_FRACTION of
-    # the device: the scripts set that variable from this knob and pass 1.0 here).
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None  # prompt + output tokens; None: the model's context
-    num_pages: int | None = None  # KV pages; None: sized from free device memory
-    attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
-    min_bucket: int = 16  # smallest compiled token count
-    schedule: str = "sequential"  # nano-batch schedule (pipeline.schedule.named_schedule)
+    Each field is also a command-line flag of every script (`nanoflow_jax.cli`), with the help
+    text given here. `None` and "auto" mean "chosen at start-up" (from the model, the backend or
+    the free device memory); the engine logs what it chose.
+    """
+
+    model: str = _knob("tiny-llama", "checkpoint directory or preset name (presets get random "
+                       "weights)")
+    dtype: str = _knob("auto", "weights and KV cache: float32 | bfloat16 | float16 | auto "
+                       "(bfloat16 on a GPU, float32 on the CPU)")
+    seed: int = _knob(0, "random seed: weights of presets, requests that give none, and the "
+                      "benchmarks' workloads")
+    max_num_batched_tokens: int | None = _knob(None, "the dense batch: most tokens per "
+                                               "iteration (default: 1024 on a GPU, 128 on "
+                                               "the CPU)")
+    max_num_seqs: int = _knob(256, "most running sequences (decode rows per iteration)")
+    max_prefill_seqs: int = _knob(16, "most prompt chunks per iteration")
+    page_size: int = _knob(16, "tokens per KV page (a power of two)")
+    gpu_memory_utilization: float = _knob(0.9, "fraction of the device's memory the engine "
+                                          "takes for weights, KV cache and workspace")
+    max_model_len: int | None = _knob(None, "most prompt + output tokens per sequence "
+                                      "(default: the model's context)")
+    num_pages: int | None = _knob(None, "KV cache pages (default: as many as fit in "
+                                  "gpu_memory_utilization)")
+    attention_impl: str = _knob("auto", "attention kernels: pallas | reference | interpret | "
+                                "auto (pallas on a GPU, reference elsewhere)")
+    min_bucket: int | None = _knob(None, "smallest compiled token count; buckets are powers of "
+                                   "two up to the dense batch (default: 16 on a GPU, a quarter "
+                                   "of the dense batch on the CPU, where compiling is slow)")
+    schedule: str = _knob("sequential", "nano-batch schedule: a name from "
+                          "nanoflow_jax.pipeline (sequential, nano2, nano2-pipe, ...) or a "
+                          "schedule JSON file")
 
     def __post_init__(self):
         checks = [
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             "max_num_batched_tokens must be >= 1"),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_prefill_seqs >= 1, "max_prefill_seqs must be >= 1"),
             (self.page_size >= 1 and not self.page_size & (self.page_size - 1),
@@ -238,13 +260,29 @@ class EngineConfig:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
             (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
+            (self.min_bucket is None or self.min_bucket >= 1, "min_bucket must be >= 1"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"),
+             "dtype must be auto, float32, bfloat16 or float16"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    def for_backend(self, backend: str) -> "EngineConfig":
+        """The knobs left to start-up ("auto", None) resolved for `backend` ("cpu", "gpu")."""
+        on_cpu = backend == "cpu"
+        dense = self.max_num_batched_tokens or (128 if on_cpu else 1024)
+        return dataclasses.replace(
+            self,
+            dtype=self.dtype if self.dtype != "auto" else "float32" if on_cpu else "bfloat16",
+            max_num_batched_tokens=dense,
+            min_bucket=self.min_bucket or (max(16, dense // 4) if on_cpu else 16),
+        )
+
     def token_buckets(self) -> tuple[int, ...]:
         """Compiled token counts: powers of two from min_bucket up to the dense batch."""
+        if self.min_bucket is None or self.max_num_batched_tokens is None:
+            raise ValueError("for_backend() chooses the buckets' knobs before buckets are known")
         buckets, t = [], self.min_bucket
         while t < self.max_num_batched_tokens:
             buckets.append(t)

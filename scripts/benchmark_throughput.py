@@ -1,9 +1,9 @@
 """Offline throughput: run a workload through `LLM` and report tokens/s and % of optimal.
 
-    python scripts/benchmark_throughput.py                                    # tiny, CPU
-    python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512 \
-        --num_requests=512 --output_json=out.json
-    python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512 \
+    python scripts/benchmark_throughput.py                                    # tiny-llama
+    python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512
+        --num_requests=2048 --output_json=out.json
+    python scripts/benchmark_throughput.py --model=llama-3-8b --workload=trace:lmsys
         --num_requests=512 --baseline=hf            # + HF transformers, same workload
 
 Presets get random weights (same speed as real ones). Output lengths are exact (EOS ignored),
@@ -13,38 +13,27 @@ is reported apart from the timed run.
 
 `--baseline=hf` adds, for every workload, a second result with "schedule": "hf-transformers":
 the same requests through HF transformers `generate` with static batches of
-`--baseline_batch_size` (nanoflow_jax/baseline_hf.py; needs torch + transformers). It runs in
+`--baseline_batch_size` (nanoflow_jax/benchmarks/hf_baseline.py; needs torch + transformers). It runs in
 this process *before* our engine, while JAX has not yet taken its share of the GPU, and gives
 its memory back when done; the results list ours first. `--baseline=hf-only` runs the baseline
 alone (JAX never starts; "% of optimal" then uses a torch GEMM's peak).
 """
 import dataclasses
 import json
-import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-flags.DEFINE_string("model", "tiny-llama", "checkpoint directory or preset (random weights)")
+from nanoflow_jax import cli
+from nanoflow_jax.benchmarks import workloads
+
+cli.define_engine_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_multi_string("workload", ["const:64:32"],
                           "const:IN:OUT or trace:splitwise|lmsys|sharegpt (repeat: several "
                           "workloads, one start-up)")
-flags.DEFINE_string("trace_dir", None, "directory of the trace CSVs (default ../shared/workloads)")
-flags.DEFINE_integer("num_requests", 32, "requests in the timed run")
-flags.DEFINE_integer("seed", 0, "workload and weights seed")
-flags.DEFINE_string("dtype", "bfloat16", "weights and KV dtype")
-flags.DEFINE_integer("max_num_batched_tokens", 1024, "dense batch: tokens per iteration")
-flags.DEFINE_integer("max_num_seqs", 256, "running sequences")
-flags.DEFINE_integer("max_prefill_seqs", 16, "prompt chunks per iteration")
-flags.DEFINE_integer("page_size", 16, "KV page size")
-flags.DEFINE_integer("num_pages", None, "KV pages (default: from free memory)")
-flags.DEFINE_integer("max_model_len", 2048, "prompt + output tokens per sequence")
-flags.DEFINE_float("gpu_memory_utilization", 0.9, "device memory share for the engine")
-flags.DEFINE_integer("min_bucket", 16, "smallest compiled token count (fewer buckets compile faster)")
-flags.DEFINE_string("schedule", "sequential",
-                    "nano-batch schedule: sequential, nanoN, nanoN-nooverlap, "
-                    "nanoN-pipe[-nostreams][-smP], optionally +graph, or a .json")
-flags.DEFINE_string("attention_impl", "auto", "pallas | reference | auto")
+flags.DEFINE_string("trace_dir", workloads.DEFAULT_TRACE_DIR, "directory of the trace CSVs")
+flags.DEFINE_integer("num_requests", 32, "requests in the timed run", lower_bound=1)
 flags.DEFINE_string("output_json", None, "write the results here")
 flags.DEFINE_enum("baseline", "none", ["none", "hf", "hf-only"],
                   "hf: also run the HF transformers static-batching baseline on each workload; "
@@ -60,29 +49,27 @@ F = flags.FLAGS
 
 def main(argv):
     del argv
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(F.gpu_memory_utilization))
-    from nanoflow_jax import LLM, bench
+    config = cli.engine_config()
+    cli.setup(config)
+    from nanoflow_jax import LLM
+    from nanoflow_jax.benchmarks import timing
 
     # Before anything initialises JAX's GPU backend (which takes its memory share at once).
     baselines = run_hf_baseline() if F.baseline != "none" else []
     if F.baseline == "hf-only":
-        from nanoflow_jax import baseline_hf
+        from nanoflow_jax.benchmarks import hf_baseline
         from nanoflow_jax.model_loader import load_config
 
-        peak = baseline_hf.measure_peak_flops()
+        peak = hf_baseline.measure_peak_flops()
         for base in baselines:
             base.pop("_max_model_len")
             _add_optimal(base, peak, load_config(F.model).param_count)
             base["peak_source"] = "torch GEMM"
         _report(baselines)
         return
-    peak = bench.measure_peak_flops()
+    peak = timing.measure_peak_flops()
     t0 = time.perf_counter()
-    llm = LLM(F.model, dtype=F.dtype, seed=F.seed, max_num_batched_tokens=F.max_num_batched_tokens,
-              max_num_seqs=F.max_num_seqs, max_prefill_seqs=F.max_prefill_seqs,
-              page_size=F.page_size, num_pages=F.num_pages, max_model_len=F.max_model_len,
-              gpu_memory_utilization=1.0, attention_impl=F.attention_impl,
-              min_bucket=F.min_bucket, schedule=F.schedule)
+    llm = LLM(config=config)
     startup = time.perf_counter() - t0
     results = []
     for i, w in enumerate(F.workload):
@@ -99,9 +86,9 @@ def main(argv):
 
 
 def _add_optimal(base: dict, peak: float, param_count: int) -> None:
-    from nanoflow_jax import bench
+    from nanoflow_jax.benchmarks import timing
 
-    optimal = bench.optimal_tokens_per_s(peak, param_count)
+    optimal = timing.optimal_tokens_per_s(peak, param_count)
     base.update(peak_tflops=peak / 1e12, optimal_tokens_per_s=optimal,
                 percent_of_optimal=100 * base["total_tokens_per_s"] / optimal)
 
@@ -122,20 +109,20 @@ def _report(results: list[dict]) -> None:
 
 def run_hf_baseline() -> list[dict]:
     """The HF transformers baseline on every workload (one result each, in --workload order)."""
-    from nanoflow_jax import baseline_hf, bench
+    from nanoflow_jax.benchmarks import hf_baseline as baseline_hf
     from nanoflow_jax.model_loader import load_config
 
     cfg = load_config(F.model)
     max_model_len = F.max_model_len or cfg.max_position_embeddings  # as the engine's runner
-    trace_dir = F.trace_dir or bench.DEFAULT_TRACE_DIR
     t0 = time.perf_counter()
     hf_model, info = baseline_hf.load_hf_model(F.model, dtype=F.baseline_dtype,
                                                seed=F.seed)
     startup = time.perf_counter() - t0
     out = []
     for workload in F.workload:
-        reqs = bench.load_workload(workload, F.num_requests, max_model_len, F.seed, trace_dir)
-        prompts = bench.prompt_token_ids(reqs, cfg.vocab_size, F.seed)
+        reqs = workloads.load_workload(workload, F.num_requests, max_model_len, F.seed,
+                                       F.trace_dir)
+        prompts = workloads.prompt_token_ids(reqs, cfg.vocab_size, F.seed)
         if F.baseline_num_requests:
             reqs, prompts = reqs[:F.baseline_num_requests], prompts[:F.baseline_num_requests]
         run = baseline_hf.run_static_batches(hf_model, prompts, [r.output_len for r in reqs],
@@ -176,14 +163,15 @@ def run_hf_baseline() -> list[dict]:
 def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
     import jax
 
-    from nanoflow_jax import SamplingParams, bench
+    from nanoflow_jax import SamplingParams
+    from nanoflow_jax.benchmarks import timing
 
     eng, runner = llm.engine, llm.engine.runner
     cfg = eng.model_config
-    trace_dir = F.trace_dir or bench.DEFAULT_TRACE_DIR
-    reqs = bench.load_workload(workload, F.num_requests, runner.max_model_len, F.seed, trace_dir)
+    reqs = workloads.load_workload(workload, F.num_requests, runner.max_model_len, F.seed,
+                                   F.trace_dir)
     prompts = [{"prompt_token_ids": ids}
-               for ids in bench.prompt_token_ids(reqs, cfg.vocab_size, F.seed)]
+               for ids in workloads.prompt_token_ids(reqs, cfg.vocab_size, F.seed)]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
               for r in reqs]
 
@@ -200,7 +188,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     if n_out != sum(r.output_len for r in reqs):
         raise AssertionError("output lengths differ from the workload's")
-    optimal = bench.optimal_tokens_per_s(peak, cfg.param_count)
+    optimal = timing.optimal_tokens_per_s(peak, cfg.param_count)
     total_tps = (n_in + n_out) / elapsed
     full_steps = eng.stats.full_steps - stats0.full_steps
     full_s = eng.stats.full_s - stats0.full_s
@@ -209,7 +197,8 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
     result = {
         "model": F.model, "workload": workload, "num_requests": len(reqs),
         "schedule": runner.schedule.name, "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__, "dense_batch": F.max_num_batched_tokens,
+        "jax": jax.__version__, "dense_batch": eng.config.max_num_batched_tokens,
+        "max_num_seqs": eng.config.max_num_seqs,
         "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
         "total_tokens_per_s": total_tps, "output_tokens_per_s": n_out / elapsed,
         "requests_per_s": len(reqs) / elapsed,
@@ -230,7 +219,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
         "preemptions": eng.stats.preemptions - stats0.preemptions,
         "startup_s": startup, "load_s": runner.load_time, "kv_alloc_s": runner.kv_time,
         "compile_s": runner.compile_time, "kv_pages": runner.num_pages,
-        "peak_memory_gib": (bench.peak_memory_bytes() or 0) / 2**30,
+        "peak_memory_gib": (timing.peak_memory_bytes() or 0) / 2**30,
     }
     w = max(len(k) for k in result)
     for k, v in result.items():
@@ -239,4 +228,4 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

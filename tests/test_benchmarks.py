@@ -1,7 +1,7 @@
 """The benchmark scripts, end to end on the CPU with tiny-llama and tiny workloads.
 
 * scripts/benchmark_throughput.py with `--baseline=hf`: our engine and the HF transformers
-  static-batching baseline (nanoflow_jax/baseline_hf.py) on a constant workload and on a small
+  static-batching baseline (nanoflow_jax/benchmarks/hf_baseline.py) on a constant workload and on a small
   trace of mixed lengths, in one process.
 * scripts/benchmark_serving.py with `--start_server`: two request rates against the real server.
 * scripts/benchmark_serving.py against a stub server that refuses or stalls requests: failures
@@ -42,9 +42,7 @@ def _run(script: str, *flags: str, timeout: float = 240) -> subprocess.Completed
 # ---- offline throughput + the HF baseline ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def throughput(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("throughput")
+def _throughput(tmp, *args: str) -> list[dict]:
     with open(tmp / "splitwise.csv", "w") as f:
         f.write("TIMESTAMP,ContextTokens,GeneratedTokens\n")
         f.writelines(f"2023-11-16 18:15:{i:02d}.0,{n_in},{n_out}\n"
@@ -53,9 +51,36 @@ def throughput(tmp_path_factory) -> list[dict]:
     _run("benchmark_throughput.py", "--model=tiny-llama", "--workload=const:16:8",
          "--workload=trace:splitwise", f"--trace_dir={tmp}", f"--num_requests={len(TRACE_ROWS)}",
          "--dtype=float32", "--max_num_batched_tokens=64", "--max_model_len=256",
-         "--num_pages=128", "--baseline=hf", "--baseline_batch_size=4",
-         f"--output_json={out}")
+         "--num_pages=128", f"--output_json={out}", *args)
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def throughput(tmp_path_factory) -> list[dict]:
+    """Ours, then the HF transformers baseline, on each workload."""
+    return _throughput(tmp_path_factory.mktemp("throughput"), "--baseline=hf",
+                       "--baseline_batch_size=4")
+
+
+def test_throughput_of_ours_alone(tmp_path):
+    results = _throughput(tmp_path)
+    assert [r["workload"] for r in results] == ["const:16:8", "trace:splitwise"]
+    for r in results:
+        assert (r["prompt_tokens"], r["output_tokens"]) == EXPECTED[r["workload"]], r
+        assert r["schedule"] == "sequential" and r["dense_batch"] == 64
+        assert r["percent_of_optimal"] == pytest.approx(
+            100 * r["total_tokens_per_s"] / r["optimal_tokens_per_s"])
+
+
+def test_shipped_traces_load():
+    from nanoflow_jax.benchmarks import workloads
+
+    for name in workloads.TRACES:
+        reqs = workloads.load_workload(f"trace:{name}", 100, max_model_len=2048, seed=1)
+        assert len(reqs) == 100
+        assert all(r.prompt_len >= 1 and 1 <= r.output_len and
+                   r.prompt_len + r.output_len <= 2048 for r in reqs)
+        assert len({(r.prompt_len, r.output_len) for r in reqs}) > 10  # real, varied lengths
 
 
 EXPECTED = {  # workload: (prompt tokens, output tokens)
@@ -64,6 +89,7 @@ EXPECTED = {  # workload: (prompt tokens, output tokens)
 }
 
 
+@pytest.mark.heavy
 def test_throughput_results_ours_then_baseline(throughput):
     assert [(r["workload"], r["schedule"] == "hf-transformers") for r in throughput] == [
         ("const:16:8", False), ("const:16:8", True),
@@ -83,6 +109,7 @@ def test_throughput_results_ours_then_baseline(throughput):
             100 * r["total_tokens_per_s"] / r["optimal_tokens_per_s"])
 
 
+@pytest.mark.heavy
 def test_hf_baseline_static_batches(throughput):
     const, trace = (r for r in throughput if r["schedule"] == "hf-transformers")
     for r in (const, trace):
@@ -243,7 +270,7 @@ def test_device_ms_per_call_enqueues_calls_back_to_back():
     """One warm-up call, then `repeats` timings of `calls` calls each, all blocked on."""
     import jax.numpy as jnp
 
-    from nanoflow_jax.bench import device_ms_per_call
+    from nanoflow_jax.benchmarks.timing import device_ms_per_call
 
     seen = []
 

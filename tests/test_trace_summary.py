@@ -1,7 +1,7 @@
 """trace_summary on a hand-written XSpace: two streams whose kernels overlap by a known time."""
 from jax.profiler import ProfileData
 
-from benchmarks.trace_summary import format_summary, kernel_events, summarize
+from profiling.trace_summary import format_summary, kernel_events, summarize
 
 # Stream 1: gemm [0, 3) us and gemm [5, 6) us; stream 2: attn [2, 6) us. Busy 6 us, summed
 # 8 us, two at once during [2, 3) and [5, 6): 2 us. Times in picoseconds from the line start.

@@ -81,6 +81,7 @@ class LLMEngine:
         """`stream_outputs`: `step()` returns every request that progressed, with its text so
         far (the server); False returns finished requests only and detokenizes once at the end
         unless a stop string needs the text earlier (offline `LLM`, cheaper per token)."""
+        config = config.for_backend(jax.default_backend())
         self.config = config
         self.stream_outputs = stream_outputs
         self.tokenizer = tokenizer or _load_tokenizer(config.model)

@@ -66,6 +66,7 @@ class InFlight:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
+        config = config.for_backend(jax.default_backend())
         self.config = config
         t0 = time.perf_counter()
         model = load_model(config.model, dtype=config.dtype, seed=config.seed)

@@ -1,6 +1,6 @@
 """What a profiler trace says about kernel overlap on the GPU.
 
-    python3 benchmarks/trace_summary.py TRACE_DIR [--steps=N]
+    python3 profiling/trace_summary.py TRACE_DIR [--steps=N]
 
 Reads the XSpace (`*.xplane.pb`) that `jax.profiler.trace` wrote, takes the kernel events of
 the GPU plane's stream lines, and reports per step: the kernels, the time some kernel ran

@@ -1,8 +1,8 @@
 """Can one nano-batch's GEMM run beside another nano-batch's decode attention? (GPU)
 
-    PYTHONPATH=. python3 benchmarks/overlap_micro.py
+    python3 profiling/overlap_micro.py
     XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_command_buffer=" \
-        PYTHONPATH=. python3 benchmarks/overlap_micro.py
+        python3 profiling/overlap_micro.py
 
 Shapes of a decode-heavy dense batch of LLaMA-3-8B: the up/gate GEMM of a 512-token
 nano-batch ([512, 4096] × [4096, 28672]) and the paged decode attention of 150 sequences of
@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nanoflow_jax.bench import device_ms_per_call
+from nanoflow_jax.benchmarks.timing import device_ms_per_call
 from nanoflow_jax.pipeline.executor import on_stream
 from pallas_kernels import _compat
 from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
+from pallas_kernels.experimental.fused_gemm_decode import INTERLEAVES, fused_gemm_decode
 from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu
 from pallas_kernels.persistent_matmul import MatmulTiling, persistent_matmul
 

@@ -1,6 +1,6 @@
 """The Mosaic GPU decode attention on a share of the SMs, in device time per call. (GPU)
 
-    PYTHONPATH=. python3 benchmarks/attention_ablation.py --programs=33,44,132 \
+    python3 profiling/attention_ablation.py --programs=33,44,132 \
         --tunings="consumers=2;consumers=1,stages=6"
 
 The paged decode attention of `--decodes` sequences of `--context` tokens (LLaMA-3-8B heads,
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nanoflow_jax.bench import device_ms_per_call
+from nanoflow_jax.benchmarks.timing import device_ms_per_call
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu
 

@@ -1,6 +1,6 @@
 """Device time of one model step at the shapes of a decode-heavy dense batch (GPU).
 
-    PYTHONPATH=. python3 benchmarks/step_profile.py --model=llama-3-8b
+    python3 profiling/step_profile.py --model=llama-3-8b
 
 Builds batches directly (no scheduler): D decodes of context C plus prompt tokens up to T.
 Prints the median time per step over repeats (each blocked on), the time per step and to
@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.trace_summary import format_summary, summarize_dir
+from trace_summary import format_summary, summarize_dir
 from nanoflow_jax.batch import SeqChunk, build_batch
-from nanoflow_jax.bench import measure_peak_flops
+from nanoflow_jax.benchmarks.timing import measure_peak_flops
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
 from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
@@ -32,7 +32,7 @@ flags.DEFINE_integer("repeats", 20, "timed steps per case")
 flags.DEFINE_multi_string("schedule", ["sequential"],
                           "nano-batch schedules to time (repeat the flag to compare several)")
 flags.DEFINE_string("trace_dir", "", "also trace 2 steps per case with jax.profiler under this "
-                    "folder and print the kernel overlap (benchmarks/trace_summary.py)")
+                    "folder and print the kernel overlap (profiling/trace_summary.py)")
 flags.DEFINE_bool("mixed_only", False, "only the mixed case (compiles one bucket)")
 flags.DEFINE_integer("mixed_tokens", 1024, "the mixed case's dense batch T (300 decodes of 1300 "
                      "tokens, the rest one prompt chunk); also the engine's token budget")

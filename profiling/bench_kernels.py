@@ -19,10 +19,10 @@ Throughput: decode counts bytes = K+V actually read (sum of lengths * Hkv * D
 bandwidth.  Prefill (one causal sequence of T tokens) counts only unmasked
 FLOPs: 4 * T * T / 2 * Hq * D, in TFLOP/s against the measured GEMM rate.
 
-  PYTHONPATH=. python3 scripts/bench_kernels.py
-  PYTHONPATH=. python3 scripts/bench_kernels.py --kernels=decode \
+  python3 profiling/bench_kernels.py
+  python3 profiling/bench_kernels.py --kernels=decode \
       --decode_shapes=256x1024,64x4096 --decode_variants='ppb=4,w=4,s=3;ppb=8,w=8,s=2'
-  JAX_PLATFORMS=cpu python3 scripts/bench_kernels.py --smoke   # tiny, interpret mode
+  JAX_PLATFORMS=cpu python3 profiling/bench_kernels.py --smoke   # tiny, interpret mode
 
 Full logs (JSON lines + the table) go to $OUT if that env var is set.
 """
@@ -38,17 +38,15 @@ import traceback
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels.decode_attention import (  # noqa: E402
+from pallas_kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
 )
-from pallas_kernels.prefill_attention import (  # noqa: E402
+from pallas_kernels.prefill_attention import (
     prefill_attention,
     prefill_attention_reference,
 )
@@ -345,7 +343,7 @@ def run_kv_write(copy_tbs):
     cache elements (K and V) that differ from the scatter's result: 0 = bit-exact.
     """
     from nanoflow_jax.kv_cache import write_kv
-    from pallas_kernels.kv_write import write_kv_pallas
+    from pallas_kernels.experimental.kv_write import write_kv_pallas
 
     dtype = jnp.dtype(FLAGS.dtype)
     hkv, d, ps = FLAGS.num_kv_heads, FLAGS.head_dim, FLAGS.page_size

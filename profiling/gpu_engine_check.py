@@ -3,7 +3,7 @@ reference attention (greedy, fp32, tiny model), chunked and decoding; and every 
 schedule given generates what the sequential one does (streams and concurrent graphs only
 exist on the GPU). Prints one line per check.
 
-    PYTHONPATH=. python3 benchmarks/gpu_engine_check.py
+    python3 profiling/gpu_engine_check.py
 """
 import sys
 
