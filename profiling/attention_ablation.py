@@ -9,12 +9,9 @@ tuning (`;`-separated key=int lists of its keyword arguments), checked against t
 kernel, beside two ceilings: the Triton kernel on the full grid and an XLA copy of the same K
 and V bytes (read + write counted, as METHOD.md says).
 
-Session 6 used it to see where the kernel's time goes: at commit e6495dd the kernel took an
-`ablate` argument that removed part of each consumer's work per KV block (1 = no softmax,
-2 = no P V product, 3 = no math: the consumers only wait for and release the ring's slots,
-4 = no per-item work either), e.g. `--tunings="ablate=0;ablate=1;ablate=2;ablate=3"`
-(`benchmarks/gpu_round31.sh`, BENCHMARKS.md "Session 6"). Tunings with `ablate` skip the
-check: their outputs are wrong by design.
+Where the kernel's time goes is measured by removing part of each consumer's work per KV
+block and timing what is left (docs/overlap.md gives the numbers: with no math at all the
+consumers still cap the kernel from few CTAs); a tuning key the kernel does not take fails.
 
 Timing: `--calls` calls dispatched back to back and blocked once (device time per call, no
 host gaps), median over `--repeats`.
@@ -81,7 +78,7 @@ def main(argv):
                 print(f"{tuning} on {p} CTAs failed: {type(e).__name__}: {str(e)[:300]}")
                 ms = float("nan")
             rows.append((tuning, p, ms, kv_bytes / ms / 1e9))
-            if not kwargs.get("ablate") and np.isfinite(ms):
+            if np.isfinite(ms):
                 got = fn(*args).astype(jnp.float32)
                 errors[tuning, p] = float(jnp.linalg.norm((got - want).ravel())
                                           / jnp.linalg.norm(want.ravel()))

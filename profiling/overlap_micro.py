@@ -123,8 +123,8 @@ def _graph(gemm_fn, attn_fn, attention_first: bool = False):
 
 def _time(fn, *args):
     """ms per call: `--calls` calls enqueued back to back and blocked once (device time per
-    call); `--calls=1` blocks on each call (sessions 2-5; the host's launch and sync, 0.1-0.25
-    ms, then counted in every call)."""
+    call); `--calls=1` blocks on each call (the host's launch and sync, 0.1-0.25 ms, are then
+    counted in every call: not device time)."""
     return device_ms_per_call(fn, *args, calls=F.calls, repeats=F.repeats)
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import time
 
-from absl import flags
+from absl import app, flags
 
 from nanoflow_jax import cli
 from nanoflow_jax.benchmarks import workloads
@@ -33,7 +33,8 @@ flags.DEFINE_multi_string("workload", ["const:64:32"],
                           "const:IN:OUT or trace:splitwise|lmsys|sharegpt (repeat: several "
                           "workloads, one start-up)")
 flags.DEFINE_string("trace_dir", workloads.DEFAULT_TRACE_DIR, "directory of the trace CSVs")
-flags.DEFINE_integer("num_requests", 32, "requests in the timed run", lower_bound=1)
+flags.DEFINE_list("num_requests", ["32"], "requests in each timed run: one count for every "
+                  "workload, or one per --workload in order")
 flags.DEFINE_string("output_json", None, "write the results here")
 flags.DEFINE_enum("baseline", "none", ["none", "hf", "hf-only"],
                   "hf: also run the HF transformers static-batching baseline on each workload; "
@@ -85,6 +86,17 @@ def main(argv):
     _report(results)
 
 
+def num_requests(workload: str) -> int:
+    """--num_requests for `workload`: the only count, or the count in its position."""
+    counts = [int(n) for n in F.num_requests]
+    if len(counts) == 1:
+        return counts[0]
+    if len(counts) != len(F.workload):
+        raise app.UsageError(f"--num_requests has {len(counts)} counts for "
+                             f"{len(F.workload)} workloads: give one, or one per workload")
+    return counts[F.workload.index(workload)]
+
+
 def _add_optimal(base: dict, peak: float, param_count: int) -> None:
     from nanoflow_jax.benchmarks import timing
 
@@ -120,7 +132,7 @@ def run_hf_baseline() -> list[dict]:
     startup = time.perf_counter() - t0
     out = []
     for workload in F.workload:
-        reqs = workloads.load_workload(workload, F.num_requests, max_model_len, F.seed,
+        reqs = workloads.load_workload(workload, num_requests(workload), max_model_len, F.seed,
                                        F.trace_dir)
         prompts = workloads.prompt_token_ids(reqs, cfg.vocab_size, F.seed)
         if F.baseline_num_requests:
@@ -168,7 +180,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
 
     eng, runner = llm.engine, llm.engine.runner
     cfg = eng.model_config
-    reqs = workloads.load_workload(workload, F.num_requests, runner.max_model_len, F.seed,
+    reqs = workloads.load_workload(workload, num_requests(workload), runner.max_model_len, F.seed,
                                    F.trace_dir)
     prompts = [{"prompt_token_ids": ids}
                for ids in workloads.prompt_token_ids(reqs, cfg.vocab_size, F.seed)]

@@ -50,7 +50,7 @@ Cost of fusing (why it may lose, to be measured):
   * The tile order is static: nothing balances the two kinds at run time (POD-Attention and
     aiter's pod_attention pick the kind per CTA with atomic counters).
 
-Measured on an H100 (JAX 0.11.2, `benchmarks/overlap_micro.py`, docs/overlap.md): one
+Measured on an H100 (JAX 0.11.2, `profiling/overlap_micro.py`, docs/overlap.md): one
 launch per tile gains 0.87-1.13x over the GEMM and the attention back to back (the Triton
 tile is slower than cuBLAS); with persistent GEMM programs, 100 GEMM-first 0.98x, 100
 alternating 0.73x, 66 alternating 0.61x. Checked against the references in interpret mode
