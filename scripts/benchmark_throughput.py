@@ -58,6 +58,8 @@ flags.DEFINE_enum("baseline_cb_attn", "auto", ["auto", "sdpa", "eager"],
                   "else SDPA over the paged cache)")
 flags.DEFINE_enum("baseline_cb_cuda_graph", "auto", ["auto", "on", "off"],
                   "hf-cb CUDA graphs: auto is transformers' choice (on only for flash attention)")
+flags.DEFINE_float("baseline_timeout_s", None, "a peer's timed run still going after this many "
+                   "seconds stops, and its row gets a peer_error (the other results are kept)")
 flags.DEFINE_string("baseline_dtype", None, "peers' dtype (default: bfloat16 on a GPU, "
                     "float32 on the CPU)")
 flags.DEFINE_integer("baseline_num_requests", None, "the peers run the first N requests of "
@@ -156,7 +158,8 @@ def run_hf_baseline(peers: tuple[str, ...]) -> list[dict]:
     settings = hf_baseline.PeerSettings(
         batch_size=F.baseline_batch_size, max_batch_tokens=F.baseline_max_batch_tokens,
         num_blocks=F.baseline_num_blocks, page_size=F.baseline_page_size,
-        cb_attn=F.baseline_cb_attn, cb_cuda_graph=F.baseline_cb_cuda_graph)
+        cb_attn=F.baseline_cb_attn, cb_cuda_graph=F.baseline_cb_cuda_graph,
+        timeout_s=F.baseline_timeout_s)
     rows = hf_baseline.run_peers(F.model, peers, jobs, settings, dtype=F.baseline_dtype,
                                  seed=F.seed)
     for k, row in enumerate(rows):

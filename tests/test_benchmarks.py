@@ -202,6 +202,22 @@ def test_continuous_batching_exact_lengths_with_a_full_cache(tiny_hf):
 
 
 @pytest.mark.heavy
+def test_peer_past_its_time_limit_gives_an_error_row(tiny_hf):
+    """One request of 1000 tokens: far past a 0.3 s limit; the manager stops at once."""
+    from nanoflow_jax.benchmarks import hf_baseline, workloads
+
+    model, info = tiny_hf
+    reqs = [workloads.Request(4, 1000)]
+    settings = hf_baseline.PeerSettings(timeout_s=0.3, num_blocks=64, page_size=16)
+    t0 = time.perf_counter()
+    row = hf_baseline.run_peer("hf-cb", model, info, "const:4:1000", reqs, [[1, 2, 3, 4]],
+                               settings)
+    assert row["peer_error"] == "TimeoutError: stopped after 0.3 s with 0 of 1 requests done"
+    assert row["total_tokens_per_s"] is None and time.perf_counter() - t0 < 60
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.heavy
 def test_failing_peer_gives_an_error_row(tiny_hf):
     from nanoflow_jax.benchmarks import hf_baseline, workloads
 
@@ -241,6 +257,8 @@ def test_peer_names_and_settings():
         hf_baseline.PeerSettings(page_size=2)
     with pytest.raises(ValueError, match="baseline_cb_attn"):
         hf_baseline.PeerSettings(cb_attn="flash")
+    with pytest.raises(ValueError, match="baseline_timeout_s"):
+        hf_baseline.PeerSettings(timeout_s=0)
 
 
 def test_throughput_rejects_unknown_peer():

@@ -18,12 +18,16 @@
   `generate_batch` itself takes one `max_new_tokens` for all requests, so the requests go in
   through the manager's `add_request`, each with its own `max_new_tokens` and
   `eos_token_id=-1` (no EOS: a request stops at exactly its length, checked per request).
-  Attention: transformers' own choice unless `cb_attn` says otherwise: flash attention when
-  installed, else SDPA over the paged cache ("paged|sdpa" in transformers 5.17, plain "sdpa" from
-  5.2x, whose SDPA reads the paged cache itself); the row gives the one used. The KV cache size
+  Attention: transformers' own choice unless `cb_attn` says otherwise: flash attention (varlen)
+  when the flash_attn package is installed, else SDPA over the paged cache ("paged|sdpa" in 5.17,
+  plain "sdpa" from 5.2x); the row gives the one used. SDPA attends every query token of a pass to
+  the keys of every request in it, under a block-diagonal mask, so its cost grows with (tokens per
+  pass) x (KV of all requests in the pass): far slower than flash at large batches. The KV cache
   (`num_blocks` of `page_size` tokens; 5.17 calls the page size `block_size`) and
-  `max_batch_tokens` default to transformers' sizing from free device memory (on the CPU: a cache
-  that holds the whole workload). Prefix sharing is off (random prompts share no prefix).
+  `max_batch_tokens` default to transformers' sizing from free device memory; on the CPU, a cache
+  that holds the whole workload and 512 tokens a pass. With `num_blocks` alone,
+  `max_batch_tokens` is transformers' default, 8192 (5.17 would fill the memory with it). Prefix
+  sharing is off (random prompts share no prefix).
   `steps` are the manager's forward passes (`current_batch`), chunked prefills included.
 * the count, as ours: real prompt tokens + each request's own output length, over the timed run
   only; a warm-up (the first requests, a few tokens each) and the cache's set-up run before it.
@@ -50,6 +54,8 @@ PEER_SCHEDULES = {"hf-static": "hf-transformers-static", "hf-cb": "hf-transforme
 PEER_ALIASES = {"hf": "hf-static"}
 CB_ATTN = ("auto", "sdpa", "eager")  # auto: transformers' choice (flash when installed, else sdpa)
 CB_CUDA_GRAPH = ("auto", "on", "off")  # auto: transformers' choice (on only without a mask)
+HF_MAX_BATCH_TOKENS = 8192  # transformers' default tokens per pass (5.17 and 5.2x)
+CPU_MAX_BATCH_TOKENS = 512  # ours on the CPU, where the SDPA mask is [tokens, cache + tokens]
 WARMUP_REQUESTS, WARMUP_TOKENS = 16, 2  # the untimed warm-up before a continuous-batching run
 
 _HF_CONFIGS = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
@@ -203,8 +209,9 @@ def generate_batch(hf_model, prompts: Sequence[Sequence[int]], max_new_tokens: i
 
 def run_static_batches(hf_model, prompts: Sequence[Sequence[int]],
                        output_lens: Sequence[int], batch_size: int, device: str,
-                       warmup: bool = True) -> dict[str, Any]:
-    """Times the requests in workload order, `batch_size` at a time; see the module doc."""
+                       warmup: bool = True, timeout_s: float | None = None) -> dict[str, Any]:
+    """Times the requests in workload order, `batch_size` at a time; see the module doc. Raises
+    TimeoutError when a batch ends past `timeout_s`."""
     if len(prompts) != len(output_lens) or not prompts:
         raise ValueError("need one output length per prompt, and at least one prompt")
     batches = [(prompts[i:i + batch_size], output_lens[i:i + batch_size])
@@ -217,7 +224,10 @@ def run_static_batches(hf_model, prompts: Sequence[Sequence[int]],
     batch_s = []
     _sync(device)
     t0 = time.perf_counter()
-    for bp, bo in batches:
+    for k, (bp, bo) in enumerate(batches):
+        if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+            raise TimeoutError(f"stopped after {timeout_s:g} s with {k} of {len(batches)} "
+                               "batches done")
         tb = time.perf_counter()
         n_new = max(bo)
         generate_batch(hf_model, bp, n_new, device)
@@ -245,8 +255,13 @@ class PeerSettings:
     page_size: int | None = None  # hf-cb: tokens per cache block (transformers: 256)
     cb_attn: str = "auto"  # hf-cb: one of CB_ATTN
     cb_cuda_graph: str = "auto"  # hf-cb: one of CB_CUDA_GRAPH
+    # A timed run still going after this many seconds is stopped and its row gets a peer_error
+    # (a slow peer cannot use up a GPU command's time limit and lose the other results).
+    timeout_s: float | None = None
 
     def __post_init__(self):
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"baseline_timeout_s must be > 0, got {self.timeout_s}")
         for knob in ("batch_size", "max_batch_tokens", "num_blocks", "page_size"):
             value = getattr(self, knob)
             if value is not None and value < 1:
@@ -304,8 +319,13 @@ def _cb_config(settings: PeerSettings, prompts, output_lens, device: str):
         # transformers sizes the cache from free memory, on the CPU up to 60-90% of the RAM:
         # take just enough blocks to hold every request at once.
         num_blocks = sum(math.ceil((len(p) + o) / page) for p, o in zip(prompts, output_lens))
-    kwargs = {page_field: page, "num_blocks": num_blocks,
-              "max_batch_tokens": settings.max_batch_tokens,
+    max_batch_tokens = settings.max_batch_tokens
+    if max_batch_tokens is None and num_blocks is not None:
+        # Given num_blocks alone, 5.17 solves for the largest max_batch_tokens the memory allows
+        # (an attention mask as large as the memory); 5.2x takes its default, as here.
+        on_gpu = device.startswith("cuda")
+        max_batch_tokens = HF_MAX_BATCH_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS
+    kwargs = {page_field: page, "num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens,
               "allow_block_sharing": False}
     if settings.cb_cuda_graph != "auto":
         kwargs["use_cuda_graph"] = settings.cb_cuda_graph == "on"
@@ -326,9 +346,12 @@ def _cb_attn_target(attn: str, version_has_auto_switch: bool) -> str | None:
     return attn
 
 
-def _submit_and_wait(manager, prompts, output_lens, tag: str) -> int:
-    """Adds every request with its own max_new_tokens and no EOS, waits for all of them; checks
-    each output length. Returns the number of generated tokens."""
+def _submit_and_wait(manager, prompts, output_lens, tag: str,
+                     timeout_s: float | None = None) -> int:
+    """Adds every request with its own max_new_tokens and no EOS, waits for all of them (at most
+    `timeout_s`: then stops the manager at once and raises TimeoutError); checks each output
+    length. Returns the number of generated tokens."""
+    t0 = time.perf_counter()
     ids = []
     for i, (p, o) in enumerate(zip(prompts, output_lens)):
         rid = manager.add_request(list(p), request_id=f"{tag}{i}", max_new_tokens=int(o),
@@ -338,6 +361,10 @@ def _submit_and_wait(manager, prompts, output_lens, tag: str) -> int:
         ids.append(rid)
     done = {}
     while len(done) < len(ids):
+        if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+            manager.stop(block=True, timeout=60, hard_stop=True)
+            raise TimeoutError(f"stopped after {timeout_s:g} s with {len(done)} of {len(ids)} "
+                               f"requests done")
         result = manager.get_result(timeout=1)
         if result is None:
             if not manager.is_running():
@@ -406,7 +433,8 @@ def run_continuous_batching(hf_model, prompts: Sequence[Sequence[int]],
                 setup_s = time.perf_counter() - t_setup
                 steps0 = manager.current_batch
                 t0 = time.perf_counter()
-                n_out = _submit_and_wait(manager, prompts, output_lens, "req")
+                n_out = _submit_and_wait(manager, prompts, output_lens, "req",
+                                         settings.timeout_s)
                 _sync(device)
                 elapsed = time.perf_counter() - t0
                 steps = manager.current_batch - steps0
@@ -452,7 +480,8 @@ def run_peer(peer: str, hf_model, info: dict, workload: str, requests, prompts,
     _reset_peak_memory(device)
     try:
         if peer == "hf-static":
-            run = run_static_batches(hf_model, prompts, output_lens, settings.batch_size, device)
+            run = run_static_batches(hf_model, prompts, output_lens, settings.batch_size, device,
+                                     timeout_s=settings.timeout_s)
             row.update(batches=run["batches"], padded_tokens=run["padded_tokens"],
                        batch_s=run["batch_s"])
         else:
