@@ -453,10 +453,14 @@ def run_continuous_batching(hf_model, prompts: Sequence[Sequence[int]],
             "use_async_batching": resolved.use_async_batching}
 
 
-def _reset_peak_memory(device: str) -> None:
+def _fresh_device_memory(device: str) -> None:
+    """Empties torch's cache too: continuous batching sizes its KV cache from the memory torch
+    has not reserved, and the previous peer's reservations would shrink it."""
     if device.startswith("cuda"):
         import torch
 
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -477,7 +481,7 @@ def run_peer(peer: str, hf_model, info: dict, workload: str, requests, prompts,
     if peer == "hf-static":
         row.update(batch_size=settings.batch_size,
                    attn_implementation=getattr(hf_model.config, "_attn_implementation", None))
-    _reset_peak_memory(device)
+    _fresh_device_memory(device)
     try:
         if peer == "hf-static":
             run = run_static_batches(hf_model, prompts, output_lens, settings.batch_size, device,
