@@ -53,6 +53,8 @@ flags.DEFINE_integer("baseline_num_blocks", None, "hf-cb: KV cache blocks of "
                      "memory; on the CPU, enough for the whole workload)", lower_bound=1)
 flags.DEFINE_integer("baseline_page_size", None, "hf-cb: tokens per KV cache block (default: "
                      "transformers', 256)", lower_bound=4)
+flags.DEFINE_integer("baseline_cb_max_requests", None, "hf-cb: most requests in one forward "
+                     "pass (default: transformers', min(requests, 1024))", lower_bound=1)
 flags.DEFINE_enum("baseline_cb_attn", "auto", ["auto", "sdpa", "eager"],
                   "hf-cb attention: auto is transformers' choice (flash attention when installed, "
                   "else SDPA over the paged cache)")
@@ -158,6 +160,7 @@ def run_hf_baseline(peers: tuple[str, ...]) -> list[dict]:
     settings = hf_baseline.PeerSettings(
         batch_size=F.baseline_batch_size, max_batch_tokens=F.baseline_max_batch_tokens,
         num_blocks=F.baseline_num_blocks, page_size=F.baseline_page_size,
+        max_requests=F.baseline_cb_max_requests,
         cb_attn=F.baseline_cb_attn, cb_cuda_graph=F.baseline_cb_cuda_graph,
         timeout_s=F.baseline_timeout_s)
     rows = hf_baseline.run_peers(F.model, peers, jobs, settings, dtype=F.baseline_dtype,

@@ -180,18 +180,21 @@ def tiny_hf():
 
 @pytest.mark.heavy
 def test_continuous_batching_exact_lengths_with_a_full_cache(tiny_hf):
-    """Four pages of 16 tokens for 8 requests of up to 60 tokens: requests wait for pages, and
-    prefills are split (16 tokens a pass); every request still gets exactly its length."""
+    """Four pages of 16 tokens for 8 requests of up to 60 tokens: requests wait for pages,
+    prefills are split (16 tokens a pass), at most 3 requests a pass; every request still gets
+    exactly its length."""
     from nanoflow_jax.benchmarks import hf_baseline
 
     model, info = tiny_hf
     lens = [(5, 3), (20, 9), (7, 1), (33, 12), (12, 6), (3, 10), (40, 5), (9, 20)]
     prompts = [[(7 * k + j) % 200 + 1 for j in range(n_in)] for k, (n_in, _) in enumerate(lens)]
     outs = [o for _, o in lens]
-    settings = hf_baseline.PeerSettings(max_batch_tokens=16, num_blocks=4, page_size=16)
+    settings = hf_baseline.PeerSettings(max_batch_tokens=16, num_blocks=4, page_size=16,
+                                        max_requests=3)
     run = hf_baseline.run_continuous_batching(model, prompts, outs, "cpu", settings)
     assert run["output_tokens"] == sum(outs)  # each request's length is checked inside
     assert (run["num_blocks"], run["kv_cache_tokens"], run["max_batch_tokens"]) == (4, 64, 16)
+    assert run["max_requests_per_batch"] == 3
     n_in = sum(i for i, _ in lens)
     assert run["steps"] >= math.ceil((n_in + sum(outs) - len(lens)) / 16)
     # The model is handed back with its own attention, and static batches still run.
@@ -257,6 +260,8 @@ def test_peer_names_and_settings():
         hf_baseline.PeerSettings(page_size=2)
     with pytest.raises(ValueError, match="baseline_cb_attn"):
         hf_baseline.PeerSettings(cb_attn="flash")
+    with pytest.raises(ValueError, match="baseline_cb_max_requests"):
+        hf_baseline.PeerSettings(max_requests=0)
     with pytest.raises(ValueError, match="baseline_timeout_s"):
         hf_baseline.PeerSettings(timeout_s=0)
 

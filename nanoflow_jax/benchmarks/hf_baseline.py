@@ -253,6 +253,9 @@ class PeerSettings:
     max_batch_tokens: int | None = None  # hf-cb: most tokens in one forward pass
     num_blocks: int | None = None  # hf-cb: KV cache blocks of page_size tokens (every layer)
     page_size: int | None = None  # hf-cb: tokens per cache block (transformers: 256)
+    # hf-cb: most requests in one pass (transformers: min(requests, 1024)); with SDPA, a pass
+    # costs its tokens x the KV of its requests, so fewer requests a pass can be faster.
+    max_requests: int | None = None
     cb_attn: str = "auto"  # hf-cb: one of CB_ATTN
     cb_cuda_graph: str = "auto"  # hf-cb: one of CB_CUDA_GRAPH
     # A timed run still going after this many seconds is stopped and its row gets a peer_error
@@ -262,10 +265,12 @@ class PeerSettings:
     def __post_init__(self):
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"baseline_timeout_s must be > 0, got {self.timeout_s}")
-        for knob in ("batch_size", "max_batch_tokens", "num_blocks", "page_size"):
+        for knob, flag in (("batch_size", "batch_size"), ("max_batch_tokens", "max_batch_tokens"),
+                           ("num_blocks", "num_blocks"), ("page_size", "page_size"),
+                           ("max_requests", "cb_max_requests")):
             value = getattr(self, knob)
             if value is not None and value < 1:
-                raise ValueError(f"baseline_{knob} must be >= 1, got {value}")
+                raise ValueError(f"baseline_{flag} must be >= 1, got {value}")
         if self.page_size is not None and self.page_size < 4:
             raise ValueError(f"baseline_page_size must be >= 4 (transformers' least), "
                              f"got {self.page_size}")
@@ -326,7 +331,7 @@ def _cb_config(settings: PeerSettings, prompts, output_lens, device: str):
         on_gpu = device.startswith("cuda")
         max_batch_tokens = HF_MAX_BATCH_TOKENS if on_gpu else CPU_MAX_BATCH_TOKENS
     kwargs = {page_field: page, "num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens,
-              "allow_block_sharing": False}
+              "max_requests_per_batch": settings.max_requests, "allow_block_sharing": False}
     if settings.cb_cuda_graph != "auto":
         kwargs["use_cuda_graph"] = settings.cb_cuda_graph == "on"
     if settings.cb_attn != "auto" and "auto_switch_to_flash" in fields:
