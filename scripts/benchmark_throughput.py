@@ -4,19 +4,22 @@
     python scripts/benchmark_throughput.py --model=llama-3-8b --workload=const:1024:512
         --num_requests=2048 --output_json=out.json
     python scripts/benchmark_throughput.py --model=llama-3-8b --workload=trace:lmsys
-        --num_requests=512 --baseline=hf            # + HF transformers, same workload
+        --num_requests=512 --baseline=hf-static,hf-cb   # + HF transformers, same workload
 
 Presets get random weights (same speed as real ones). Output lengths are exact (EOS ignored),
 as in the NanoFlow paper. "% of optimal" = total tokens/s ÷ (peak bf16 FLOP/s ÷ 2·params),
 the peak measured by a large GEMM in this process. Start-up (weights, KV cache, compilation)
 is reported apart from the timed run.
 
-`--baseline=hf` adds, for every workload, a second result with "schedule": "hf-transformers":
-the same requests through HF transformers `generate` with static batches of
-`--baseline_batch_size` (nanoflow_jax/benchmarks/hf_baseline.py; needs torch + transformers). It runs in
-this process *before* our engine, while JAX has not yet taken its share of the GPU, and gives
-its memory back when done; the results list ours first. `--baseline=hf-only` runs the baseline
-alone (JAX never starts; "% of optimal" then uses a torch GEMM's peak).
+`--baseline=hf-static,hf-cb` adds, for every workload, a result per HF transformers peer on the
+same requests (nanoflow_jax/benchmarks/hf_baseline.py; needs torch + transformers):
+"schedule": "hf-transformers-static" (`generate`, static batches of `--baseline_batch_size`;
+`--baseline=hf` is this one) and "hf-transformers-cb" (transformers' continuous batching over a
+paged KV cache, the engine of `generate_batch`). They run in this process *before* our engine,
+while JAX has not yet taken its share of the GPU, and give their memory back when done; each
+workload lists ours first. `--baseline_only` (or `--baseline=hf-only`) runs the peers alone (JAX
+never starts; "% of optimal" then uses a torch GEMM's peak). A peer that fails gives a row with
+"peer_error" instead of a throughput.
 """
 import dataclasses
 import json
@@ -36,15 +39,47 @@ flags.DEFINE_string("trace_dir", workloads.DEFAULT_TRACE_DIR, "directory of the 
 flags.DEFINE_list("num_requests", ["32"], "requests in each timed run: one count for every "
                   "workload, or one per --workload in order")
 flags.DEFINE_string("output_json", None, "write the results here")
-flags.DEFINE_enum("baseline", "none", ["none", "hf", "hf-only"],
-                  "hf: also run the HF transformers static-batching baseline on each workload; "
-                  "hf-only: the baseline alone (its GEMM peak then measured with torch)")
-flags.DEFINE_integer("baseline_batch_size", 64, "requests per static batch of the baseline",
+flags.DEFINE_list("baseline", ["none"],
+                  "HF transformers peers run on each workload before our engine, comma-separated: "
+                  "hf-static (or hf): static batches of generate; hf-cb: transformers' continuous "
+                  "batching with a paged KV cache; none. hf-only: hf-static with --baseline_only")
+flags.DEFINE_bool("baseline_only", False, "run the peers alone (JAX never starts; their GEMM "
+                  "peak is then measured with torch)")
+flags.DEFINE_integer("baseline_batch_size", 64, "hf-static: requests per static batch",
                      lower_bound=1)
-flags.DEFINE_string("baseline_dtype", None, "baseline dtype (default: bfloat16 on a GPU, "
+flags.DEFINE_integer("baseline_max_batch_tokens", None, "hf-cb: most tokens in one forward pass "
+                     "(default: transformers' choice)", lower_bound=1)
+flags.DEFINE_integer("baseline_num_blocks", None, "hf-cb: KV cache blocks of "
+                     "--baseline_page_size tokens (default: transformers' sizing from free GPU "
+                     "memory; on the CPU, enough for the whole workload)", lower_bound=1)
+flags.DEFINE_integer("baseline_page_size", None, "hf-cb: tokens per KV cache block (default: "
+                     "transformers', 256)", lower_bound=4)
+flags.DEFINE_integer("baseline_cb_max_requests", None, "hf-cb: most requests in one forward "
+                     "pass (default: transformers', min(requests, 1024))", lower_bound=1)
+flags.DEFINE_enum("baseline_cb_attn", "auto", ["auto", "sdpa", "eager"],
+                  "hf-cb attention: auto is transformers' choice (flash attention when installed, "
+                  "else SDPA over the paged cache)")
+flags.DEFINE_enum("baseline_cb_cuda_graph", "auto", ["auto", "on", "off"],
+                  "hf-cb CUDA graphs: auto is transformers' choice (on only for flash attention)")
+flags.DEFINE_float("baseline_timeout_s", None, "a peer's timed run still going after this many "
+                   "seconds stops, and its row gets a peer_error (the other results are kept)")
+flags.DEFINE_string("baseline_dtype", None, "peers' dtype (default: bfloat16 on a GPU, "
                     "float32 on the CPU)")
-flags.DEFINE_integer("baseline_num_requests", None, "the baseline runs the first N requests of "
+flags.DEFINE_integer("baseline_num_requests", None, "the peers run the first N requests of "
                      "the workload (default: all of them)", lower_bound=1)
+
+
+def _check_baseline(names):
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    try:
+        hf_baseline.parse_peers(names)
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
+flags.register_validator("baseline", _check_baseline)
 F = flags.FLAGS
 
 
@@ -56,15 +91,17 @@ def main(argv):
     from nanoflow_jax.benchmarks import timing
 
     # Before anything initialises JAX's GPU backend (which takes its memory share at once).
-    baselines = run_hf_baseline() if F.baseline != "none" else []
-    if F.baseline == "hf-only":
+    peers, alone = _peers()
+    baselines = run_hf_baseline(peers) if peers else []
+    if alone:
         from nanoflow_jax.benchmarks import hf_baseline
         from nanoflow_jax.model_loader import load_config
 
         peak = hf_baseline.measure_peak_flops()
+        param_count = load_config(F.model).param_count
         for base in baselines:
-            base.pop("_max_model_len")
-            _add_optimal(base, peak, load_config(F.model).param_count)
+            del base["_max_model_len"], base["_index"]
+            hf_baseline.add_optimal(base, peak, param_count)
             base["peak_source"] = "torch GEMM"
         _report(baselines)
         return
@@ -75,13 +112,8 @@ def main(argv):
     results = []
     for i, w in enumerate(F.workload):
         results.append(run_workload(llm, w, peak, startup))
-        if baselines:
-            base = baselines[i]
-            expected_len = base.pop("_max_model_len")
-            if llm.engine.runner.max_model_len != expected_len:
-                raise AssertionError("the baseline ran a different workload (max_model_len "
-                                     f"{expected_len} vs {llm.engine.runner.max_model_len})")
-            _add_optimal(base, peak, llm.engine.model_config.param_count)
+        for base in [b for b in baselines if b.get("_index") == i]:
+            _add_baseline(base, llm, peak)
             results.append(base)
     _report(results)
 
@@ -97,79 +129,70 @@ def num_requests(workload: str) -> int:
     return counts[F.workload.index(workload)]
 
 
-def _add_optimal(base: dict, peak: float, param_count: int) -> None:
-    from nanoflow_jax.benchmarks import timing
-
-    optimal = timing.optimal_tokens_per_s(peak, param_count)
-    base.update(peak_tflops=peak / 1e12, optimal_tokens_per_s=optimal,
-                percent_of_optimal=100 * base["total_tokens_per_s"] / optimal)
-
-
 def _report(results: list[dict]) -> None:
     if F.output_json:
         with open(F.output_json, "w") as f:
             json.dump(results, f, indent=2)
     keys = ["workload", "total_tokens_per_s", "output_tokens_per_s", "percent_of_optimal",
             "full_batch_percent_of_optimal", "step_ms", "host_ms_per_step", "num_requests"]
-    if F.baseline != "none":
+    if any("peer" in r for r in results):
         keys.insert(1, "schedule")
+    if any(r.get("peer_error") for r in results):
+        keys.append("peer_error")
     print("\n" + " | ".join(keys))
     for r in results:
         print(" | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float)
                          else "-" if r.get(k) is None else str(r[k]) for k in keys))
 
 
-def run_hf_baseline() -> list[dict]:
-    """The HF transformers baseline on every workload (one result each, in --workload order)."""
-    from nanoflow_jax.benchmarks import hf_baseline as baseline_hf
+def _peers() -> tuple[tuple[str, ...], bool]:
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    peers, alone = hf_baseline.parse_peers(F.baseline)
+    if (alone or F.baseline_only) and not peers:
+        raise ValueError("--baseline_only needs peers in --baseline")
+    return peers, alone or F.baseline_only
+
+
+def run_hf_baseline(peers: tuple[str, ...]) -> list[dict]:
+    """The HF transformers peers on every workload: rows in (workload, peer) order, each with
+    "_index" (its workload's place in --workload) and "_max_model_len" for the checks."""
+    from nanoflow_jax.benchmarks import hf_baseline
     from nanoflow_jax.model_loader import load_config
 
     cfg = load_config(F.model)
     max_model_len = F.max_model_len or cfg.max_position_embeddings  # as the engine's runner
-    t0 = time.perf_counter()
-    hf_model, info = baseline_hf.load_hf_model(F.model, dtype=F.baseline_dtype,
-                                               seed=F.seed)
-    startup = time.perf_counter() - t0
-    out = []
+    jobs = []
     for workload in F.workload:
         reqs = workloads.load_workload(workload, num_requests(workload), max_model_len, F.seed,
                                        F.trace_dir)
         prompts = workloads.prompt_token_ids(reqs, cfg.vocab_size, F.seed)
-        if F.baseline_num_requests:
-            reqs, prompts = reqs[:F.baseline_num_requests], prompts[:F.baseline_num_requests]
-        run = baseline_hf.run_static_batches(hf_model, prompts, [r.output_len for r in reqs],
-                                             F.baseline_batch_size, info["device"])
-        elapsed = run["elapsed_s"]
-        n_in = sum(r.prompt_len for r in reqs)
-        n_out = sum(r.output_len for r in reqs)
-        result = {
-            "model": F.model, "workload": workload, "num_requests": len(reqs),
-            "schedule": "hf-transformers",
-            "device": info.get("device_name", info["device"]),
-            "torch": info["torch"], "transformers": info["transformers"],
-            "attn_implementation": info["attn_implementation"], "dtype": info["dtype"],
-            "weights": info["source"], "batch_size": F.baseline_batch_size,
-            "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
-            "total_tokens_per_s": (n_in + n_out) / elapsed,
-            "output_tokens_per_s": n_out / elapsed,
-            "requests_per_s": len(reqs) / elapsed,
-            "peak_tflops": None, "optimal_tokens_per_s": None, "percent_of_optimal": None,
-            "steps": run["steps"], "step_ms": 1e3 * elapsed / run["steps"],
-            "host_ms_per_step": None, "batches": run["batches"],
-            "padded_tokens": run["padded_tokens"],
-            "batch_s": run["batch_s"],
-            "startup_s": startup, "load_s": info["load_s"],
-            "peak_memory_gib": baseline_hf.peak_memory_gib(info["device"]),
-            "_max_model_len": max_model_len,
-        }
-        w = max(len(k) for k in result)
-        for k, v in result.items():
-            if k != "batch_s" and not k.startswith("_"):
-                print(f"{k:<{w}}  {v:.4g}" if isinstance(v, float) else f"{k:<{w}}  {v}")
-        out.append(result)
-    del hf_model
-    baseline_hf.free_device_memory()
-    return out
+        n = F.baseline_num_requests or len(reqs)
+        jobs.append((workload, reqs[:n], prompts[:n]))
+    settings = hf_baseline.PeerSettings(
+        batch_size=F.baseline_batch_size, max_batch_tokens=F.baseline_max_batch_tokens,
+        num_blocks=F.baseline_num_blocks, page_size=F.baseline_page_size,
+        max_requests=F.baseline_cb_max_requests,
+        cb_attn=F.baseline_cb_attn, cb_cuda_graph=F.baseline_cb_cuda_graph,
+        timeout_s=F.baseline_timeout_s)
+    rows = hf_baseline.run_peers(F.model, peers, jobs, settings, dtype=F.baseline_dtype,
+                                 seed=F.seed)
+    for k, row in enumerate(rows):
+        w = max(len(key) for key in row)
+        for key, v in row.items():
+            if key != "batch_s":
+                print(f"{key:<{w}}  {v:.4g}" if isinstance(v, float) else f"{key:<{w}}  {v}")
+        row.update(_index=k // len(peers), _max_model_len=max_model_len)
+    return rows
+
+
+def _add_baseline(base: dict, llm, peak: float) -> None:
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    del base["_index"]
+    if llm.engine.runner.max_model_len != base.pop("_max_model_len"):
+        raise AssertionError("the peers ran a different workload (max_model_len differs)")
+    hf_baseline.add_optimal(base, peak, llm.engine.model_config.param_count)
 
 
 def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
