@@ -85,20 +85,28 @@ def default_gemm_impl(dtype, k_dim: int, n_dim: int) -> str:
     return "mosaic"
 
 
-def _mosaic_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+def mosaic_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
+                          block_m: int = MOSAIC_BLOCK_M, block_n: int = MOSAIC_BLOCK_N,
+                          block_k: int = MOSAIC_BLOCK_K) -> jax.Array:
+    """`grouped_matmul` by JAX's persistent Hopper kernel (TMA + WGMMA, one CTA per SM,
+    `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, the same in JAX 0.10.2 and 0.11).
+    K must be a multiple of block_k and N of block_n. Shared memory at the default tiles:
+    4 pipeline steps × (128×64 + 64×128) × 2 B + a 32 KiB epilogue = 160 KiB of 227."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     m, n = x.shape[0], w.shape[2]
+    if x.shape[1] % block_k or n % block_n:
+        raise ValueError(f"mosaic grouped GEMM needs K % {block_k} == 0 and N % {block_n} == 0,"
+                         f" got K={x.shape[1]}, N={n}")
     # Rows padded to whole row blocks: the pad rows belong to no group, their output is
     # never written, and they are sliced off.
-    padded = -(-m // MOSAIC_BLOCK_M) * MOSAIC_BLOCK_M
+    padded = -(-m // block_m) * block_m
     x = jnp.pad(x, ((0, padded - m), (0, 0)))
-    grid_n = n // MOSAIC_BLOCK_N
+    grid_n = n // block_n
     grid_block_n = next(b for b in (8, 4, 2, 1) if grid_n % b == 0)  # L2 tile grouping
     out = ragged_dot_mgpu.ragged_dot(
-        x, w.astype(x.dtype), group_sizes=group_sizes, block_m=MOSAIC_BLOCK_M,
-        block_n=MOSAIC_BLOCK_N, block_k=MOSAIC_BLOCK_K, max_concurrent_steps=4,
-        grid_block_n=grid_block_n)
+        x, w.astype(x.dtype), group_sizes=group_sizes, block_m=block_m, block_n=block_n,
+        block_k=block_k, max_concurrent_steps=4, grid_block_n=grid_block_n)
     return out[:m]
 
 
@@ -114,7 +122,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
     if impl == "xla":
         return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
     if impl == "mosaic":
-        return _mosaic_grouped_matmul(x, w, group_sizes)
+        return mosaic_grouped_matmul(x, w, group_sizes)
     raise ValueError(f"grouped GEMM impl must be one of {GEMM_IMPLS}, got {impl!r}")
 
 
