@@ -28,6 +28,15 @@ from tests.test_pipeline import PAGE, T, _as_calls, _batch, _forward, _prefill_c
 MOE_GOLDENS = ("mixtral", "qwen2_moe")
 
 
+@functools.cache
+def _tiny(preset: str):
+    """A tiny preset's fp32 model with random weights, loaded once per test run."""
+    return nf.load_model(preset, dtype="float32", seed=7)
+
+
+_moe_block = jax.jit(moe.moe_block, static_argnums=2)
+
+
 def _hf(name):
     with open(golden_path(name) + "/config.json") as f:
         return json.load(f)
@@ -182,30 +191,30 @@ def test_default_gemm_impl_on_the_cpu_is_xla():
 
 @pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe"])
 def test_moe_block_matches_every_expert_on_every_token(preset):
-    model = nf.load_model(preset, dtype="float32", seed=7)
+    model = _tiny(preset)
     layer = model.params["layers"][0]
     h = jax.random.normal(jax.random.key(np.random.default_rng().integers(1 << 30)), (45, 64))
     for norm in (True, False):
         config = dataclasses.replace(model.config, norm_topk_prob=norm)
-        got = moe.moe_block(layer, h, config)
+        got = _moe_block(layer, h, config)
         assert rel_err(got, moe.moe_block_reference(layer, h, config)) < 1e-5
 
 
 def test_moe_block_on_token_slices_equals_whole_batch():
     """Routing is per token: a nano-batch (a slice of the token axis) gets the rows it would
     get in the whole batch."""
-    model = nf.load_model("tiny-qwen2-moe", dtype="float32", seed=2)
+    model = _tiny("tiny-qwen2-moe")
     layer = model.params["layers"][2]
     h = jax.random.normal(jax.random.key(3), (64, 64))
-    whole = moe.moe_block(layer, h, model.config)
-    parts = [moe.moe_block(layer, h[s:e], model.config) for s, e in ((0, 16), (16, 40), (40, 64))]
+    whole = _moe_block(layer, h, model.config)
+    parts = [_moe_block(layer, h[s:e], model.config) for s, e in ((0, 16), (16, 40), (40, 64))]
     assert rel_err(jnp.concatenate(parts), whole) < 1e-6
 
 
 @pytest.mark.parametrize("schedule", [nano_batched(T, 2), nano_pipelined(T, 2, streams=False)],
                          ids=lambda s: s.name)
 def test_nano_batch_schedule_matches_sequential(schedule):
-    model = nf.load_model("tiny-qwen2-moe", dtype="float32", seed=4)
+    model = _tiny("tiny-qwen2-moe")
     rng = np.random.default_rng()
     batch = jax.device_put(_batch("mixed", rng, model.config.vocab_size))
     kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
@@ -300,3 +309,21 @@ def test_sliding_window_shorter_than_max_model_len_is_refused_at_start_up(tmp_pa
     # Within the window full attention is exact: the engine starts.
     llm = LLM(path, dtype="float32", max_num_batched_tokens=16, max_model_len=64)
     assert llm.engine.runner.max_model_len == 64
+
+
+def test_bench_moe_script_runs_on_the_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path))
+    proc = subprocess.run([sys.executable, "scripts/bench_moe.py", "--model=tiny-mixtral",
+                           "--tokens=32", "--repeats=1", "--calls=1"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "bench_moe.jsonl").read_text().splitlines()]
+    assert {(r["what"], r["impl"]) for r in rows} == {
+        (w, i) for w in ("gate_up", "down", "block") for i in ("xla", "dense")}
+    assert all(r["ms"] > 0 and r["err"] < 1e-2 for r in rows)
+    grouped = [r for r in rows if r["what"] == "gate_up" and r["impl"] == "xla"][0]
+    assert sum(grouped["group_sizes"]) == 32 * 2  # T tokens x top-2
