@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 _HF_CONFIGS = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-               "Qwen2ForCausalLM": "Qwen2Config"}
+               "Qwen2ForCausalLM": "Qwen2Config", "MixtralForCausalLM": "MixtralConfig",
+               "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}
 INIT_STD = 0.02  # HF's initializer_range for these models
 
 
