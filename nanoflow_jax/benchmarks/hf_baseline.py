@@ -59,7 +59,8 @@ CPU_MAX_BATCH_TOKENS = 512  # ours on the CPU, where the SDPA mask is [tokens, c
 WARMUP_REQUESTS, WARMUP_TOKENS = 16, 2  # the untimed warm-up before a continuous-batching run
 
 _HF_CONFIGS = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-               "Qwen2ForCausalLM": "Qwen2Config"}
+               "Qwen2ForCausalLM": "Qwen2Config", "MixtralForCausalLM": "MixtralConfig",
+               "Qwen2MoeForCausalLM": "Qwen2MoeConfig"}
 INIT_STD = 0.02  # HF's initializer_range for these models
 
 
