@@ -131,7 +131,7 @@ def _time_step(runner, peak, schedule, name, batch, sampling, mode, shape, nd, c
     enqueue = (time.perf_counter() - t0) / F.repeats
     jax.block_until_ready(outs)
     back_to_back = (time.perf_counter() - t0) / F.repeats
-    gemm_ms = 2 * runner.model_config.param_count * shape.num_tokens / peak * 1e3
+    gemm_ms = 2 * runner.model_config.active_param_count * shape.num_tokens / peak * 1e3
     row = (schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
            1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree)
     print("row: " + _fmt(row), flush=True)  # kept if a later schedule times out

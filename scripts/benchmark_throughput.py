@@ -8,7 +8,8 @@
 
 Presets get random weights (same speed as real ones). Output lengths are exact (EOS ignored),
 as in the NanoFlow paper. "% of optimal" = total tokens/s ÷ (peak bf16 FLOP/s ÷ 2·params),
-the peak measured by a large GEMM in this process. Start-up (weights, KV cache, compilation)
+the peak measured by a large GEMM in this process and params the active ones (a
+mixture-of-experts model counts the experts a token goes through). Start-up (weights, KV cache, compilation)
 is reported apart from the timed run.
 
 `--baseline=hf-static,hf-cb` adds, for every workload, a result per HF transformers peer on the
@@ -98,7 +99,7 @@ def main(argv):
         from nanoflow_jax.model_loader import load_config
 
         peak = hf_baseline.measure_peak_flops()
-        param_count = load_config(F.model).param_count
+        param_count = load_config(F.model).active_param_count
         for base in baselines:
             del base["_max_model_len"], base["_index"]
             hf_baseline.add_optimal(base, peak, param_count)
@@ -192,7 +193,7 @@ def _add_baseline(base: dict, llm, peak: float) -> None:
     del base["_index"]
     if llm.engine.runner.max_model_len != base.pop("_max_model_len"):
         raise AssertionError("the peers ran a different workload (max_model_len differs)")
-    hf_baseline.add_optimal(base, peak, llm.engine.model_config.param_count)
+    hf_baseline.add_optimal(base, peak, llm.engine.model_config.active_param_count)
 
 
 def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
@@ -223,7 +224,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     if n_out != sum(r.output_len for r in reqs):
         raise AssertionError("output lengths differ from the workload's")
-    optimal = timing.optimal_tokens_per_s(peak, cfg.param_count)
+    optimal = timing.optimal_tokens_per_s(peak, cfg.active_param_count)
     total_tps = (n_in + n_out) / elapsed
     full_steps = eng.stats.full_steps - stats0.full_steps
     full_s = eng.stats.full_s - stats0.full_s

@@ -317,7 +317,7 @@ def test_bench_moe_script_runs_on_the_cpu(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(tmp_path))
-    proc = subprocess.run([sys.executable, "scripts/bench_moe.py", "--model=tiny-mixtral",
+    proc = subprocess.run([sys.executable, "profiling/bench_moe.py", "--model=tiny-mixtral",
                            "--tokens=32", "--repeats=1", "--calls=1"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,9 +19,9 @@ groups, E times the FLOPs, unless XLA_FLAGS=--xla_gpu_experimental_use_ragged_do
 and cuDNN >= 9.22 make it a cuDNN grouped GEMM); "mosaic" = JAX's Hopper kernel
 (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu, sm_90 only; the engine's default there).
 
-  PYTHONPATH=. python3 scripts/bench_moe.py
-  PYTHONPATH=. python3 scripts/bench_moe.py --model=qwen2-57b-a14b --tokens=1024,2048,4096
-  JAX_PLATFORMS=cpu python3 scripts/bench_moe.py --model=tiny-mixtral --tokens=64   # CPU check
+  python3 profiling/bench_moe.py
+  python3 profiling/bench_moe.py --model=qwen2-57b-a14b --tokens=1024,2048,4096
+  JAX_PLATFORMS=cpu python3 profiling/bench_moe.py --model=tiny-mixtral --tokens=64   # CPU check
 
 JSON lines go to $OUT/bench_moe.jsonl when OUT is set.
 """
@@ -29,19 +29,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from nanoflow_jax.bench import device_ms_per_call  # noqa: E402
-from nanoflow_jax.config import get_preset  # noqa: E402
-from nanoflow_jax.models import moe  # noqa: E402
+from nanoflow_jax.benchmarks.timing import device_ms_per_call
+from nanoflow_jax.config import get_preset
+from nanoflow_jax.models import moe
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "MoE preset (default: mixtral-8x7b on a GPU, tiny-mixtral "
