@@ -226,7 +226,10 @@ class EngineConfig:
     num_pages: int | None = None  # KV pages; None: sized from free device memory
     attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
     min_bucket: int = 16  # smallest compiled token count
-    schedule: str = "sequential"  # nano-batch schedule (pipeline.schedule.named_schedule)
+    schedule: str = dataclasses.field(default="sequential", metadata={"help": (
+        "nano-batch schedule: an alias (sequential, nano2, nano2-pipe-nostreams-min1024, ...), "
+        "a Schedule or ScheduleSpec JSON file, or auto (searched from a cached op profile); "
+        "nanoflow_jax/pipeline/spec.py's docstring lists every form")})
 
     def __post_init__(self):
         checks = [
@@ -242,6 +245,12 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from nanoflow_jax.pipeline.spec import check_schedule_name
+
+        try:
+            check_schedule_name(self.schedule)
+        except ValueError as e:
+            raise ValueError(f"schedule: {e}") from None
 
     def token_buckets(self) -> tuple[int, ...]:
         """Compiled token counts: powers of two from min_bucket up to the dense batch."""
