@@ -248,7 +248,7 @@ class EngineConfig:
         from nanoflow_jax.pipeline.spec import check_schedule_name
 
         try:
-            check_schedule_name(self.schedule)
+            check_schedule_name(self.schedule, self.max_num_batched_tokens)
         except ValueError as e:
             raise ValueError(f"schedule: {e}") from None
 

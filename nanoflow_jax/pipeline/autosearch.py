@@ -240,10 +240,27 @@ def search(profile: Profile, num_layers: int, workload: Workload | None = None,
                         tuple(candidates))
 
 
+def granularity(num_tokens: int) -> int:
+    """Nano-batch sizes (and profiled token counts) are multiples of this: 128 (NanoFlow's)
+    for dense batches from 1024, finer below so that small batches can split at all."""
+    return max(16, min(128, num_tokens // 8 // 16 * 16))
+
+
+def default_profile_options(num_tokens: int) -> dict:
+    """What `schedule="auto"` profiles: token counts in steps of `granularity`; SM shares of a
+    quarter (on a GPU; elsewhere a half and all: shares change nothing there); two contexts."""
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    return {"token_step": granularity(num_tokens),
+            "shares": (0.25, 0.5, 0.75, 1.0) if on_gpu else (0.5, 1.0),
+            "contexts": (512, 2048) if on_gpu else (512,)}
+
+
 def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 16,
                     directory: str | None = None, **profile_kwargs) -> Profile:
     """The cached profile of this device, model, dtype and dense batch; profiled (and cached)
-    on a miss."""
+    on a miss with `default_profile_options` updated by `profile_kwargs`."""
     from nanoflow_jax.pipeline import profile as prof
 
     path = prof.cache_path(prof.profile_key(model_config, num_tokens, dtype, page_size),
@@ -253,17 +270,18 @@ def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 
         return Profile.load(path)
     log.info("autosearch: profiling the ops (once per device, model and dense batch) -> %s",
              path)
-    result = prof.profile_ops(model_config, num_tokens, dtype, page_size=page_size,
-                              **profile_kwargs)
+    kwargs = {**default_profile_options(num_tokens), **profile_kwargs}
+    result = prof.profile_ops(model_config, num_tokens, dtype, page_size=page_size, **kwargs)
     result.save(path)
     return result
 
 
 def auto_schedule(model_config, num_tokens: int, dtype: str = "bfloat16",
                   profile_path: str | None = None, workload: Workload | None = None,
-                  options: SearchOptions = SearchOptions()) -> SearchResult:
+                  options: SearchOptions | None = None) -> SearchResult:
     """`schedule="auto"`: the profile (from `profile_path`, else the cache, else measured
     now), the search, and a log line with the chosen schedule and its predicted time."""
+    options = options or SearchOptions(granularity=granularity(num_tokens))
     from nanoflow_jax.pipeline.profile import model_key
 
     if profile_path:
@@ -277,7 +295,13 @@ def auto_schedule(model_config, num_tokens: int, dtype: str = "bfloat16",
         raise ValueError(f"schedule auto: the profile {profile_path} is of a dense batch of "
                          f"{profile.key['num_tokens']} tokens, not {num_tokens}")
     result = search(profile, model_config.num_layers, workload, options)
+    from nanoflow_jax.pipeline.profile import cache_dir
+
+    path = os.path.join(cache_dir(), "schedules", f"{result.schedule.name}-T{num_tokens}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(result.to_json())
     log.info("autosearch: chose %s in %.1f s: predicted %.3f ms per step of layers "
-             "(sequential %.3f ms)", result.schedule.name, result.solve_s,
-             result.predicted_step_ms, result.sequential_step_ms)
+             "(sequential %.3f ms); written to %s", result.schedule.name, result.solve_s,
+             result.predicted_step_ms, result.sequential_step_ms, path)
     return result

@@ -258,6 +258,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     from nanoflow_jax.kv_cache import init_kv_cache, page_bytes, write_kv
     from nanoflow_jax.models.paged_attention import attention_fn
     from nanoflow_jax.pipeline import executor
+    from nanoflow_jax.pipeline.schedule import NanoOp
     from nanoflow_jax.weights import random_params
 
     shares, contexts = tuple(shares), tuple(contexts)
@@ -277,7 +278,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         return jnp.asarray(rng.standard_normal(shape), jdtype)
 
     def op_call(kind, n, share, prewritten=frozenset()):
-        op = executor.NanoOp(kind, 0, n, sm_share=share)
+        op = NanoOp(kind, 0, n, sm_share=share)
 
         def run(layer, inputs, cache, pos, meta):
             pieces = {executor._key(name, 0): executor._Pieces([(0, n, a)])
@@ -340,13 +341,16 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         prefill[i] = time_call(fn, layer, qkv, cache, jnp.asarray(batch.positions), meta,
                                calls=calls, repeats=repeats)
         bar.step(f"prefill {n} tokens")
-        # The KV write updates the cache in place: each call donates the previous one's.
-        write = jax.jit(write_kv, donate_argnums=(0, 1))
+        # The KV write updates the cache in place: each call donates the previous one's, and
+        # returns a scalar of the same execution to block on (the cache itself is donated).
+        write = jax.jit(lambda kp, vp, k, v, slots: (write_kv(kp, vp, k, v, slots),
+                                                     jnp.zeros((), jnp.int32)),
+                        donate_argnums=(0, 1))
         held, slots = [cache], jnp.asarray(batch.attn.slots)
 
         def write_once(k=qkv["k"], v=qkv["v"]):
-            held[0] = write(*held[0], k, v, slots)
-            return held[0]
+            held[0], done = write(*held[0], k, v, slots)
+            return done
 
         kv_write[i] = time_call(write_once, calls=calls, repeats=repeats)
         bar.step(f"kv write {n} tokens")

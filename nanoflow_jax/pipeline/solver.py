@@ -3,30 +3,33 @@ cyclic op graph.
 
 A `Problem` is one layer's nano-ops: each has a resource category (ops of one category share
 one stream and never overlap: "compute" GEMMs, "memory" attention) and a duration per SM share.
-Edges are data dependencies, `distance` layers apart (down of layer l -> qkv of layer l + 1 is
+Edges are dependencies, `distance` layers apart (down of layer l -> qkv of layer l + 1 is
 distance 1). Every layer repeats the same timeline shifted by the period P, so P is the
-steady-state time per layer: op i of layer l runs over [l·P + s_i, l·P + s_i + d_i). Starts and
-ends lie in [0, 2P]: a layer spans at most two periods, which is what the executor's windows
-express (an op that starts before P runs in the window of the layer before; `autosearch` maps
-the timeline onto a `Schedule`).
+steady-state time per layer: op i of layer l runs over [l·P + s_i, l·P + e_i). Each op lasts at
+most P and its interval lies in [0, 2P]: a layer spans at most two periods, which is what the
+executor's windows express (`autosearch` maps the timeline onto a `Schedule`), and an op can
+meet another op only of its own layer or of the layers just before and after it (shifts -1, 0,
++1): three consecutive layers, unrolled as shifts of the middle one, hold every interaction.
 
-Stage 1 (`order`): every op at its full-SM duration, interference ignored. Variables s_i, P and
-a binary y_ij per same-category pair (which goes first); big-M disjunctions; data edges
-e_a <= s_b + distance·P (= for an `immediate` edge: a fused successor starts as its predecessor
-ends); per category e_i <= s_j + P for every pair, so the next layer's ops of the category start
-after this layer's end. Objective min P. Each category's order is read from the sorted starts.
+Stage 1 (`order`): every op at its full-SM duration, interference between categories ignored.
+Variables s_i, P and, per pair of one category and each shift, a binary choosing which of the
+two intervals comes first (big-M disjunctions; pairs that a path of edges already orders get
+none). Data edges: e_a <= s_b + distance·P, with equality for an `immediate` edge (a fused
+successor that starts as its predecessor ends). Objective min P. The per-category order it
+finds (for every pair and shift, which ran first) is kept by stage 2 as plain edges.
 
-Stage 2 (`assign_shares`): the order is fixed; each op picks one SM share (one-hot x_ip); three
-consecutive layers are unrolled as shifts -P, 0, +P of the middle one (the steady state kept,
-its neighbours being the same timeline shifted). For every pair of ops of the two categories
-and each shift, a binary o says they may overlap; o = 0 forces one to end before the other
-starts (a second binary picks which), and o = 1 costs capacity: share_i + share_j <= 1 + (1 - o).
-With two categories at most two ops run at any instant, so the pairwise row is exact. An op
-that overlaps nothing is free to take all SMs. Objective min P, plus a small weight on the
-summed durations so that ops off the critical path take their fastest share.
+Stage 2 (`assign_shares`): each op picks one SM share (one-hot x_ip; its duration and share are
+linear in x). For every pair of ops of the two categories and each shift, a binary o says they
+may overlap: o = 0 forces one to end before the other starts (a second binary picks which), and
+o = 1 costs capacity: share_i + share_j <= 1 + (1 - o). With two categories at most two ops run
+at any instant, so the pairwise row is exact. Objective min P, plus a small weight on the summed
+durations so that ops off the critical path take their fastest share; an op that overlaps
+nothing gets all SMs back.
 
-The big-M constants come from the horizon (the no-overlap period at full SMs), not a fixed
-constant; each solve has a time limit and keeps HiGHS's incumbent when it stops on it.
+Both stages add valid rows that tighten the relaxation: each category's busy time fits in one
+period, and (stage 2) so does the SM-time sum of share·duration. The big-M constants come from
+the horizon (the no-overlap period at full SMs), not a fixed constant; each solve has a time
+limit and keeps HiGHS's incumbent when it stops on it (`Plan.optimal` says which).
 """
 from __future__ import annotations
 

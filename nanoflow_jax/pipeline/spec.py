@@ -75,10 +75,8 @@ class ScheduleSpec:
             if self.kind not in kinds and getattr(self, name) != default[name].default:
                 raise ValueError(f"ScheduleSpec.{name} applies to kind "
                                  f"{' or '.join(kinds)}, not {self.kind!r}")
-        if self.num_nano < (2 if self.kind == "pipe" else 1):
-            raise ValueError(f"ScheduleSpec.num_nano must be >= "
-                             f"{2 if self.kind == 'pipe' else 1} for kind {self.kind!r}, got "
-                             f"{self.num_nano}")
+        if self.num_nano < 1:
+            raise ValueError(f"ScheduleSpec.num_nano must be >= 1, got {self.num_nano}")
         for name in ("attention_sm_share", "gemm_sm_share"):
             share = getattr(self, name)
             if not 0 < share <= 1:
@@ -176,19 +174,21 @@ def load_schedule_json(path: str, num_tokens: int) -> Schedule:
                      f"JSON (with 'kind')")
 
 
-def check_schedule_name(name) -> None:
-    """Raises ValueError when `name` is no valid form (files are checked for existence only)."""
-    if isinstance(name, (Schedule, ScheduleSpec)):
+def check_schedule_name(name, num_tokens: int) -> None:
+    """Raises ValueError when `name` gives no valid schedule for a dense batch of `num_tokens`
+    (`auto` profiles are checked for existence only)."""
+    if name == "auto" or (isinstance(name, str) and name.startswith("auto:")):
+        path = name.partition(":")[2]
+        if path and not os.path.isfile(path):
+            raise ValueError(f"profile file {path!r} not found")
         return
-    if not isinstance(name, str):
+    if not isinstance(name, (str, Schedule, ScheduleSpec)):
         raise ValueError(f"a schedule is a string, a ScheduleSpec or a Schedule, got "
                          f"{type(name).__name__}")
-    if name == "auto" or name.startswith("auto:") or name.endswith(".json"):
-        path = name.partition(":")[2] if name.startswith("auto:") else name
-        if path and not os.path.isfile(path):
-            raise ValueError(f"schedule file {path!r} not found")
-        return
-    ScheduleSpec.parse(name)
+    try:
+        named_schedule(name, num_tokens)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def named_schedule(name, num_tokens: int, model_config=None, dtype: str = "bfloat16",
