@@ -40,8 +40,10 @@ flags.DEFINE_string("profile", "", "profile JSON (default: this device's cache f
                     "written by the profile step, read by search")
 flags.DEFINE_string("out", "", "schedule JSON written by search, timed by measure "
                     "(default: next to the profile, <profile>.schedule.json)")
-flags.DEFINE_integer("token_step", 0, "profiled token counts are multiples of this "
-                     "(0: the search's granularity, 128 from 1024-token batches)")
+flags.DEFINE_integer("granularity", 0, "nano-batch sizes are multiples of this (0: 128 from "
+                     "1024-token batches, finer below)")
+flags.DEFINE_integer("token_step", 0, "profiled token counts are multiples of this (0: the "
+                     "granularity; a coarser step profiles faster, the search interpolates)")
 flags.DEFINE_list("shares", ["0.25", "0.5", "0.75", "1.0"], "SM shares profiled (1.0 needed)")
 flags.DEFINE_list("contexts", ["512", "2048"], "decode contexts profiled")
 flags.DEFINE_integer("calls", 10, "calls enqueued back to back per timing")
@@ -69,7 +71,8 @@ def main(argv):
     t = F.num_tokens
     workload = autosearch.Workload(F.num_decode if F.num_decode >= 0 else t * 300 // 1024,
                                    F.decode_context)
-    step = F.token_step or autosearch.granularity(t)
+    granularity = F.granularity or autosearch.granularity(t)
+    step = F.token_step or granularity
     path = F.profile or prof.cache_path(prof.profile_key(config, t, F.dtype, F.page_size))
     out = F.out or path.removesuffix(".json") + ".schedule.json"
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {F.model} {F.dtype}, dense "
@@ -84,7 +87,7 @@ def main(argv):
     result = None
     if "search" in F.steps:
         options = autosearch.SearchOptions(
-            num_nano=tuple(int(n) for n in F.num_nano), granularity=step,
+            num_nano=tuple(int(n) for n in F.num_nano), granularity=granularity,
             max_splits=F.max_splits, keep=F.keep, time_limit_s=F.time_limit,
             streams=F.streams, concurrent=F.concurrent)
         result = autosearch.search(prof.Profile.load(path), config.num_layers, workload,

@@ -13,7 +13,8 @@ from nanoflow_jax.kv_cache import init_kv_cache
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
-from nanoflow_jax.pipeline.schedule import NanoOp, Schedule, nano_batched, nano_pipelined, sequential
+from nanoflow_jax.pipeline.schedule import (NanoOp, Schedule, nano_batched, nano_pipelined,
+                                            sequential)
 from nanoflow_jax.pipeline.spec import ScheduleSpec, named_schedule
 from tests.helpers import golden_path, rel_err
 

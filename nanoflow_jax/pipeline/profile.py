@@ -228,8 +228,10 @@ class Progress:
         self.done += 1
         if self.enabled:
             filled = 30 * self.done // max(self.total, 1)
+            spent = time.perf_counter() - self.t0
+            left = spent / self.done * (self.total - self.done)
             sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
-                             f" {time.perf_counter() - self.t0:5.0f}s {what:<40}")
+                             f" {spent:5.0f}s, ~{left:4.0f}s left: {what:<36}")
             if self.done == self.total:
                 sys.stderr.write("\n")
             sys.stderr.flush()

@@ -117,12 +117,6 @@ class Plan:
     def op(self, name: str) -> Timed:
         return next(t for t in self.ops if t.name == name)
 
-    def category_order(self) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for t in sorted(self.ops, key=lambda t: t.start):
-            out.setdefault(t.category, []).append(t.name)
-        return out
-
 
 class _Rows:
     """Sparse constraint rows lo <= a·x <= hi, built one at a time."""
@@ -137,13 +131,12 @@ class _Rows:
 
     def constraint(self):
         from scipy.optimize import LinearConstraint
-        from scipy.sparse import lil_array
+        from scipy.sparse import coo_array
 
-        a = lil_array((len(self.data), self.n))
-        for r, coefs in enumerate(self.data):
-            for c, v in coefs.items():
-                a[r, c] = a[r, c] + v
-        return LinearConstraint(a.tocsr(), self.lo, self.hi)
+        r, c, v = zip(*[(r, c, v) for r, coefs in enumerate(self.data)
+                        for c, v in coefs.items()])
+        a = coo_array((v, (r, c)), shape=(len(self.data), self.n)).tocsr()
+        return LinearConstraint(a, self.lo, self.hi)
 
 
 def _min_distance(problem: Problem, extra=()) -> np.ndarray:
@@ -343,8 +336,15 @@ def _all_sms_when_alone(problem: Problem, plan: Plan) -> Plan:
 
 
 def solve(problem: Problem, time_limit: float = 30.0) -> Plan:
-    """Stage 1 then stage 2; the plan's solve_s is both stages' time."""
+    """Stage 1 then stage 2, the result replayed (`replay.check`); the plan's solve_s is both
+    stages' time."""
+    from nanoflow_jax.pipeline import replay
+
     t0 = time.perf_counter()
     first = order(problem, time_limit / 4)
     second = assign_shares(problem, first, max(time_limit - (time.perf_counter() - t0), 1.0))
+    replay.check(problem, second)
+    log.info("solved %d ops in %.2f s: %.4f ms per layer%s", len(problem.ops),
+             time.perf_counter() - t0, second.period,
+             "" if second.optimal else " (time limit: HiGHS' incumbent)")
     return dataclasses.replace(second, solve_s=time.perf_counter() - t0)

@@ -4,31 +4,35 @@ A `ScheduleSpec` names one of the hand-written families of `schedule.py` and its
 `build(num_tokens)` gives the `Schedule` (the op list the executor reads). An alias is a short
 string that parses into a spec. This table is the one place the forms are documented:
 
-    form                                   ScheduleSpec                          what runs
-    -------------------------------------  ------------------------------------  ---------------------------------------
-    sequential                             kind="sequential"                     every op over the whole batch, in turn
-    nanoN                                  kind="nano", num_nano=N               N nano-batches one op apart in a layer;
-                                                                                 GEMMs on stream 1, attention on 0
-    nanoN-nooverlap                        kind="nano", overlap=False            the same order on one stream (the
-                                                                                 cost of splitting alone)
-    nanoN-grouped                          kind="nano", grouped=True             GEMMs on stream 1, attention on 2, an
-                                                                                 XLA scheduling group per tick
-    nanoN-pipe                             kind="pipe", num_nano=N               pipelined across layers: nano-batch
-                                                                                 i's attention beside nano-batch i-1's
-                                                                                 GEMM chain, two streams, grouped
-    nanoN-pipe-nostreams                   kind="pipe", streams=False            the pipelined order on one stream
-    ...-pipe[-nostreams]-smP               attention_sm_share=P/100              decode attention persistent on P % of
-                                                                                 the SMs
-    ...-pipe[-nostreams][-smP]-gemmP       gemm_sm_share=P/100                   GEMMs persistent on P % of the SMs,
-                                                                                 issued before the attention
-    any nanoN form, then -minM             min_tokens=M                          buckets under M tokens run sequentially
-                                                                                 (default 64·N)
-    any form, then +graph                  concurrent=True                       XLA may run independent kernels at
-                                                                                 once in its CUDA graphs
-    PATH.json                              -                                     a `Schedule` JSON (has "ops") or a
-                                                                                 `ScheduleSpec` JSON (has "kind")
-    auto, auto:PROFILE.json                -                                     searched at start-up from an op
-                                                                                 profile (`pipeline.autosearch`)
+    form                     ScheduleSpec                     what runs
+    -----------------------  -------------------------------  --------------------------------
+    sequential               kind="sequential"                every op over the whole batch,
+                                                              one after the other
+    nanoN                    kind="nano", num_nano=N          N nano-batches one op apart in a
+                                                              layer; GEMMs on stream 1
+    nanoN-nooverlap          kind="nano", overlap=False       that order on one stream (the
+                                                              cost of splitting alone)
+    nanoN-grouped            kind="nano", grouped=True        attention on stream 2 too, one
+                                                              XLA scheduling group per tick
+    nanoN-pipe               kind="pipe", num_nano=N          across layers: nano-batch i's
+                                                              attention beside nano-batch
+                                                              i-1's GEMM chain; two streams,
+                                                              one scheduling group per tick
+    nanoN-pipe-nostreams     kind="pipe", streams=False       the pipelined order, one stream
+    nanoN-pipe[...]-smP      attention_sm_share=P/100         decode attention persistent on
+                                                              P % of the SMs
+    nanoN-pipe[...]-gemmP    gemm_sm_share=P/100              GEMMs persistent on P % of the
+                             (after -smP when both)           SMs, issued before attention
+    any nanoN form + -minM   min_tokens=M                     buckets under M tokens run
+                                                              sequentially (default 64·N)
+    any form + "+graph"      concurrent=True                  XLA may run independent kernels
+                                                              at once in its CUDA graphs
+    PATH.json                -                                a `Schedule` JSON (has "ops") or
+                                                              a `ScheduleSpec` JSON ("kind")
+    auto                     -                                searched at start-up from this
+                                                              device's cached op profile
+                                                              (`pipeline.autosearch`)
+    auto:PROFILE.json        -                                searched from that profile
 
 Example: `nano2-pipe-nostreams-sm33-gemm67-min1024+graph` is
 `ScheduleSpec(kind="pipe", num_nano=2, streams=False, attention_sm_share=0.33,
