@@ -353,9 +353,10 @@ class EngineConfig:
     min_bucket: int | None = _knob(None, "smallest compiled token count; buckets are powers of "
                                    "two up to the dense batch (default: 16 on a GPU, a quarter "
                                    "of the dense batch on the CPU, where compiling is slow)")
-    schedule: str = _knob("sequential", "nano-batch schedule: a name from "
-                          "nanoflow_jax.pipeline (sequential, nano2, nano2-pipe, ...) or a "
-                          "schedule JSON file")
+    schedule: str = _knob("sequential", "nano-batch schedule: an alias (sequential, nano2, "
+                          "nano2-pipe-nostreams-min1024, ...), a Schedule or ScheduleSpec JSON "
+                          "file, or auto (searched from a cached op profile); "
+                          "nanoflow_jax/pipeline/spec.py's docstring lists every form")
 
     def __post_init__(self):
         checks = [
@@ -375,6 +376,12 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        from nanoflow_jax.pipeline.spec import check_schedule_name
+
+        try:
+            check_schedule_name(self.schedule, self.max_num_batched_tokens or 1024)
+        except ValueError as e:
+            raise ValueError(f"schedule: {e}") from None
 
     def for_backend(self, backend: str) -> "EngineConfig":
         """The knobs left to start-up ("auto", None) resolved for `backend` ("cpu", "gpu")."""

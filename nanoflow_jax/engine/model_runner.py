@@ -30,7 +30,7 @@ from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
-from nanoflow_jax.pipeline.schedule import named_schedule
+from nanoflow_jax.pipeline.spec import named_schedule
 from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger("nanoflow_jax")
@@ -88,6 +88,9 @@ class ModelRunner:
         self.max_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
         self.num_rows = self.max_decode + config.max_prefill_seqs
         self.buckets = config.token_buckets()
+        # Before the KV cache: `auto` may profile the ops on the device first.
+        self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens,
+                                       model_config=mc, dtype=config.dtype)
         self.num_pages = config.num_pages or self._pages_from_memory()
         if self.num_pages < self.max_pages:
             raise ValueError(
@@ -104,7 +107,6 @@ class ModelRunner:
                  self.num_pages * config.page_size,
                  self.num_pages * page_bytes(mc, config.page_size, kv_dtype) / 2**30,
                  self.num_pages / self.max_pages, self.max_model_len)
-        self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens)
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"
