@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import os
 import pathlib
 import signal
@@ -245,6 +246,28 @@ def test_streaming_chat(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3
 
 
+def test_readme_demo(server):
+    """The README's curl requests, as curl sends them (raw bodies, with and without a JSON
+    Content-Type); the streaming chat one with the max_tokens the README gives it."""
+    completion = '{"model": "tiny-llama", "prompt": "Hello, nanoflow!", "max_tokens": 16}'
+    chat = ('{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi!"}], '
+            '"stream": true, "max_tokens": 16}')
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for content_type in ("application/json", "application/x-www-form-urlencoded"):
+            r = http.post("/v1/completions", content=completion,
+                          headers={"Content-Type": content_type})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        with http.stream("POST", "/v1/chat/completions", content=chat,
+                         headers={"Content-Type": "application/json"}) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]
+                if json.loads(e[6:])["choices"]]
+    assert finishes[-1] in ("length", "stop") and len(events) <= 16 + 3
+
+
 def test_n_samples(client):
     kw = dict(model=MODEL, prompt="Several samples", n=3, temperature=1.0, seed=7,
               max_tokens=12, extra_body={"ignore_eos": True})
@@ -422,11 +445,11 @@ BAD_REQUESTS = [  # (path, body (dict or raw str), param)
     ("/v1/chat/completions",
      '{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud800"}]}',
      "messages.0.content"),
-    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": '
-     '[{"type": "text", "text": "a"}, {"type": "text", "text": "\\udc00"}]}]}',
-     "messages.0.content.1.text"),
-    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "name": '
-     '"\\ud83d", "content": "x"}]}', "messages.0.name"),
+    ("/v1/chat/completions", ('{"model": "tiny-llama", "messages": [{"role": "user", "content": '
+                              '[{"type": "text", "text": "a"}, {"type": "text", "text": '
+                              '"\\udc00"}]}]}'), "messages.0.content.1.text"),
+    ("/v1/chat/completions", ('{"model": "tiny-llama", "messages": [{"role": "user", "name": '
+                              '"\\ud83d", "content": "x"}]}'), "messages.0.name"),
 ]
 
 

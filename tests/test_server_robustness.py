@@ -21,7 +21,7 @@ import pytest
 from test_server import ServerProcess
 
 MODEL = "tiny-llama"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 384
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
@@ -165,7 +165,7 @@ def test_preemptions_and_queue_time_in_metrics(tight):
 def test_second_sigterm_aborts_with_a_word(tight):
     """Last test of `tight`: a first SIGTERM starts a 60 s drain, a second one aborts what
     runs, and every client still gets a complete answer."""
-    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 480, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 340, "ignore_eos": True}
     non_streaming: list[httpx.Response] = []
 
     def post():

@@ -12,7 +12,7 @@ worker thread: `tokenizers`' batch entry point releases the GIL while it works, 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jinja2
 
