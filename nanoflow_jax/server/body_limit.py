@@ -1,9 +1,10 @@
 """A cap on request bodies: beyond `max_bytes`, HTTP 413 with OpenAI's error body.
 
-The body is read here, before the app sees it (FastAPI buffers it whole anyway): a declared
-Content-Length over the cap is refused before a byte is read, and a body that streams without
-one (chunked) is refused as soon as the bytes received pass the cap. The 413 says
-`Connection: close`, so the unread rest of the body is not parsed as a next request.
+A declared Content-Length over the cap is refused before a byte is read; one under it passes
+through untouched (the HTTP parser holds the body to its declared length). A body that streams
+without one (chunked) is read here first, and refused as soon as the bytes received pass the
+cap; FastAPI buffers the whole body anyway. The 413 says `Connection: close`, so the unread
+rest of the body is not parsed as a next request.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, f"{int(declared)} bytes")
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send, f"{int(declared)} bytes")
+            else:
+                await self.app(scope, receive, send)
             return
         chunks, size = [], 0
         while True:
@@ -42,13 +46,11 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
+        chunks.reverse()  # popped from the end: the first chunk first
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:  # the whole body at once, then the connection's own messages
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        async def replay():  # the body as it came, then the connection's own messages
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": bool(chunks)}
             return await receive()
 
         await self.app(scope, replay, send)
