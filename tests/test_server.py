@@ -616,6 +616,7 @@ class FakeEngine:
         self.max_model_len = 64
         self.model_config = types.SimpleNamespace(vocab_size=512)
         self.max_num_seqs = max_num_seqs  # only reported: the fake runs everything at once
+        self.preempted_seqs = 0  # reported as waiting (ahead of new requests)
         self.generated_tokens = 0
         self.fail_at_step = fail_at_step
         self.tokens_per_request = tokens_per_request  # None: never finishes
@@ -640,6 +641,7 @@ class FakeEngine:
 
         seqs = sum(params.n for params, _ in self.requests.values())
         return StatsSnapshot(running_requests=len(self.requests), running_seqs=seqs,
+                             waiting_seqs=self.preempted_seqs,
                              free_seq_slots=max(0, self.max_num_seqs - seqs), kv_pages_used=0,
                              kv_pages_total=8, generation_tokens=self.generated_tokens,
                              running_request_ids=frozenset(self.requests))
@@ -757,6 +759,24 @@ def test_max_queue_counts_only_requests_beyond_free_slots():
         engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_preempted_sequences_are_ahead_of_new_requests():
+    """8 slots free but 6 preempted sequences wait for them: room for 2 new requests, then
+    max_queue=2 wait, then 503."""
+    from nanoflow_jax.server import AsyncEngine, QueueFullError
+
+    fake = FakeEngine(max_num_seqs=8)
+    fake.preempted_seqs = 6
+    engine = AsyncEngine(fake, max_queue=2)
+    # Not started, so nothing moves: the snapshot stays the one taken at construction.
+    engine._thread = types.SimpleNamespace(is_alive=lambda: True)
+    params = SamplingParams()
+    for i in range(4):
+        engine.submit(f"p{i}", {"prompt_token_ids": [1]}, params, [1])
+    assert engine.num_queued == 2
+    with pytest.raises(QueueFullError):
+        engine.submit("p4", {"prompt_token_ids": [1]}, params, [1])
 
 
 def test_idle_engine_thread_blocks():

@@ -123,8 +123,11 @@ class AsyncEngine:
         self._inbox: list[_Add | _Abort] = []
         self._inbox_adds = 0
         self._streams: dict[str, RequestStream] = {}  # accepted (or about to be), not finished
-        # Submitted and not yet scheduled, in arrival order: request id -> sequences (n).
+        # Submitted and not yet scheduled, in arrival order: request id -> sequences (n); and
+        # how many of those sequences the engine already holds (in its scheduler's queue).
         self._unscheduled: dict[str, int] = {}
+        self._handed: set[str] = set()  # the unscheduled ones add_request took
+        self._unscheduled_in_engine = 0  # their sequences
         self._stats: StatsSnapshot = engine.stats_snapshot()  # the engine's, after the last step
         self._stop = False
         self._abort_all = False
@@ -155,8 +158,11 @@ class AsyncEngine:
             return self._waiting_for_slot()
 
     def _waiting_for_slot(self) -> int:  # with _cond held
-        """Unscheduled requests beyond what the free slots take, first come first served."""
-        room = self._stats.free_seq_slots
+        """Unscheduled requests beyond what the free slots take, first come first served.
+        Sequences already waiting in the engine that are not theirs (preempted ones, the rest
+        of a request partly admitted) are ahead of them."""
+        ahead = max(0, self._stats.waiting_seqs - self._unscheduled_in_engine)
+        room = self._stats.free_seq_slots - ahead
         for i, n in enumerate(self._unscheduled.values()):
             if n > room:
                 return len(self._unscheduled) - i
@@ -273,6 +279,8 @@ class AsyncEngine:
                 streams = list(self._streams.values())
                 self._streams.clear()
                 self._unscheduled.clear()
+                self._handed.clear()
+                self._unscheduled_in_engine = 0
                 self._inbox, self._inbox_adds = [], 0
             err = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             for s in streams:
@@ -289,20 +297,23 @@ class AsyncEngine:
             self.engine.add_request(rid, cmd.prompt, cmd.params, arrival_time=stream.arrival_time)
         except ValueError as e:
             del self._streams[rid]
-            self._unscheduled.pop(rid, None)
+            self._unscheduled.pop(rid, None)  # not in the engine: nothing to subtract
             deliveries.append((stream, e))
             return
         except Exception as e:  # noqa: BLE001 -- a bad request must not take the engine down
             log.exception("add_request(%s) failed", rid)
             del self._streams[rid]
-            self._unscheduled.pop(rid, None)
+            self._unscheduled.pop(rid, None)  # not in the engine: nothing to subtract
             deliveries.append((stream, RuntimeError(f"{type(e).__name__}: {e}")))
             return
+        if rid in self._unscheduled:
+            self._handed.add(rid)
+            self._unscheduled_in_engine += self._unscheduled[rid]
         deliveries.append((stream, _ACCEPTED))
 
     def _abort(self, rid: str, deliveries: list) -> None:
         stream = self._streams.pop(rid, None)
-        self._unscheduled.pop(rid, None)
+        self._forget_unscheduled(rid)
         self.engine.abort_request(rid)
         if stream is None:
             return
@@ -330,7 +341,7 @@ class AsyncEngine:
         stream._last = out
         if out.finished:
             del self._streams[out.request_id]
-            self._unscheduled.pop(out.request_id, None)
+            self._forget_unscheduled(out.request_id)
             end = out.finished_time or now
             longest = max(len(c.token_ids) for c in out.outputs)
             tpot = None
@@ -345,10 +356,17 @@ class AsyncEngine:
         if not self._unscheduled or not running_ids:
             return
         for rid in [r for r in self._unscheduled if r in running_ids]:
-            del self._unscheduled[rid]
+            self._forget_unscheduled(rid)
             stream = self._streams.get(rid)
             if stream is not None:
                 self.metrics.observe_queue_time(scheduled_at - stream.arrival_time)
+
+    def _forget_unscheduled(self, rid: str) -> None:
+        """`rid` was scheduled, aborted or finished."""
+        n = self._unscheduled.pop(rid, 0)
+        if rid in self._handed:
+            self._handed.remove(rid)
+            self._unscheduled_in_engine -= n
 
     def _publish(self) -> None:
         with self._cond:
