@@ -248,13 +248,14 @@ class AsyncEngine:
                             self._add(cmd, deliveries)
                         else:
                             self._abort(cmd.request_id, deliveries)
-                    stop = self._stop
-                    if stop or self._abort_all:
+                    stop, abort_all = self._stop, self._abort_all
+                    if stop or abort_all:
                         self._abort_all = False
                         for rid in list(self._streams):
                             self._abort(rid, deliveries)
-                    self._stats = self.engine.stats_snapshot()
-                    self._note_scheduled(self._stats.running_request_ids, time.time())
+                    if commands or stop or abort_all:
+                        self._stats = self.engine.stats_snapshot()
+                        self._note_scheduled(self._stats.running_request_ids, time.time())
                 self._deliver(deliveries)
                 self._publish()
                 if stop:
