@@ -418,6 +418,11 @@ BAD_REQUESTS = [  # (path, body (dict or raw str), param)
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, "prompt"),  # not in the vocab
     ("/v1/completions", {"model": MODEL, "prompt": 42}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * MAX_MODEL_LEN}, "prompt"),  # too long
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 50_000}, "prompt"),  # refused untokenized
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user",
+                                                            "content": "x" * 50_000}]},
+     "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 2_000_000}, "prompt"),  # by body size
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 500, "max_tokens": 100}, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user",
                                                             "content": "x" * MAX_MODEL_LEN}]},

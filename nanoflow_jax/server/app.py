@@ -13,9 +13,10 @@ over `max_request_bytes`, 503 with Retry-After when the queue is full or the ser
 draining, 500 if the engine dies. A client that disconnects aborts its request, which frees
 its KV pages at once.
 
-No request can stall the others: bodies are capped, a prompt longer than any context could
-hold is refused before tokenizing (`prompts.PromptEncoder`), and tokenizing runs in a worker
-thread (detokenizing runs on the engine thread), so the event loop only parses JSON.
+No request can stall the others: bodies are capped, and one too large to hold a prompt that
+fits is refused before it is read (`body_limit`); a prompt longer than any context could hold
+is refused before tokenizing (`prompts.PromptEncoder`); tokenizing runs in a worker thread
+(detokenizing runs on the engine thread), so the event loop only parses JSON.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     api = _API(engine, served_model_name)
     _install_error_handlers(app)
     app.add_middleware(_V1Middleware, api_key=api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes)  # the outermost
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes,  # the outermost
+                       fit_bytes=api.prompts.max_body_bytes, max_model_len=api.max_model_len)
 
     @app.get("/health")
     async def health():

@@ -1,7 +1,8 @@
 """Request text to prompt token ids, bounded before tokenizing and run off the event loop.
 
 A prompt longer than `max_chars` characters cannot fit in `max_model_len` tokens, so it is
-refused in O(1) before the tokenizer sees it (a 10 MB prompt would hold the tokenizer for
+refused in O(1) before the tokenizer sees it (and a body longer than `max_body_bytes` before
+it is even parsed: `body_limit`) (a 10 MB prompt would hold the tokenizer for
 seconds). The bound: no token of the vocabulary (added tokens included) spells more than
 `max_token_chars` characters, so a text of C characters is at least C / max_token_chars tokens;
 CHARS_SAFETY more covers normalizers that shorten the text (NFC composes up to 3 jamo into one
@@ -20,6 +21,12 @@ from nanoflow_jax.server.protocol import ChatMessage, bad_request
 from nanoflow_jax.tokenizer import Tokenizer
 
 CHARS_SAFETY = 4
+# JSON spends at most 12 bytes on one character (an escaped surrogate pair, "\ud83d\ude00").
+JSON_BYTES_PER_CHAR = 12
+# Per token of context, for what a body holds besides the prompt's characters (a message's
+# {"role": ..., "content": ...} costs at least one template token; a token id, ~8 bytes).
+JSON_BYTES_PER_TOKEN = 64
+BODY_SLACK_BYTES = 1 << 20  # other fields: stop strings, user, fields the server ignores
 
 
 def max_token_chars(tokenizer: Tokenizer) -> int:
@@ -54,6 +61,9 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_chars = max_model_len * max_token_chars(tokenizer) * CHARS_SAFETY
+        # No body larger than this can hold a prompt that fits (checked before parsing).
+        self.max_body_bytes = (self.max_chars * JSON_BYTES_PER_CHAR
+                               + max_model_len * JSON_BYTES_PER_TOKEN + BODY_SLACK_BYTES)
 
     # ---- on the event loop: O(1) ------------------------------------------------------------
 
