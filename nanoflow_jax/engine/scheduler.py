@@ -52,6 +52,7 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # oldest admission first
+        self.num_preemptions = 0  # sequences preempted since start (a monitoring counter)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -79,6 +80,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.allocator.free(seq.release_pages())
         seq.num_computed, seq.status = 0, Status.WAITING
