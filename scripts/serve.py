@@ -50,7 +50,7 @@ def main(argv):
     engine = LLMEngine(config)
     logging.info("engine ready in %.1fs: %s on %s, max_model_len=%d, %d KV pages of %d tokens",
                  time.perf_counter() - t0, F.model, jax.default_backend(), engine.max_model_len,
-                 engine.allocator.num_pages, config.page_size)
+                 engine.stats_snapshot().kv_pages_total, engine.config.page_size)
     async_engine = AsyncEngine(engine, max_queue=F.max_queue, metrics=ServerMetrics(name))
     fastapi_app = create_app(async_engine, name, api_key=F.api_key,
                              max_request_bytes=F.max_request_bytes)

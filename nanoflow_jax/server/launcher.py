@@ -78,7 +78,8 @@ class DrainingServer(uvicorn.Server):
 def run_server(app, engine: AsyncEngine, host: str = "127.0.0.1", port: int = 8000,
                drain_timeout_s: float = 30.0, log_level: str = "info",
                access_log: bool = True) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    # log_config=None: uvicorn's loggers go through the root logger, in the project's format.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
                             access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=5, timeout_keep_alive=5)
     DrainingServer(config, engine, drain_timeout_s).run()
