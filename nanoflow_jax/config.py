@@ -39,6 +39,9 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     attention_bias: bool = False
     tie_word_embeddings: bool = False
+    # Set only on the per-shard config that `nanoflow_jax.parallel` hands the model inside
+    # shard_map: the mesh axis the residual stream is summed over (the sizes are then per shard).
+    tp_axis: str | None = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -227,6 +230,10 @@ class EngineConfig:
     attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
     min_bucket: int = 16  # smallest compiled token count
     schedule: str = "sequential"  # nano-batch schedule (pipeline.schedule.named_schedule)
+    tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": (
+        "Devices one model is split over (Megatron tensor parallelism on a mesh axis 'tp': "
+        "attention heads, KV cache, FFN and vocab sharded, two all-reduces per layer). "
+        "1 runs the unsharded single-device program.")})
 
     def __post_init__(self):
         checks = [
@@ -238,6 +245,7 @@ class EngineConfig:
             (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.max_model_len is None or self.max_model_len >= 1, "max_model_len must be >= 1"),
             (self.num_pages is None or self.num_pages >= 1, "num_pages must be >= 1"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
