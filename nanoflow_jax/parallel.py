@@ -343,6 +343,17 @@ def forward_fn(mesh: Mesh | None):
     return llama.forward if mesh is None else functools.partial(sharded_forward, mesh=mesh)
 
 
+def compiler_options(mesh: Mesh | None, schedule) -> dict[str, str]:
+    """XLA options (GPU) for a tensor-parallel step: with a nano-batch schedule each nano-batch
+    has its own all-reduces, independent of the other nano-batches' GEMMs, but XLA's combiner
+    merges independent all-reduces into one (seen in the CPU HLO), which would make every
+    nano-batch wait for the last; threshold 0 keeps them apart. Nothing without a mesh or for
+    the sequential schedule."""
+    if mesh is None or schedule.is_sequential:
+        return {}
+    return {"xla_gpu_all_reduce_combine_threshold_bytes": "0"}
+
+
 # ---- multi-host ------------------------------------------------------------------------------
 
 

@@ -1,9 +1,14 @@
-"""Tensor parallelism on 8 CPU devices (conftest.py asks XLA for them): TP 2, 4 and 8 give TP 1's
-logits and tokens, weights load straight into their shards, the sharded step has exactly
-Megatron's all-reduces, and multi-host start-up forms a mesh over two processes."""
+"""Tensor parallelism on 8 CPU devices: TP 2, 4 and 8 give TP 1's logits and tokens, weights
+load straight into their shards, the sharded step has exactly Megatron's all-reduces, and
+multi-host start-up forms a mesh over two processes.
+
+Tests marked `eight_devices` run in a child process with 8 CPU devices unless this one has
+them (conftest.py): `XLA_FLAGS=--xla_force_host_platform_device_count=8 pytest <this file>`
+runs them all in one process."""
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,10 +29,11 @@ from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
 from nanoflow_jax.pipeline.schedule import named_schedule
 from tests.helpers import golden_path, rel_err
-from tests.test_pipeline import T, _batch, _prefill_context
+from tests.test_pipeline import T, _as_calls, _batch, _prefill_context
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+eight_devices = pytest.mark.eight_devices
 
 
 def _config(kv_heads: int, qwen: bool = False) -> ModelConfig:
@@ -43,10 +49,12 @@ def _config(kv_heads: int, qwen: bool = False) -> ModelConfig:
 CONFIGS = {"llama-kv8": _config(8), "qwen2-kv2": _config(2, qwen=True)}
 
 
+@eight_devices
 def test_the_test_process_has_eight_devices():
     assert jax.device_count() >= 8, "conftest.py must set --xla_force_host_platform_device_count=8"
 
 
+@eight_devices
 def test_layout_gives_each_shard_its_heads_and_duplicates_few_kv_heads():
     c = _config(2)  # q heads 0..7 use KV head h // 4
     cols = parallel.fused_columns(c, 8, "wqkv").reshape(8, -1)  # [shard, (1 q + 1 k + 1 v)·Dh]
@@ -68,6 +76,7 @@ def test_layout_gives_each_shard_its_heads_and_duplicates_few_kv_heads():
     assert parallel.make_mesh(1) is None
 
 
+@eight_devices
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_dense_logits_equal_tp1_and_no_device_holds_the_model(name, tp):
@@ -103,6 +112,7 @@ def _kv_heads_of(cache, config, tp):
     return np.stack([heads[h] for h in range(config.num_kv_heads)])
 
 
+@eight_devices
 @pytest.mark.parametrize("name, tp, schedule, impl", [
     ("llama-kv8", 8, "sequential", "reference"),
     ("qwen2-kv2", 4, "sequential", "reference"),
@@ -127,7 +137,9 @@ def test_paged_step_equals_tp1(name, tp, schedule, impl):
     kv_tp = [tuple(jax.device_put(np.asarray(a)[heads], parallel.kv_sharding(mesh)) for a in l)
              for l in kv]
     sched = named_schedule(schedule, T)
-    layers_fn = llama.run_layers if sched.is_sequential else make_layers_fn(sched)
+    # Each stream call its own jit (as test_pipeline does): calls inside the shard_map.
+    layers_fn = (llama.run_layers if sched.is_sequential
+                 else make_layers_fn(sched, use_streams=True, wrap_call=_as_calls))
     got, got_kv = _paged_forward(params, config, kv_tp, batch, attention, layers_fn, mesh)
     assert got.sharding.spec == parallel.P(None, parallel.TP_AXIS)
     assert rel_err(got, want) < 1e-5
@@ -137,17 +149,25 @@ def test_paged_step_equals_tp1(name, tp, schedule, impl):
         np.testing.assert_allclose(_kv_heads_of(v, config, tp), v1, rtol=1e-5, atol=1e-5)
 
 
-def test_sharded_step_has_megatron_collectives_only():
-    """2 all-reduces per layer (after o_proj and down, each fused into the next norm) + the
-    final norm's; nothing gathers weights."""
+@eight_devices
+@pytest.mark.parametrize("schedule, per_layer", [("sequential", 2), ("nano2", 4)])
+def test_sharded_step_has_megatron_collectives_only(schedule, per_layer):
+    """Per layer and nano-batch one all-reduce after o_proj and one after down (each fused
+    into the norm that follows), plus the final norm's; nothing gathers weights. A nano-batch
+    schedule gives each nano-batch its own, independent of the other's GEMMs."""
     config = CONFIGS["qwen2-kv2"]
     mesh = parallel.make_mesh(4)
     params = weights.random_params(config, "float32", mesh=mesh)
     kv = init_kv_cache(config, 16, 4, jnp.float32, mesh)
     batch = _batch("mixed", np.random.default_rng(0), config.vocab_size)
-    hlo = _paged_forward.lower(params, config, kv, batch, attention_fn("reference"),
-                               llama.run_layers, mesh).compile().as_text()
-    assert hlo.count("all-reduce(") + hlo.count("all-reduce-start(") == 2 * config.num_layers + 1
+    sched = named_schedule(schedule, T)
+    layers_fn = llama.run_layers if sched.is_sequential else make_layers_fn(sched)
+    lowered = _paged_forward.lower(params, config, kv, batch, attention_fn("reference"),
+                                   layers_fn, mesh)
+    text = lowered.as_text()
+    assert text.count("all_reduce") == per_layer * config.num_layers + 1
+    assert "all_gather" not in text and "all_to_all" not in text
+    hlo = lowered.compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo
 
 
@@ -202,6 +222,7 @@ def _save_hf(path, config: ModelConfig, params) -> str:
     return str(path)
 
 
+@eight_devices
 @pytest.mark.parametrize("name, tp", [("llama", 2), ("llama", 4), ("qwen2", 2), ("mistral", 4)])
 def test_hf_checkpoint_loads_into_shards_and_matches_hf_logits(name, tp):
     """The golden checkpoints (made by transformers) loaded sharded: each leaf equals the
@@ -221,6 +242,29 @@ def test_hf_checkpoint_loads_into_shards_and_matches_hf_logits(name, tp):
     assert rel_err(logits, golden["logits"]) < 1e-4
 
 
+@eight_devices
+def test_sharded_load_names_a_missing_or_misshaped_tensor(tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    config = ModelConfig.from_pretrained(golden_path("llama"))
+    tensors = load_file(golden_path("llama") + "/model.safetensors")
+    mesh = parallel.make_mesh(2)
+    for name, change, error in (("model.layers.1.mlp.up_proj.weight", "drop", KeyError),
+                                ("model.layers.0.self_attn.k_proj.weight", "cut", ValueError)):
+        out = tmp_path / change
+        shutil.copytree(golden_path("llama"), out)
+        bad = dict(tensors)
+        if change == "drop":
+            del bad[name]
+        else:
+            bad[name] = bad[name][:-1]
+        save_file(bad, str(out / "model.safetensors"))
+        with pytest.raises(error, match=re.escape(name)):
+            weights.load_hf_params(str(out), config, "float32", mesh=mesh)
+
+
 def _golden_greedy(name):
     g = np.load(golden_path(name) + "/greedy.npz")
     n = len([k for k in g if k.startswith("prompt_")])
@@ -228,6 +272,7 @@ def _golden_greedy(name):
                                                            for i in range(n)]
 
 
+@eight_devices
 @pytest.mark.parametrize("name, tp, args", [
     ("llama", 4, dict(max_num_batched_tokens=64, min_bucket=64)),
     ("qwen2", 2, dict(max_num_batched_tokens=16)),  # every prompt is chunked
@@ -241,17 +286,17 @@ def test_engine_greedy_equals_hf_generate(name, tp, args):
     assert [o.outputs[0].token_ids for o in outs] == expected
 
 
+@eight_devices
 def test_engine_tp8_tokens_equal_tp1_without_recompiles(tmp_path):
     config = _config(2)
     path = _save_hf(tmp_path / "ckpt", config, weights.random_params(config, "float32", 3))
     prompts = [np.random.default_rng(i).integers(0, 256, n).tolist()
                for i, n in enumerate((5, 23, 40, 9))]
-    args = dict(dtype="float32", max_num_batched_tokens=32, max_num_seqs=8, page_size=4,
-                num_pages=128, max_model_len=96)
+    args = dict(dtype="float32", max_num_batched_tokens=32, min_bucket=32, max_num_seqs=8,
+                page_size=4, num_pages=128, max_model_len=96)
     outs = {}
     for tp in (1, 8):
-        llm = LLM(path, tensor_parallel_size=tp, **args)
-        llm.engine.runner.warmup()
+        llm = LLM(path, tensor_parallel_size=tp, **args)  # compiles every step program
         compiled = llm.engine.runner.num_compiled
         outs[tp] = [o.outputs[0].token_ids for o in llm.generate(
             [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)]
@@ -261,6 +306,7 @@ def test_engine_tp8_tokens_equal_tp1_without_recompiles(tmp_path):
     assert kv.shape[0] == 8 and kv.addressable_shards[0].data.shape[0] == 1
 
 
+@eight_devices
 def test_engine_rejects_a_split_the_model_cannot_take():
     with pytest.raises(ValueError, match="tensor_parallel_size=8 does not divide the 4 attention"):
         LLM("tiny-llama", tensor_parallel_size=8)
@@ -276,8 +322,8 @@ _WORKER = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.experimental import multihost_utils
     from nanoflow_jax import weights
+    from nanoflow_jax.config import ModelConfig
     from nanoflow_jax.models.attention import dense_attention, dense_metadata
-    from tests.test_tensor_parallel import _config
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     mesh = parallel.make_mesh(4)
     P = parallel.P
@@ -288,7 +334,8 @@ _WORKER = textwrap.dedent("""
                                   out_specs=P()))(x)
     assert float(multihost_utils.process_allgather(total, tiled=True)[0]) == 10.0
     # A TP 4 forward over both processes = TP 1 on this process's first device.
-    config = _config(2, qwen=True)
+    config = ModelConfig("Qwen2ForCausalLM", 256, 64, 128, 2, 8, 2, 8, 1e-5, 1e4, 512,
+                         attention_bias=True, tie_word_embeddings=True)
     params = weights.random_params(config, "float32", seed=4, mesh=mesh)
     meta = dense_metadata([16])
     tokens = np.arange(16, dtype=np.int32) * 7 % config.vocab_size

@@ -113,7 +113,9 @@ class ModelRunner:
             functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
                               layers_fn=layers_fn, forward=parallel.forward_fn(self.mesh)),
             donate_argnums=(1,),
-            compiler_options=self.schedule.compiler_options() if on_gpu else None,
+            compiler_options={**self.schedule.compiler_options(),
+                              **parallel.compiler_options(self.mesh, self.schedule)}
+            if on_gpu else None,
         )
         self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
                                static_argnames="mode")
