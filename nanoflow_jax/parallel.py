@@ -383,7 +383,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    if (os.environ.get("JAX_PLATFORMS", "").startswith("cpu")
+            and hasattr(jax.config, "jax_cpu_collectives_implementation")):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)

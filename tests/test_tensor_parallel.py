@@ -76,6 +76,27 @@ def test_layout_gives_each_shard_its_heads_and_duplicates_few_kv_heads():
     assert parallel.make_mesh(1) is None
 
 
+@pytest.mark.parametrize("preset", ["llama-2-70b", "llama-3-70b", "qwen2-72b"])
+def test_70b_presets_split_eight_ways_into_an_eighth_each(preset):
+    config = nf.config.get_preset(preset)
+    for tp in (2, 4, 8):
+        local = parallel.local_config(config, tp)
+        assert local.num_heads * tp == 64 and local.num_kv_heads * tp == 8
+        assert parallel.vocab_is_sharded(config, tp)
+    per_device = 0
+    for path, shape in jax.tree_util.tree_leaves_with_path(
+            weights.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple)):
+        name = path[-1].key
+        shape = list(parallel.tp_shape(name, shape, config, 8))
+        for axis, part in enumerate(parallel.leaf_spec(name, config, 8)):
+            if part == parallel.TP_AXIS:
+                shape[axis] //= 8
+        per_device += int(np.prod(shape))
+    # Exactly an eighth, but for the norms (whole on every device).
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    assert per_device == (config.param_count - norms) // 8 + norms
+
+
 @eight_devices
 @pytest.mark.parametrize("tp", [2, 4, 8])
 @pytest.mark.parametrize("name", CONFIGS)
