@@ -119,6 +119,22 @@ def test_dense_logits_equal_tp1_and_no_device_holds_the_model(name, tp):
     assert rel_err(got, want) < 1e-5
 
 
+@eight_devices
+def test_vocab_that_does_not_split_keeps_embedding_and_head_whole():
+    config = ModelConfig("LlamaForCausalLM", vocab_size=250, hidden_size=64,
+                         intermediate_size=128, num_layers=1, num_heads=8, num_kv_heads=2,
+                         head_dim=8, rms_norm_eps=1e-5, rope_theta=1e4,
+                         max_position_embeddings=512)
+    full = weights.random_params(config, "float32", seed=5)
+    mesh = parallel.make_mesh(4)
+    params = weights.random_params(config, "float32", seed=5, mesh=mesh)
+    assert params["embed"].sharding.is_fully_replicated
+    assert params["lm_head"].sharding.is_fully_replicated
+    tokens = np.arange(0, 250, 7)
+    want = nf.model_loader.Model(config, full).logits(tokens)
+    assert rel_err(nf.model_loader.Model(config, params, mesh).logits(tokens), want) < 1e-5
+
+
 @functools.partial(jax.jit, static_argnums=(1, 4, 5, 6))
 def _paged_forward(params, config, kv, batch, attention, layers_fn, mesh):
     return parallel.forward_fn(mesh)(params, config, batch.token_ids, batch.positions, kv,
