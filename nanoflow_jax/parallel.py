@@ -32,7 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

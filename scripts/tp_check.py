@@ -12,14 +12,13 @@ attention kernels on a GPU. Prints one JSON line per schedule.
         --num_tokens=128 --repeats=2
 """
 import dataclasses
-import functools
 import json
 import os
 import time
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on these machines
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("model", "llama-3-70b", "Preset name (random weights).")
 flags.DEFINE_integer("tensor_parallel_size", 8, "Devices in the mesh.")
@@ -35,7 +34,7 @@ def _batch(rng, config, num_tokens, num_decode, page, num_pages):
     from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 
     pages = iter(rng.permutation(num_pages).tolist())
-    take = lambda n: [next(pages) for _ in range(n)]  # noqa: E731
+    take = lambda n: [next(pages) for _ in range(n)]
     decodes = []
     for ctx in rng.integers(64, 512, num_decode):
         decodes.append(SeqChunk([int(rng.integers(config.vocab_size))], int(ctx),

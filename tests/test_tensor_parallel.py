@@ -64,7 +64,8 @@ def test_layout_gives_each_shard_its_heads_and_duplicates_few_kv_heads():
         assert (k == c.q_size + 8 * (shard // 4) + np.arange(8)).all()
         assert (v == k + c.kv_size).all()
     gate_up = parallel.fused_columns(c, 4, "w_gate_up").reshape(4, 2, 32)
-    assert (gate_up[:, 1] - gate_up[:, 0] == 128).all() and (gate_up[1, 0] == np.arange(32, 64)).all()
+    assert (gate_up[:, 1] - gate_up[:, 0] == 128).all()
+    assert (gate_up[1, 0] == np.arange(32, 64)).all()
     local = parallel.local_config(c, 4)
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (2, 1, 32)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 does not divide the 8 attention"):
@@ -220,7 +221,7 @@ def test_tp1_step_is_the_unsharded_program():
     plain = jax.jit(lambda p, kv, b: llama.forward(
         p, config, b.token_ids, b.positions, kv, b.attn, jnp.arange(T),
         attention_fn("reference"), llama.run_layers)).lower(params, kv, batch).as_text()
-    strip = lambda t: t.split("func.func", 1)[1]  # noqa: E731  (the module name differs)
+    strip = lambda t: t.split("func.func", 1)[1]
     assert strip(text) == strip(plain)
     assert "sharding" not in text and "all_reduce" not in text
 
@@ -311,8 +312,8 @@ def _golden_greedy(name):
 
 @eight_devices
 @pytest.mark.parametrize("name, tp, args", [
-    ("llama", 4, dict(max_num_batched_tokens=64, min_bucket=64)),
-    ("qwen2", 2, dict(max_num_batched_tokens=16)),  # every prompt is chunked
+    ("llama", 4, {"max_num_batched_tokens": 64, "min_bucket": 64}),
+    ("qwen2", 2, {"max_num_batched_tokens": 16}),  # every prompt is chunked
 ])
 def test_engine_greedy_equals_hf_generate(name, tp, args):
     prompts, expected = _golden_greedy(name)
@@ -329,8 +330,8 @@ def test_engine_tp8_tokens_equal_tp1_without_recompiles(tmp_path):
     path = _save_hf(tmp_path / "ckpt", config, weights.random_params(config, "float32", 3))
     prompts = [np.random.default_rng(i).integers(0, 256, n).tolist()
                for i, n in enumerate((5, 23, 40, 9))]
-    args = dict(dtype="float32", max_num_batched_tokens=32, min_bucket=32, max_num_seqs=8,
-                page_size=4, num_pages=128, max_model_len=96)
+    args = {"dtype": "float32", "max_num_batched_tokens": 32, "min_bucket": 32,
+            "max_num_seqs": 8, "page_size": 4, "num_pages": 128, "max_model_len": 96}
     outs = {}
     for tp in (1, 8):
         llm = LLM(path, tensor_parallel_size=tp, **args)  # compiles every step program
