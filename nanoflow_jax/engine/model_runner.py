@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanoflow_jax import parallel
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 from nanoflow_jax.config import EngineConfig, ModelConfig
 from nanoflow_jax.engine.sampler import SampleMode, SampleOutput, sample, sampling_tensors
@@ -38,12 +39,14 @@ log = logging.getLogger("nanoflow_jax")
 CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
 
 
-def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn):
+def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn,
+             forward=llama.forward):
     """One iteration's model on the device -> (logits [num_logits, V], kv). prev_tokens
-    [num_rows]: the previous step's samples."""
+    [num_rows]: the previous step's samples. `forward`: llama.forward or its tensor-parallel
+    version (`parallel.forward_fn`)."""
     future = batch.future_rows
     token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
-    return llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
+    return forward(params, config, token_ids, batch.positions, kv, batch.attn,
                          batch.logits_indices, attention, layers_fn)
 
 
@@ -69,9 +72,11 @@ class ModelRunner:
         config = config.for_backend(jax.default_backend())
         self.config = config
         t0 = time.perf_counter()
-        model = load_model(config.model, dtype=config.dtype, seed=config.seed)
+        model = load_model(config.model, dtype=config.dtype, seed=config.seed,
+                           tensor_parallel_size=config.tensor_parallel_size)
         self.model_config: ModelConfig = model.config
         self.params = model.params
+        self.mesh = model.mesh  # None: one device
         jax.block_until_ready(self.params)
         self.load_time = time.perf_counter() - t0
 
@@ -100,21 +105,24 @@ class ModelRunner:
                 f"(or num_pages)")
         t0 = time.perf_counter()
         kv_dtype = jnp.dtype(config.dtype)
-        self.kv = init_kv_cache(mc, self.num_pages, config.page_size, kv_dtype)
+        self.kv = init_kv_cache(mc, self.num_pages, config.page_size, kv_dtype, self.mesh)
         self.kv_time = time.perf_counter() - t0
         log.info("KV cache: %d pages of %d tokens = %d tokens (%.2f GiB); %.1f sequences of "
                  "max_model_len=%d", self.num_pages, config.page_size,
                  self.num_pages * config.page_size,
-                 self.num_pages * page_bytes(mc, config.page_size, kv_dtype) / 2**30,
+                 self.num_pages * page_bytes(mc, config.page_size, kv_dtype,
+                                             config.tensor_parallel_size) / 2**30,
                  self.num_pages / self.max_pages, self.max_model_len)
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"
         self._forward = jax.jit(
             functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
-                              layers_fn=layers_fn),
+                              layers_fn=layers_fn, forward=parallel.forward_fn(self.mesh)),
             donate_argnums=(1,),
-            compiler_options=self.schedule.compiler_options() if on_gpu else None,
+            compiler_options={**self.schedule.compiler_options(),
+                              **parallel.compiler_options(self.mesh, self.schedule)}
+            if on_gpu else None,
         )
         self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
                                static_argnames="mode")
@@ -125,7 +133,7 @@ class ModelRunner:
         """Pages that fit in the device memory left after weights and an activation reserve."""
         mc, cfg = self.model_config, self.config
         stats = jax.devices()[0].memory_stats() or {}
-        per_page = page_bytes(mc, cfg.page_size, jnp.dtype(cfg.dtype))
+        per_page = page_bytes(mc, cfg.page_size, jnp.dtype(cfg.dtype), cfg.tensor_parallel_size)
         if "bytes_limit" not in stats:
             return max(1, min(CPU_KV_BYTES // per_page, cfg.max_num_seqs * self.max_pages))
         t = cfg.max_num_batched_tokens
