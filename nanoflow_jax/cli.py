@@ -32,9 +32,8 @@ flags.DEFINE_string("compilation_cache_dir", DEFAULT_CACHE_DIR,
                     "and knobs loads the compiled programs instead of compiling ('' turns it off)")
 
 
-def _define(field: dataclasses.Field, flag_values: flags.FlagValues) -> None:
-    hints = typing.get_type_hints(EngineConfig)
-    kind = hints[field.name]
+def _define(cls, field: dataclasses.Field, flag_values: flags.FlagValues) -> None:
+    kind = typing.get_type_hints(cls)[field.name]
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
     define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               bool: flags.DEFINE_bool}[base]
@@ -43,10 +42,14 @@ def _define(field: dataclasses.Field, flag_values: flags.FlagValues) -> None:
 
 def define_engine_flags(flag_values: flags.FlagValues = FLAGS, exclude: tuple[str, ...] = ()
                         ) -> None:
-    """One flag per EngineConfig field (minus `exclude`), with its type, default and help."""
-    for field in dataclasses.fields(EngineConfig):
-        if field.name not in exclude and field.name not in flag_values:
-            _define(field, flag_values)
+    """One flag per field of EngineConfig and of the multi-host DistributedConfig (minus
+    `exclude`), with its type, default and help."""
+    from nanoflow_jax.parallel import DistributedConfig
+
+    for cls in (EngineConfig, DistributedConfig):
+        for field in dataclasses.fields(cls):
+            if field.name not in exclude and field.name not in flag_values:
+                _define(cls, field, flag_values)
 
 
 def engine_config(flag_values: flags.FlagValues = FLAGS, **overrides) -> EngineConfig:
@@ -88,13 +91,17 @@ def enable_compilation_cache(cache_dir: str) -> None:
 
 
 def setup(config: EngineConfig | None = None, flag_values: flags.FlagValues = FLAGS) -> None:
-    """Before JAX starts its backend: logging, the device memory share, the compilation cache."""
-    from nanoflow_jax import device_memory
+    """Before JAX starts its backend: logging, the device memory share, the compilation cache,
+    and `jax.distributed.initialize` when --coordinator_address asks for a multi-host run."""
+    from nanoflow_jax import device_memory, parallel
 
     setup_logging(flag_values.log_level)
     if config is not None:
         device_memory.reserve_device_memory(config.gpu_memory_utilization)
     enable_compilation_cache(flag_values.compilation_cache_dir)
+    if "coordinator_address" in flag_values:
+        parallel.maybe_initialize_distributed(flag_values.coordinator_address,
+                                              flag_values.num_processes, flag_values.process_id)
 
 
 def run(main) -> None:
