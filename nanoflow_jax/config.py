@@ -216,12 +216,17 @@ class EngineConfig:
     dtype: str = "bfloat16"
     seed: int = 0  # random weights of presets, and requests that give no seed
     max_num_batched_tokens: int = 1024  # the dense batch: tokens per iteration
-    max_num_seqs: int = 256  # running sequences (decode rows per iteration)
+    max_num_seqs: int | None = dataclasses.field(default=None, metadata={"help": (
+        "most running sequences (= decode rows of the compiled step, never more than "
+        "max_num_batched_tokens); None: what the KV cache holds. Either way a request is "
+        "admitted only while the projected KV use of every running sequence (prompt + "
+        "max_tokens) fits the cache")})
     max_prefill_seqs: int = 16  # prompt chunks per iteration
     page_size: int = 16
-    # Share of the memory JAX may use (its bytes_limit, itself XLA_PYTHON_CLIENT_MEM_FRACTION of
-    # the device: the scripts set that variable from this knob and pass 1.0 here).
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = dataclasses.field(default=0.9, metadata={"help": (
+        "fraction of the device's total memory for weights + KV cache + workspace; XLA's "
+        "pool must hold it (nanoflow_jax.device_memory.reserve_device_memory before JAX "
+        "starts)")})
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context
     num_pages: int | None = None  # KV pages; None: sized from free device memory
     attention_impl: str = "auto"  # "pallas" | "reference" | "interpret" | "auto"
@@ -231,7 +236,8 @@ class EngineConfig:
     def __post_init__(self):
         checks = [
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1"),
-            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_seqs is None or self.max_num_seqs >= 1,
+             "max_num_seqs must be >= 1 (or None: what the KV cache holds)"),
             (self.max_prefill_seqs >= 1, "max_prefill_seqs must be >= 1"),
             (self.page_size >= 1 and not self.page_size & (self.page_size - 1),
              "page_size must be a power of two"),

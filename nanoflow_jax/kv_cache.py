@@ -32,6 +32,12 @@ def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype) ->
     return zeros()
 
 
+def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+    """The shapes and dtypes `init_kv_cache` would give (nothing allocated): what programs that
+    take the cache are compiled for before it exists."""
+    return jax.eval_shape(lambda: init_kv_cache(config, num_pages, page_size, dtype))
+
+
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

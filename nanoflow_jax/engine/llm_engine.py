@@ -88,7 +88,8 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
-        self.scheduler = Scheduler(config, self.allocator)
+        self.scheduler = Scheduler(config, self.allocator,
+                                   max_running=self.runner.max_num_seqs)
         self.runner.warmup()
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
