@@ -15,10 +15,12 @@ XLA fraction in effect, capped at the pool (with a one-line warning if the pool 
 e.g. when JAX started before the engine was made). Backends that report no pool (the CPU)
 have no budget: the engine falls back to a fixed KV size there.
 
-The budget is split (`plan_memory`) as
+The engine (ModelRunner) splits the budget as a `MemoryPlan`:
     in use (weights and any other live array) + workspace of the largest program
-    + live buffers (what outlives a program) + a fixed safety margin + KV pages,
-the KV cache taking whole pages of what is left.
+    + step buffers (what outlives a program) + a fixed safety margin + KV pages,
+the KV cache taking whole pages of what is left (`pages_that_fit`). A program's workspace
+(`ProgramMemory`) is read from its compiled executable: XLA's scratch buffer, its outputs that
+do not alias an input, and its inputs other than the weights and the KV cache.
 """
 from __future__ import annotations
 

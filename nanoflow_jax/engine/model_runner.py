@@ -96,7 +96,7 @@ class ModelRunner:
         memory = device_memory.device_memory()  # None: no memory pool (the CPU)
         self.budget = (None if memory is None else
                        device_memory.memory_budget(config.gpu_memory_utilization, memory))
-        self.max_decode = self._decode_rows(memory)
+        self.max_decode = self._decode_rows(self._room_without_programs(memory))
         self.max_num_seqs = config.max_num_seqs or self.max_decode  # running sequences
         self.num_rows = self.max_decode + config.max_prefill_seqs
         self.buckets = config.token_buckets()
@@ -146,25 +146,33 @@ class ModelRunner:
     # steps are compiled once more at the real page count (the executables warm-up and
     # serving use) and checked against the plan.
 
-    def _decode_rows(self, memory) -> int:
+    def _room_without_programs(self, memory) -> int | None:
+        """KV pages the budget holds before any workspace (None: no budget): an upper bound
+        that fails a configuration before anything is compiled."""
+        if self.budget is None:
+            return None
+        cfg = self.config
+        upper = device_memory.pages_that_fit(self.budget, memory.in_use, 0, 0,
+                                             device_memory.SAFETY_MARGIN_BYTES, self.page_bytes)
+        if cfg.num_pages is not None and cfg.num_pages > upper:
+            raise self._num_pages_error(0)
+        if upper < self.max_pages:
+            raise self._no_room(upper, 0, "not measured yet")
+        return upper
+
+    def _decode_rows(self, room: int | None) -> int:
         """Decode rows of the compiled step (also the running-sequence cap when max_num_seqs
         is None): never more than the dense batch; else max_num_seqs, or the sequences the
-        KV cache can hold at one page each, bounded before the workspace is known (the
-        sampler's workspace grows with the rows: it is measured with them)."""
+        KV cache can hold at one page each: num_pages, `room` (the budget's pages before any
+        workspace: the sampler's grows with the rows, so it is measured with them), or
+        CPU_MAX_NUM_SEQS where there is no budget."""
         cfg = self.config
-        upper = None  # KV pages the budget could hold with no workspace at all
-        if cfg.num_pages is None and self.budget is not None:
-            upper = device_memory.pages_that_fit(
-                self.budget, memory.in_use, 0, 0, device_memory.SAFETY_MARGIN_BYTES,
-                self.page_bytes)
-            if upper < self.max_pages:  # fail before compiling anything
-                raise self._no_room(upper, 0, "none compiled yet")
         if cfg.max_num_seqs is not None:
             capacity = cfg.max_num_seqs
         elif cfg.num_pages is not None:
             capacity = cfg.num_pages
         else:
-            capacity = CPU_MAX_NUM_SEQS if upper is None else upper
+            capacity = CPU_MAX_NUM_SEQS if room is None else room
         return max(1, min(cfg.max_num_batched_tokens, capacity))
 
     def _no_room(self, num_pages: int, workspace: int, program: str) -> ValueError:
@@ -175,7 +183,7 @@ class ModelRunner:
             f"KV pages but one sequence of max_model_len={self.max_model_len} needs "
             f"{self.max_pages}: raise gpu_memory_utilization or lower max_model_len (budget "
             f"{_bytes(self.budget)}: weights {_bytes(self.weight_bytes)}, workspace "
-            f"{_bytes(workspace)} for {program}, safety margin "
+            f"{_bytes(workspace)} ({program}), safety margin "
             f"{_bytes(device_memory.SAFETY_MARGIN_BYTES)})")
 
     def _cpu_pages(self) -> int:
@@ -263,11 +271,7 @@ class ModelRunner:
         if plan is None:
             plan = measured
             if plan.unplanned is not None and plan.unplanned < 0:
-                raise ValueError(
-                    f"num_pages={num_pages} ({_bytes(plan.kv_bytes)} of KV cache) does not fit "
-                    f"the {_bytes(plan.budget)} budget of gpu_memory_utilization="
-                    f"{cfg.gpu_memory_utilization:g} with weights {_bytes(self.weight_bytes)} "
-                    f"and workspace {_bytes(plan.workspace)}: lower num_pages (or leave it unset)")
+                raise self._num_pages_error(plan.workspace)
         elif measured.workspace > plan.workspace:
             log.warning("the model steps compiled for %d pages need %s of workspace, %s more "
                         "than planned (the safety margin absorbs up to %s)", num_pages,
@@ -275,6 +279,15 @@ class ModelRunner:
                         _bytes(plan.margin))
         self.programs = measured.programs
         return forwards, plan
+
+    def _num_pages_error(self, workspace: int) -> ValueError:
+        """The one-line error of a num_pages that the budget cannot hold."""
+        cfg = self.config
+        return ValueError(
+            f"num_pages={cfg.num_pages} ({_bytes(cfg.num_pages * self.page_bytes)} of KV cache) "
+            f"does not fit the {_bytes(self.budget)} budget of gpu_memory_utilization="
+            f"{cfg.gpu_memory_utilization:g} with weights {_bytes(self.weight_bytes)} and "
+            f"workspace {_bytes(workspace)}: lower num_pages (or leave it unset)")
 
     def _pages_from_budget(self) -> tuple[int, MemoryPlan]:
         """KV pages from what the budget leaves after the weights (and every other live
