@@ -95,6 +95,35 @@ def test_budget_is_the_fraction_of_the_device_capped_at_the_pool(caplog):
         device_memory.memory_budget(1.5, mem)
 
 
+def test_program_memory_reads_the_analysis_and_survives_its_absence():
+    class Compiled:
+        def __init__(self, analysis):
+            self.analysis = analysis
+
+        def memory_analysis(self):
+            if isinstance(self.analysis, Exception):
+                raise self.analysis
+            return self.analysis
+
+    class Stats:  # what XLA gives: the KV cache (600) donated and aliased to an output
+        temp_size_in_bytes = 1000
+        argument_size_in_bytes = 700  # weights 50 + KV 600 + a batch of 50
+        output_size_in_bytes = 620
+        alias_size_in_bytes = 600
+
+    p = device_memory.program_memory("step", Compiled(Stats()), resident_bytes=650)
+    assert (p.temp, p.outputs, p.arguments, p.known) == (1000, 20, 50, True)
+    assert p.workspace == 1070
+
+    class Partial:  # no sizes but the scratch
+        temp_size_in_bytes = 64
+
+    assert device_memory.program_memory("p", Compiled(Partial())).workspace == 64
+    for missing in (None, NotImplementedError("no analysis on this backend")):
+        p = device_memory.program_memory("none", Compiled(missing))
+        assert not p.known and p.workspace == 0
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in device_memory.XLA_FRACTION_VARS:

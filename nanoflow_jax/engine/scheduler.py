@@ -92,7 +92,7 @@ class Scheduler:
         """Pages the running sequences may come to hold (the admission test's left side)."""
         projected = self._projected
         if len(projected) > 2 * len(self.running) + 64:  # forget finished sequences
-            self._projected = projected = {s: projected[s] for s in self.running}
+            self._projected = projected = {s: projected.get(s, 0) for s in self.running}
         return sum(projected.get(s) or max(len(s.pages), self._pages_for(s.num_tokens + 1))
                    for s in self.running)
 
