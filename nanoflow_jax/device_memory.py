@@ -42,8 +42,11 @@ SAFETY_MARGIN_BYTES = 512 << 20
 
 
 def format_bytes(n: int) -> str:
-    """Bytes for a log line: GiB from 1 GiB up, else MiB."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+    """Bytes for a log line, in GiB, MiB or KiB."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def backend_initialized() -> bool:
@@ -128,10 +131,10 @@ def memory_budget(fraction: float, mem: DeviceMemory) -> int:
     wanted = int(fraction * mem.total)
     if wanted > mem.pool * (1 + 1e-3):
         log.warning(
-            "gpu_memory_utilization=%g asks for %.1f GiB but XLA's pool holds %.1f GiB (%g of "
-            "the device): using the pool; call nanoflow_jax.device_memory."
-            "reserve_device_memory(%g) before JAX starts", fraction, wanted / GiB,
-            mem.pool / GiB, xla_memory_fraction(), fraction)
+            "gpu_memory_utilization=%g asks for %s but XLA's pool holds %s (%g of the device): "
+            "using the pool; call nanoflow_jax.device_memory.reserve_device_memory(%g) before "
+            "JAX starts", fraction, format_bytes(wanted), format_bytes(mem.pool),
+            xla_memory_fraction(), fraction)
     return min(wanted, mem.pool)
 
 
@@ -211,9 +214,10 @@ class MemoryPlan:
         if self.budget is None:
             return []
         b = format_bytes
+        capped = ", capped at XLA's pool" if self.budget < int(self.fraction * self.total) else ""
         return [
-            f"memory: {b(self.budget)} = gpu_memory_utilization={self.fraction:g} of "
-            f"{b(self.total)}",
+            f"memory budget {b(self.budget)}: gpu_memory_utilization={self.fraction:g} of "
+            f"{b(self.total)}{capped}",
             f"  weights {b(self.weights)} (live buffers at sizing {b(self.in_use)})",
             f"  workspace {b(self.workspace)} for the largest program, {self.workspace_program}",
             f"  step buffers {b(self.live)}, safety margin {b(self.margin)}",

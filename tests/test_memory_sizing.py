@@ -71,6 +71,16 @@ def test_pages_that_fit_is_whole_pages_of_what_is_left():
     assert device_memory.pages_that_fit(400, 100, 200, 50, 150, 100) == 0  # nothing left
 
 
+def test_engine_config_checks_the_memory_knobs():
+    assert EngineConfig().max_num_seqs is None  # the KV cache's capacity
+    for bad, knob in ((dict(max_num_seqs=0), "max_num_seqs"),
+                      (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization"),
+                      (dict(gpu_memory_utilization=1.01), "gpu_memory_utilization"),
+                      (dict(num_pages=0), "num_pages")):
+        with pytest.raises(ValueError, match=knob):
+            EngineConfig(**bad)
+
+
 def test_total_is_the_pool_over_the_xla_fraction(monkeypatch):
     monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
