@@ -125,6 +125,14 @@ def reserve_device_memory(fraction: float) -> None:
     os.environ[name] = repr(float(fraction))
 
 
+def reserve_if_not_started(fraction: float) -> None:
+    """`reserve_device_memory(fraction)` if JAX has not started its backend yet; else nothing
+    (the engine then warns if the pool is smaller than its budget). The engine calls this
+    first thing, so that `LLM(...)` in a fresh process gets the pool it asks for."""
+    if not backend_initialized():
+        reserve_device_memory(fraction)
+
+
 def memory_budget(fraction: float, mem: DeviceMemory) -> int:
     """Bytes the engine may use: fraction × the device, capped at XLA's pool (warns if so)."""
     _check_fraction(fraction)

@@ -19,8 +19,14 @@ Prompt = str | dict[str, Any]
 
 
 class LLM:
-    def __init__(self, model: str = "tiny-llama", **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args), stream_outputs=False)
+    def __init__(self, model: str = "tiny-llama", *, config: EngineConfig | None = None,
+                 **engine_args):
+        """`engine_args` are EngineConfig's fields; or pass a whole `config` (its model wins)."""
+        if config is None:
+            config = EngineConfig(model=model, **engine_args)
+        elif engine_args:
+            raise ValueError("pass either config or engine arguments, not both")
+        self.engine = LLMEngine(config, stream_outputs=False)
         self._counter = 0
 
     def get_tokenizer(self):

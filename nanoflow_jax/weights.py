@@ -36,12 +36,25 @@ def param_shapes(config: ModelConfig) -> Params:
         layer["bqkv"] = (qkv,)
     tree = {
         "embed": (v, d),
-        "layers": [dict(layer) for _ in range(config.num_layers)],
+        "layers": [_moe_layer_shapes(config, layer) if config.is_moe_layer(i) else dict(layer)
+                   for i in range(config.num_layers)],
         "final_norm": (d,),
     }
     if not config.tie_word_embeddings:
         tree["lm_head"] = (d, v)
     return tree
+
+
+def _moe_layer_shapes(config: ModelConfig, dense_layer: dict) -> dict:
+    """An MoE layer's shapes: the attention of `dense_layer`, a router and the experts
+    (layout in `nanoflow_jax.models.moe`)."""
+    d, e, f = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    layer = {k: s for k, s in dense_layer.items() if k not in ("w_gate_up", "w_down")}
+    layer.update(router=(d, e), experts_gate_up=(e, d, 2 * f), experts_down=(e, f, d))
+    fs = config.shared_expert_intermediate_size
+    if fs:
+        layer.update(shared_gate_up=(d, 2 * fs), shared_down=(fs, d), shared_gate=(d, 1))
+    return layer
 
 
 def _is_shape(x) -> bool:
@@ -79,6 +92,8 @@ def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0) -> Param
             leaves.append(jnp.ones(shape, dtype))
             continue
         fan_in = shape[0] if len(shape) == 2 and "embed" not in name else shape[-1]
+        if len(shape) == 3:  # stacked experts [E, in, out]
+            fan_in = shape[1]
         scale = 0.02 if len(shape) == 1 else fan_in**-0.5
         leaves.append(_random_leaf(jax.random.fold_in(key, i), shape, dtype, scale))
     return jax.tree.unflatten(treedef, leaves)
@@ -100,7 +115,34 @@ def _hf_layer_names(config: ModelConfig, i: int) -> dict[str, list[str]]:
     }
     if config.attention_bias:
         names["bqkv"] = [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+    if config.is_moe_layer(i):
+        del names["w_gate_up"], names["w_down"]
+        if config.architecture == "MixtralForCausalLM":
+            names["router"] = [p + "block_sparse_moe.gate.weight"]
+        else:
+            names["router"] = [p + "mlp.gate.weight"]
+        if config.shared_expert_intermediate_size:
+            s = p + "mlp.shared_expert."
+            names["shared_gate_up"] = [s + "gate_proj.weight", s + "up_proj.weight"]
+            names["shared_down"] = [s + "down_proj.weight"]
+            names["shared_gate"] = [p + "mlp.shared_expert_gate.weight"]
     return names
+
+
+def _hf_expert_names(config: ModelConfig, i: int) -> dict[str, list[list[str]]]:
+    """Our stacked expert key -> per expert, the HF tensor names it is built from."""
+    if not config.is_moe_layer(i):
+        return {}
+    if config.architecture == "MixtralForCausalLM":  # w1 = gate, w3 = up, w2 = down
+        p = f"model.layers.{i}.block_sparse_moe.experts."
+        gate, up, down = "w1", "w3", "w2"
+    else:
+        p = f"model.layers.{i}.mlp.experts."
+        gate, up, down = "gate_proj", "up_proj", "down_proj"
+    experts = range(config.num_experts)
+    return {"experts_gate_up": [[f"{p}{e}.{gate}.weight", f"{p}{e}.{up}.weight"]
+                                for e in experts],
+            "experts_down": [[f"{p}{e}.{down}.weight"] for e in experts]}
 
 
 def _hf_expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -118,9 +160,30 @@ def _hf_expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             if config.attention_bias:
                 out[p + f"self_attn.{x}_proj.bias"] = (n,)
         out[p + "self_attn.o_proj.weight"] = (d, config.q_size)
+        if config.is_moe_layer(i):
+            out.update(_hf_moe_shapes(config, i))
+            continue
         out[p + "mlp.gate_proj.weight"] = (f, d)
         out[p + "mlp.up_proj.weight"] = (f, d)
         out[p + "mlp.down_proj.weight"] = (d, f)
+    return out
+
+
+def _hf_moe_shapes(config: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """HF shapes of MoE layer i's router, experts and shared expert."""
+    d, fe = config.hidden_size, config.moe_intermediate_size
+    fs = config.shared_expert_intermediate_size
+    names = _hf_layer_names(config, i)
+    out = {names["router"][0]: (config.num_experts, d)}
+    for gate, up in _hf_expert_names(config, i)["experts_gate_up"]:
+        out[gate] = out[up] = (fe, d)
+    for (down,) in _hf_expert_names(config, i)["experts_down"]:
+        out[down] = (d, fe)
+    if fs:
+        gate, up = names["shared_gate_up"]
+        out[gate] = out[up] = (fs, d)
+        out[names["shared_down"][0]] = (d, fs)
+        out[names["shared_gate"][0]] = (1, d)
     return out
 
 
@@ -189,6 +252,9 @@ def load_hf_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
                     layer[key] = put(np.concatenate([p.T for p in parts], axis=1))
                 else:
                     layer[key] = put(np.concatenate(parts))
+            for key, per_expert in _hf_expert_names(config, i).items():  # -> [E, in, out]
+                layer[key] = put(np.stack([np.concatenate([get(n).T for n in names], axis=1)
+                                           for names in per_expert]))
             params["layers"].append(layer)
         return params
     finally:

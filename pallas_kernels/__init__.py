@@ -1,9 +1,16 @@
 """Pallas kernels for nanoflow-jax, each beside its pure-jnp reference.
 
-decode_attention:  paged GQA decode attention (split-K, online softmax).
-prefill_attention: paged causal attention over ragged prompt chunks
-                   (chunked prefill with prior context).
-kv_write:          new tokens' K/V into their cache slots in place (reference:
-                   `nanoflow_jax.kv_cache.write_kv`, which the step still uses).
-fused_gemm_decode: a GEMM and decode attention in one launch (overlap experiment).
+Serving kernels (the engine's step runs them on a GPU):
+  decode_attention       paged GQA decode attention (split-K, online softmax; Triton backend).
+  prefill_attention      paged causal attention over ragged prompt chunks (chunked prefill
+                         with prior context).
+  decode_attention_mgpu  persistent Mosaic GPU decode attention on a given number of CTAs
+                         (the SM-partitioned schedules' attention).
+  persistent_matmul      persistent Mosaic GPU GEMM on a given number of CTAs (the
+                         SM-partitioned schedules' GEMMs).
+
+experimental/ (measured, kept for the overlap work; no serving path uses them):
+  kv_write               new tokens' K/V into their cache slots in place (the step writes with
+                         `nanoflow_jax.kv_cache.write_kv`, its reference).
+  fused_gemm_decode      a GEMM and decode attention in one launch, split by program id.
 """

@@ -3,7 +3,7 @@
 Why a second decode kernel: to overlap the decode attention with GEMMs, NanoFlow gives it a
 third of the SMs, and from a third of the SMs it must still read the KV cache near HBM speed.
 The Triton kernel (`decode_attention.py`) cannot: its cp.async pipeline keeps too few bytes in
-flight per SM (0.78 TB/s from 33 SMs at best, BENCHMARKS.md "Session 4"). Here a producer
+flight per SM (0.78 TB/s from 33 SMs at best on an H100, docs/overlap.md). Here a producer
 warpgroup streams whole pages with TMA bulk copies into a ring of `stages` KV blocks, so
 `stages` x 2 x block_kv x D x 2 B are in flight per CTA (4 x 32 KiB by default).
 
@@ -24,7 +24,7 @@ Layout and work split (the same KV cache layout as the Triton kernel):
     item's end consumer 1 hands (m, l, acc) to consumer 0 through shared memory, which
     merges the two softmaxes and writes the output. Why two: one consumer's chain (WGMMA,
     wait, softmax, WGMMA, wait) is latency-bound; a second one fills its gaps (1.2x from
-    33-44 CTAs, BENCHMARKS.md "Session 5").
+    33-44 CTAs on an H100, docs/overlap.md).
 
 Cache slots past `lengths` are masked out of the softmax but are read: they must hold finite
 values (the engine's cache does: zero-initialised, written with finite K/V). A NaN there

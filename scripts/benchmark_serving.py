@@ -43,24 +43,24 @@ import time
 
 from absl import app, flags
 
+from nanoflow_jax import cli
+from nanoflow_jax.benchmarks import workloads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("url", "http://127.0.0.1:8000", "a running server (unless --start_server)")
 flags.DEFINE_bool("start_server", False, "start scripts/serve.py with --model and the engine "
                   "knobs below on a free port, and stop it at the end")
-flags.DEFINE_string("model", "tiny-llama", "checkpoint directory or preset: what the server "
-                    "serves (its vocabulary sizes the random prompts)")
 flags.DEFINE_string("served_model_name", None, "the API's model name (default: the server's "
                     "first in /v1/models)")
 flags.DEFINE_string("api_key", None, "sent as 'Authorization: Bearer <key>'")
 flags.DEFINE_string("workload", "const:64:32", "const:IN:OUT or trace:splitwise|lmsys|sharegpt")
-flags.DEFINE_string("trace_dir", None, "directory of the trace CSVs (default ../shared/workloads)")
+flags.DEFINE_string("trace_dir", workloads.DEFAULT_TRACE_DIR, "directory of the trace CSVs")
 flags.DEFINE_list("rates", ["1", "2", "4", "8"],
                   "request rates (req/s) to sweep; inf = all at once")
 flags.DEFINE_integer("num_requests", 64, "requests per rate", lower_bound=1)
 flags.DEFINE_integer("num_warmup", 2, "requests sent (and not measured) before the first rate",
                      lower_bound=0)
-flags.DEFINE_integer("seed", 0, "prompts, workload sampling and arrival times")
 flags.DEFINE_integer("vocab_size", None, "prompt token ids below this (default: --model's)")
 flags.DEFINE_float("slo_ms_per_token", 200.0, "SLO on the mean normalized latency (e2e / output "
                    "tokens), as in the NanoFlow paper", lower_bound=0.0)
@@ -71,16 +71,10 @@ flags.DEFINE_float("idle_timeout_s", 60.0, "between rates, wait up to this for t
 flags.DEFINE_string("output_json", None, "write the results here")
 flags.DEFINE_string("output_png", None, "plot normalized latency and p99 TTFT against the rate")
 flags.DEFINE_bool("save_requests", False, "add every request's measurements to the JSON")
-# --start_server: serve.py's knobs (unset: serve.py's platform defaults).
-flags.DEFINE_string("dtype", None, "server: weights and KV dtype")
-flags.DEFINE_integer("max_num_batched_tokens", None, "server: dense batch, tokens per iteration")
-flags.DEFINE_integer("max_num_seqs", None, "server: most running sequences")
-flags.DEFINE_integer("max_prefill_seqs", None, "server: most prompt chunks per iteration")
-flags.DEFINE_integer("max_model_len", None, "server: prompt + output tokens per sequence")
-flags.DEFINE_integer("page_size", None, "server: KV page size")
-flags.DEFINE_integer("num_pages", None, "server: KV pages")
-flags.DEFINE_float("gpu_memory_utilization", None, "server: device memory share")
-flags.DEFINE_string("attention_impl", None, "server: pallas | reference | interpret | auto")
+# --start_server: the engine flags (EngineConfig's) given here are passed on to serve.py; the
+# others keep serve.py's defaults.
+cli.define_engine_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_integer("max_queue", None, "server: most waiting requests (default: enough for "
                      "--num_requests at once)")
 flags.DEFINE_multi_string("server_arg", [], "server: any other serve.py flag, e.g. "
@@ -89,9 +83,6 @@ flags.DEFINE_float("server_timeout_s", 1200.0, "server: how long start-up may ta
 flags.DEFINE_string("server_log", None, "server: its log file (default: a temporary file)")
 F = flags.FLAGS
 
-ENGINE_KNOBS = ("dtype", "max_num_batched_tokens", "max_num_seqs", "max_prefill_seqs",
-                "max_model_len", "page_size", "num_pages", "gpu_memory_utilization",
-                "attention_impl")
 PERCENTILES = (50, 90, 99)
 
 
@@ -116,12 +107,10 @@ class Server:
             fd, self.log_path = tempfile.mkstemp(prefix="benchmark_serving_", suffix=".log")
             os.close(fd)
         max_queue = F.max_queue or max(256, F.num_requests + F.num_warmup)
-        self.args = [f"--model={F.model}", "--host=127.0.0.1", f"--port={self.port}",
-                     f"--seed={F.seed}", f"--max_queue={max_queue}", "--noaccess_log"]
-        for name in ENGINE_KNOBS:
-            value = getattr(F, name)
-            if value is not None:
-                self.args.append(f"--{name}={value}")
+        engine_flags = {"model": F.model, "seed": F.seed, **cli.engine_flags_set()}
+        self.args = [f"--{name}={value}" for name, value in engine_flags.items()]
+        self.args += ["--host=127.0.0.1", f"--port={self.port}", f"--max_queue={max_queue}",
+                      "--noaccess_log"]
         self.args += F.server_arg
         env = dict(env, PYTHONPATH=os.pathsep.join(
             p for p in (ROOT, env.get("PYTHONPATH", "")) if p))
@@ -421,8 +410,6 @@ def parse_rates(values: list[str]) -> list[float]:
 async def benchmark(url: str, server: Server | None) -> dict:
     import httpx
 
-    from nanoflow_jax import bench
-
     rates = parse_rates(F.rates)
     headers = {"Authorization": f"Bearer {F.api_key}"} if F.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -440,9 +427,9 @@ async def benchmark(url: str, server: Server | None) -> dict:
         vocab = F.vocab_size or config.vocab_size
         max_model_len = served.get("max_model_len") or F.max_model_len \
             or config.max_position_embeddings
-        trace_dir = F.trace_dir or bench.DEFAULT_TRACE_DIR
-        reqs = bench.load_workload(F.workload, F.num_requests, max_model_len, F.seed, trace_dir)
-        prompts = bench.prompt_token_ids(reqs, vocab, F.seed)
+        reqs = workloads.load_workload(F.workload, F.num_requests, max_model_len, F.seed,
+                                       F.trace_dir)
+        prompts = workloads.prompt_token_ids(reqs, vocab, F.seed)
 
         if F.num_warmup:
             warm = [Result(-1 - i, reqs[i % len(reqs)].prompt_len, 0)
@@ -556,4 +543,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,8 +1,9 @@
 """The benchmark scripts, end to end on the CPU with tiny-llama and tiny workloads.
 
-* scripts/benchmark_throughput.py with `--baseline=hf`: our engine and the HF transformers
-  static-batching baseline (nanoflow_jax/baseline_hf.py) on a constant workload and on a small
-  trace of mixed lengths, in one process.
+* scripts/benchmark_throughput.py with `--baseline=hf,hf-cb`: our engine and the HF transformers
+  peers (nanoflow_jax/benchmarks/hf_baseline.py: static batches of `generate`, and transformers'
+  continuous batching over a paged KV cache) on a constant workload and on a small trace of mixed
+  lengths, in one process; the peers' exact lengths, settings and errors, in process.
 * scripts/benchmark_serving.py with `--start_server`: two request rates against the real server.
 * scripts/benchmark_serving.py against a stub server that refuses or stalls requests: failures
   are counted and never hang the run.
@@ -26,6 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # (ContextTokens, GeneratedTokens): mixed lengths, so the baseline's batches need left padding
 # and decode past some rows' ends.
 TRACE_ROWS = [(5, 3), (20, 9), (7, 1), (33, 12), (12, 6), (3, 10)]
+CB_TOKENS, CB_PAGE = 32, 16  # the continuous-batching peer's tokens per pass and page size
 
 
 def _run(script: str, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -42,9 +44,7 @@ def _run(script: str, *flags: str, timeout: float = 240) -> subprocess.Completed
 # ---- offline throughput + the HF baseline ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def throughput(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("throughput")
+def _throughput(tmp, *args: str) -> list[dict]:
     with open(tmp / "splitwise.csv", "w") as f:
         f.write("TIMESTAMP,ContextTokens,GeneratedTokens\n")
         f.writelines(f"2023-11-16 18:15:{i:02d}.0,{n_in},{n_out}\n"
@@ -53,9 +53,37 @@ def throughput(tmp_path_factory) -> list[dict]:
     _run("benchmark_throughput.py", "--model=tiny-llama", "--workload=const:16:8",
          "--workload=trace:splitwise", f"--trace_dir={tmp}", f"--num_requests={len(TRACE_ROWS)}",
          "--dtype=float32", "--max_num_batched_tokens=64", "--max_model_len=256",
-         "--num_pages=128", "--baseline=hf", "--baseline_batch_size=4",
-         f"--output_json={out}")
+         "--num_pages=128", f"--output_json={out}", *args)
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def throughput(tmp_path_factory) -> list[dict]:
+    """Ours, then the HF transformers peers, on each workload."""
+    return _throughput(tmp_path_factory.mktemp("throughput"), "--baseline=hf,hf-cb",
+                       "--baseline_batch_size=4", f"--baseline_max_batch_tokens={CB_TOKENS}",
+                       f"--baseline_page_size={CB_PAGE}")
+
+
+def test_throughput_of_ours_alone(tmp_path):
+    results = _throughput(tmp_path)
+    assert [r["workload"] for r in results] == ["const:16:8", "trace:splitwise"]
+    for r in results:
+        assert (r["prompt_tokens"], r["output_tokens"]) == EXPECTED[r["workload"]], r
+        assert r["schedule"] == "sequential" and r["dense_batch"] == 64
+        assert r["percent_of_optimal"] == pytest.approx(
+            100 * r["total_tokens_per_s"] / r["optimal_tokens_per_s"])
+
+
+def test_shipped_traces_load():
+    from nanoflow_jax.benchmarks import workloads
+
+    for name in workloads.TRACES:
+        reqs = workloads.load_workload(f"trace:{name}", 100, max_model_len=2048, seed=1)
+        assert len(reqs) == 100
+        assert all(r.prompt_len >= 1 and 1 <= r.output_len and
+                   r.prompt_len + r.output_len <= 2048 for r in reqs)
+        assert len({(r.prompt_len, r.output_len) for r in reqs}) > 10  # real, varied lengths
 
 
 EXPECTED = {  # workload: (prompt tokens, output tokens)
@@ -64,14 +92,22 @@ EXPECTED = {  # workload: (prompt tokens, output tokens)
 }
 
 
-def test_throughput_results_ours_then_baseline(throughput):
-    assert [(r["workload"], r["schedule"] == "hf-transformers") for r in throughput] == [
-        ("const:16:8", False), ("const:16:8", True),
-        ("trace:splitwise", False), ("trace:splitwise", True)]
+SCHEDULES = ("hf-transformers-static", "hf-transformers-cb")
+
+
+def _peer_rows(results: list[dict], schedule: str) -> dict[str, dict]:
+    return {r["workload"]: r for r in results if r["schedule"] == schedule}
+
+
+@pytest.mark.heavy
+def test_throughput_results_ours_then_peers(throughput):
+    assert [(r["workload"], r["schedule"]) for r in throughput] == [
+        (w, s) for w in EXPECTED for s in ("sequential", *SCHEDULES)]
     for r in throughput:
         n_in, n_out = EXPECTED[r["workload"]]
         assert r["model"] == "tiny-llama"
         assert r["num_requests"] == len(TRACE_ROWS)
+        assert r.get("peer_error") is None, r
         # Exact lengths, counted the same way: real prompt tokens + generated tokens.
         assert (r["prompt_tokens"], r["output_tokens"]) == (n_in, n_out), r
         assert r["elapsed_s"] > 0 and r["steps"] > 0
@@ -81,16 +117,21 @@ def test_throughput_results_ours_then_baseline(throughput):
         assert r["peak_tflops"] > 0 and r["optimal_tokens_per_s"] > 0
         assert r["percent_of_optimal"] == pytest.approx(
             100 * r["total_tokens_per_s"] / r["optimal_tokens_per_s"])
+    # One GEMM peak for ours and the peers.
+    assert len({r["peak_tflops"] for r in throughput}) == 1
 
 
-def test_hf_baseline_static_batches(throughput):
-    const, trace = (r for r in throughput if r["schedule"] == "hf-transformers")
+@pytest.mark.heavy
+def test_hf_static_peer(throughput):
+    rows = _peer_rows(throughput, "hf-transformers-static")
+    const, trace = rows["const:16:8"], rows["trace:splitwise"]
     for r in (const, trace):
+        assert r["peer"] == "hf-static"
         assert r["device"] == "cpu" and r["dtype"] == "float32"
         assert r["weights"] == "random init" and r["attn_implementation"] == "sdpa"
         assert r["batch_size"] == 4 and r["batches"] == 2  # 6 requests: 4 + 2
         assert len(r["batch_s"]) == 2 and sum(r["batch_s"]) <= r["elapsed_s"]
-        assert r["torch"].startswith("2.") and r["transformers"]
+        assert r["torch"].startswith("2.") and r["transformers"].startswith("5.")
         assert r["host_ms_per_step"] is None
     # Each batch decodes to its longest output; nothing is padded when every length is equal.
     assert const["steps"] == 2 * 8 and const["padded_tokens"] == 0
@@ -99,6 +140,138 @@ def test_hf_baseline_static_batches(throughput):
     padded = sum(max(i for i, _ in b) - i + max(o for _, o in b) - o
                  for b in (first, second) for i, o in b)
     assert trace["padded_tokens"] == padded > 0
+
+
+@pytest.mark.heavy
+def test_hf_continuous_batching_peer(throughput):
+    rows = _peer_rows(throughput, "hf-transformers-cb")
+    static = _peer_rows(throughput, "hf-transformers-static")
+    for workload, r in rows.items():
+        assert r["peer"] == "hf-cb" and r["cb_attn"] == "auto"
+        assert r["device"] == "cpu" and r["dtype"] == "float32"
+        # No flash attention on the CPU: SDPA over the paged cache ("paged|sdpa" in 5.17).
+        assert r["attn_implementation"] in ("sdpa", "paged|sdpa")
+        assert r["transformers"] == static[workload]["transformers"]
+        assert (r["max_batch_tokens"], r["page_size"]) == (CB_TOKENS, CB_PAGE)
+        # On the CPU the cache holds the whole workload: one page per started 16 tokens.
+        lens = ([(16, 8)] * len(TRACE_ROWS) if workload.startswith("const")
+                else TRACE_ROWS)
+        assert r["num_blocks"] == sum(math.ceil((i + o) / CB_PAGE) for i, o in lens)
+        assert r["kv_cache_tokens"] == r["num_blocks"] * CB_PAGE
+        assert 1 <= r["max_requests_per_batch"] <= CB_TOKENS
+        assert r["use_cuda_graph"] == [False, False] and r["use_async_batching"] is False
+        assert r["setup_s"] > 0 and r["host_ms_per_step"] is None
+        assert "batches" not in r and "padded_tokens" not in r
+        # Every pass adds at most one token per request and reads at most CB_TOKENS tokens: a
+        # lower bound on the passes. Requests join and leave between passes, so mixed lengths
+        # take fewer passes than static batches, which decode each batch to its longest output.
+        n_in, n_out = EXPECTED[workload]
+        longest = max(o for _, o in lens)
+        assert r["steps"] >= max(longest, math.ceil((n_in + n_out - len(lens)) / CB_TOKENS))
+    assert rows["trace:splitwise"]["steps"] < static["trace:splitwise"]["steps"]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    return hf_baseline.load_hf_model("tiny-llama", seed=0)
+
+
+@pytest.mark.heavy
+def test_continuous_batching_exact_lengths_with_a_full_cache(tiny_hf):
+    """Four pages of 16 tokens for 8 requests of up to 60 tokens: requests wait for pages,
+    prefills are split (16 tokens a pass), at most 3 requests a pass; every request still gets
+    exactly its length."""
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    model, info = tiny_hf
+    lens = [(5, 3), (20, 9), (7, 1), (33, 12), (12, 6), (3, 10), (40, 5), (9, 20)]
+    prompts = [[(7 * k + j) % 200 + 1 for j in range(n_in)] for k, (n_in, _) in enumerate(lens)]
+    outs = [o for _, o in lens]
+    settings = hf_baseline.PeerSettings(max_batch_tokens=16, num_blocks=4, page_size=16,
+                                        max_requests=3)
+    run = hf_baseline.run_continuous_batching(model, prompts, outs, "cpu", settings)
+    assert run["output_tokens"] == sum(outs)  # each request's length is checked inside
+    assert (run["num_blocks"], run["kv_cache_tokens"], run["max_batch_tokens"]) == (4, 64, 16)
+    assert run["max_requests_per_batch"] == 3
+    n_in = sum(i for i, _ in lens)
+    assert run["steps"] >= math.ceil((n_in + sum(outs) - len(lens)) / 16)
+    # The model is handed back with its own attention, and static batches still run.
+    assert model.config._attn_implementation == "sdpa"
+    static = hf_baseline.run_static_batches(model, prompts[:2], outs[:2], 2, "cpu",
+                                            warmup=False)
+    assert static["steps"] == max(outs[:2])
+
+
+@pytest.mark.heavy
+def test_peer_past_its_time_limit_gives_an_error_row(tiny_hf):
+    """One request of 1000 tokens: far past a 0.3 s limit; the manager stops at once."""
+    from nanoflow_jax.benchmarks import hf_baseline, workloads
+
+    model, info = tiny_hf
+    reqs = [workloads.Request(4, 1000)]
+    settings = hf_baseline.PeerSettings(timeout_s=0.3, num_blocks=64, page_size=16)
+    t0 = time.perf_counter()
+    row = hf_baseline.run_peer("hf-cb", model, info, "const:4:1000", reqs, [[1, 2, 3, 4]],
+                               settings)
+    assert row["peer_error"] == "TimeoutError: stopped after 0.3 s with 0 of 1 requests done"
+    assert row["total_tokens_per_s"] is None and time.perf_counter() - t0 < 60
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.heavy
+def test_failing_peer_gives_an_error_row(tiny_hf):
+    from nanoflow_jax.benchmarks import hf_baseline, workloads
+
+    _, info = tiny_hf
+    reqs = [workloads.Request(4, 2), workloads.Request(3, 5)]
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+
+    class NoContinuousBatching:  # a transformers model without the API
+        config = type("Config", (), {"_attn_implementation": "sdpa"})()
+
+    row = hf_baseline.run_peer("hf-cb", NoContinuousBatching(), info, "const:4:2", reqs, prompts)
+    assert row["peer_error"].startswith("PeerUnavailable:")
+    assert row["schedule"] == "hf-transformers-cb" and row["num_requests"] == 2
+    assert (row["prompt_tokens"], row["output_tokens"]) == (7, 7)
+    assert row["total_tokens_per_s"] is None and row["percent_of_optimal"] is None
+    hf_baseline.add_optimal(row, 1e12, 1000)
+    assert row["percent_of_optimal"] is None and row["optimal_tokens_per_s"] == 5e8
+    # A model that cannot load: one error row per peer and workload, nothing raised.
+    rows = hf_baseline.run_peers("no-such-model", ("hf-static", "hf-cb"),
+                                 [("const:4:2", reqs, prompts)])
+    assert [r["schedule"] for r in rows] == list(SCHEDULES)
+    assert all(r["peer_error"].startswith("loading the model") for r in rows)
+
+
+def test_peer_names_and_settings():
+    from nanoflow_jax.benchmarks import hf_baseline
+
+    assert hf_baseline.parse_peers(["none"]) == ((), False)
+    assert hf_baseline.parse_peers(["hf"]) == (("hf-static",), False)
+    assert hf_baseline.parse_peers(["hf-cb", "hf", "hf-static"]) == (("hf-cb", "hf-static"), False)
+    assert hf_baseline.parse_peers(["hf-only"]) == (("hf-static",), True)
+    with pytest.raises(ValueError, match="--baseline: unknown peer 'vllm'"):
+        hf_baseline.parse_peers(["hf", "vllm"])
+    with pytest.raises(ValueError, match="baseline_num_blocks"):
+        hf_baseline.PeerSettings(num_blocks=0)
+    with pytest.raises(ValueError, match="baseline_page_size"):
+        hf_baseline.PeerSettings(page_size=2)
+    with pytest.raises(ValueError, match="baseline_cb_attn"):
+        hf_baseline.PeerSettings(cb_attn="flash")
+    with pytest.raises(ValueError, match="baseline_cb_max_requests"):
+        hf_baseline.PeerSettings(max_requests=0)
+    with pytest.raises(ValueError, match="baseline_timeout_s"):
+        hf_baseline.PeerSettings(timeout_s=0)
+
+
+def test_throughput_rejects_unknown_peer():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_throughput.py"),
+                           "--baseline=hf,vllm"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0 and "unknown peer 'vllm'" in proc.stderr
 
 
 # ---- serving: the real server, two rates ------------------------------------------------------
@@ -243,7 +416,7 @@ def test_device_ms_per_call_enqueues_calls_back_to_back():
     """One warm-up call, then `repeats` timings of `calls` calls each, all blocked on."""
     import jax.numpy as jnp
 
-    from nanoflow_jax.bench import device_ms_per_call
+    from nanoflow_jax.benchmarks.timing import device_ms_per_call
 
     seen = []
 

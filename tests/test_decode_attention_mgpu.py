@@ -2,7 +2,7 @@
 
 The interpreter runs the kernel's TMA page ring, barriers, paging, masking and online softmax;
 it has no transposed WGMMA operands, so there the two products are plain dots (the GPU run of
-`benchmarks/overlap_micro.py --mgpu_attention_programs=...` checks the WGMMA path against the
+`profiling/overlap_micro.py --mgpu_attention_programs=...` checks the WGMMA path against the
 Triton kernel).
 """
 import jax.numpy as jnp

@@ -80,7 +80,7 @@ def test_many_requests_exact_lengths_no_leaks_no_recompiles(llm):
 
 def test_step_has_no_device_side_branch(llm):
     """An XLA conditional on the GPU copies its predicate to the host and blocks the thread
-    that enqueues the step until the device reaches it (in sessions 1-4 the sampler's
+    that enqueues the step until the device reaches it (a sampler with
     `lax.cond`s held every enqueue for a whole step). Neither program of a step has one."""
     runner = llm.engine.runner
     shape = runner.shape_for(runner.buckets[-1])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.fused_gemm_decode import (
+from pallas_kernels.experimental.fused_gemm_decode import (
     INTERLEAVES,
     fused_gemm_decode,
     fused_gemm_decode_reference,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nanoflow_jax.kv_cache import write_kv
-from pallas_kernels.kv_write import write_kv_pallas
+from pallas_kernels.experimental.kv_write import write_kv_pallas
 from tests.helpers import random_seed
 
 

@@ -13,9 +13,10 @@ from nanoflow_jax.kv_cache import init_kv_cache
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
-from nanoflow_jax.pipeline.schedule import (NanoOp, Schedule, named_schedule, nano_batched,
-                                            nano_pipelined, sequential)
-from tests.helpers import rel_err
+from nanoflow_jax.pipeline.schedule import (NanoOp, Schedule, nano_batched, nano_pipelined,
+                                            sequential)
+from nanoflow_jax.pipeline.spec import ScheduleSpec, named_schedule
+from tests.helpers import golden_path, rel_err
 
 PAGE, T = 4, 64
 
@@ -247,6 +248,72 @@ def test_pipelined_stream_calls_two_per_tick_and_cache_writes_outside():
     assert len(groups) == 2 * (num_layers + 1)
     with pytest.raises(ValueError, match="unknown schedule"):
         named_schedule("nano", 64)
+
+
+def _digest(schedule: Schedule) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(json.loads(schedule.to_json()),
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_every_alias_builds_the_schedule_it_always_did():
+    """tests/golden/schedule_aliases.json holds digests of the schedules the string parser
+    built for 400 aliases (every family and suffix, 3 dense batches); the spec builds each."""
+    import json
+
+    with open(golden_path("schedule_aliases.json")) as f:
+        golden = json.load(f)
+    assert len(golden) > 300
+    for key, digest in golden.items():
+        alias, tokens = key.rsplit("@", 1)
+        spec = ScheduleSpec.parse(alias)
+        assert spec.alias == alias  # canonical: the alias is the spec's own name
+        assert _digest(spec.build(int(tokens))) == digest, key
+        assert _digest(named_schedule(alias, int(tokens))) == digest, key
+        assert ScheduleSpec.from_dict(json.loads(spec.to_json())) == spec
+
+
+def test_schedule_spec_json_and_schedule_json_files(tmp_path):
+    spec = ScheduleSpec("pipe", num_nano=2, streams=False, attention_sm_share=0.33,
+                        gemm_sm_share=0.67, min_tokens=1024, concurrent=True)
+    assert spec.alias == "nano2-pipe-nostreams-sm33-gemm67-min1024+graph"
+    assert ScheduleSpec.parse(spec.alias) == spec
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(spec.to_json())
+    built = named_schedule(str(spec_file), 2048)
+    assert built == spec.build(2048) and built.name == spec.alias
+    sched_file = tmp_path / "schedule.json"
+    sched_file.write_text(nano_pipelined(1024, 2).to_json())
+    assert named_schedule(str(sched_file), 2048) == nano_pipelined(1024, 2).for_tokens(2048)
+    assert named_schedule(spec, 2048) == built  # objects too
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"num_tokens": 3}')
+    with pytest.raises(ValueError, match="neither a Schedule JSON"):
+        named_schedule(str(bad), 64)
+    bad.write_text('{"kind": "pipe", "overlap": false}')
+    with pytest.raises(ValueError, match="overlap applies to kind nano"):
+        named_schedule(str(bad), 64)
+    bad.write_text('{"kind": "nano", "colour": 1}')
+    with pytest.raises(ValueError, match="unknown ScheduleSpec field"):
+        named_schedule(str(bad), 64)
+    with pytest.raises(FileNotFoundError):
+        named_schedule(str(tmp_path / "missing.json"), 64)
+
+
+@pytest.mark.parametrize("name", ["nano", "nano2-pipe-sm0", "sequential-min512", "seq",
+                                  "nano2+graph-min64", "nano2-gemm50", "nano1-pipe"])
+def test_bad_schedule_names_get_one_line_listing_the_forms(name):
+    with pytest.raises(ValueError) as err:
+        named_schedule(name, 1024)
+    message = str(err.value)
+    assert "\n" not in message and name in message
+    if "sm0" not in name and name != "nano1-pipe":
+        assert "valid forms: sequential, nanoN" in message and "auto" in message
+    # The engine's config names the knob, at construction.
+    with pytest.raises(ValueError, match="^schedule: "):
+        nf.EngineConfig(schedule=name)
 
 
 def test_inline_nested_jits_flattens_and_keeps_values():

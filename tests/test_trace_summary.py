@@ -1,7 +1,7 @@
 """trace_summary on a hand-written XSpace: two streams whose kernels overlap by a known time."""
 from jax.profiler import ProfileData
 
-from benchmarks.trace_summary import format_summary, kernel_events, summarize
+from profiling.trace_summary import format_summary, kernel_events, kernel_kind, summarize
 
 # Stream 1: gemm [0, 3) us and gemm [5, 6) us; stream 2: attn [2, 6) us. Busy 6 us, summed
 # 8 us, two at once during [2, 3) and [5, 6): 2 us. Times in picoseconds from the line start.
@@ -29,3 +29,13 @@ def test_overlap_of_two_streams():
     assert abs(s["overlap_ms"] - 0.001) < 1e-9 and s["kernels"] == 1.5
     assert [n for n, _ in s["top"]] == ["gemm", "attn"]
     assert "2 at once 0.00 ms" in format_summary(s)
+
+
+def test_kernel_kinds_add_up_across_layers():
+    assert kernel_kind("loop_scatter_fusion_12") == "loop_scatter_fusion"
+    assert kernel_kind("input_reduce_fusion.3_1") == "input_reduce_fusion"
+    assert kernel_kind("nvjet_tst_128x256") == "nvjet_tst_128x256"
+    events = [("loop_scatter_fusion_1", 0, 10), ("loop_scatter_fusion_2", 20, 30),
+              ("gemm", 40, 55)]
+    (kind, ms), _ = summarize(events)["top"]
+    assert kind == "loop_scatter_fusion" and abs(ms - 20e-6) < 1e-12

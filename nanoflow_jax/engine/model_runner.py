@@ -34,7 +34,7 @@ from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
-from nanoflow_jax.pipeline.schedule import named_schedule
+from nanoflow_jax.pipeline.spec import named_schedule
 from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
 log = logging.getLogger("nanoflow_jax")
@@ -74,9 +74,9 @@ class InFlight:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig):
+        device_memory.reserve_if_not_started(config.gpu_memory_utilization)
+        config = config.for_backend(jax.default_backend())
         self.config = config
-        if not device_memory.backend_initialized():  # else the pool is what it is (warned)
-            device_memory.reserve_device_memory(config.gpu_memory_utilization)
         t0 = time.perf_counter()
         model = load_model(config.model, dtype=config.dtype, seed=config.seed)
         self.model_config: ModelConfig = model.config
@@ -89,6 +89,10 @@ class ModelRunner:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context "
                              f"({mc.max_position_embeddings}): lower --max_model_len")
+        if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding "
+                             f"window ({mc.sliding_window}), which the attention kernels do not "
+                             f"implement: lower --max_model_len to {mc.sliding_window} or less")
         self.max_pages = -(-self.max_model_len // config.page_size)
         self.kv_dtype = jnp.dtype(config.dtype)
         self.page_bytes = page_bytes(mc, config.page_size, self.kv_dtype)
@@ -100,7 +104,9 @@ class ModelRunner:
         self.max_num_seqs = config.max_num_seqs or self.max_decode  # running sequences
         self.num_rows = self.max_decode + config.max_prefill_seqs
         self.buckets = config.token_buckets()
-        self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens)
+        # Before the KV cache: `auto` may profile the ops on the device first.
+        self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens,
+                                       model_config=mc, dtype=config.dtype)
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"

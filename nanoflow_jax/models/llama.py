@@ -1,4 +1,5 @@
-"""The LLaMA-family decoder (LLaMA-2/3, Mistral, Qwen2) as pure functions of a params pytree.
+"""The LLaMA-family decoder (LLaMA-2/3, Mistral, Qwen2, and with mixture-of-experts MLPs Mixtral
+and Qwen2-MoE) as pure functions of a params pytree.
 
 The model runs over a *flat token batch*: token ids `[T]` and positions `[T]` of any mix of
 decode tokens and prefill chunks of many sequences, so a nano-batch is a slice of the token
@@ -15,6 +16,7 @@ Params pytree (weights stored `[in, out]` so every projection is `x @ w`):
         mlp_norm    [D]
         w_gate_up   [D, 2·F]                gate and up fused: one GEMM ("up_gate")
         w_down      [F, D]
+        (an MoE layer has a router and experts instead of w_gate_up / w_down: models/moe.py)
     final_norm  [D]
     lm_head     [D, V]                      absent when config.tie_word_embeddings
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanoflow_jax.config import ModelConfig
+from nanoflow_jax.models import moe
 
 Params = dict[str, Any]
 
@@ -111,13 +114,21 @@ def o_proj(layer: Params, attn: jax.Array, residual: jax.Array, matmul=jnp.matmu
 
 def up_gate_proj(layer: Params, x: jax.Array, config: ModelConfig,
                  matmul=jnp.matmul) -> jax.Array:
-    """Pre-MLP norm + fused gate/up GEMM: x [T, D] -> [T, 2·F]."""
-    return matmul(rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), layer["w_gate_up"])
+    """Pre-MLP norm + fused gate/up GEMM: x [T, D] -> [T, 2·F].
+
+    A mixture-of-experts layer (one with a "router") runs its whole expert block here
+    instead, -> [T, D] (`moe.moe_block`), and `down_proj` only adds it to the residual."""
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    if "router" in layer:
+        return moe.moe_block(layer, h, config, matmul)
+    return matmul(h, layer["w_gate_up"])
 
 
 def down_proj(layer: Params, gate_up: jax.Array, residual: jax.Array,
               matmul=jnp.matmul) -> jax.Array:
     """SwiGLU then the down GEMM: gate_up [T, 2·F] -> residual + (silu(g)·u)·Wdown, [T, D]."""
+    if "router" in layer:  # gate_up is the expert block's output [T, D]
+        return residual + gate_up
     gate, up = jnp.split(gate_up, 2, axis=-1)
     return residual + matmul(jax.nn.silu(gate) * up, layer["w_down"])
 

@@ -24,12 +24,15 @@ its CUDA graphs (command buffers in CONCURRENT scheduling mode): overlap without
 Token boundaries are given for `num_tokens`; for another bucket size they scale
 proportionally (rounded to a multiple of 16), and a bucket smaller than `min_tokens` runs the
 sequential schedule, where splitting cannot pay.
+
+The hand-written families below are built from a `ScheduleSpec` or its short alias
+(`pipeline/spec.py`, whose docstring is the table of every form `--schedule` takes); the
+auto-search (`pipeline/autosearch.py`) writes schedules of its own.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 
 OPS = ("qkv", "attn", "o_proj", "up_gate", "down")  # data-flow order within a token
 
@@ -243,41 +246,3 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
             + ("+graph" if concurrent else ""))
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano,
                     concurrent=concurrent)
-
-
-_NAME = re.compile(
-    r"nano(\d+)(-pipe(-nostreams)?(-sm(\d+))?(-gemm(\d+))?|-nooverlap|-grouped)?")
-
-
-def named_schedule(name: str, num_tokens: int) -> Schedule:
-    """A schedule by name: `sequential`; per layer `nanoN` (GEMMs on stream 1),
-    `nanoN-nooverlap` (one stream), `nanoN-grouped` (two streams, a scheduling group per
-    tick); across layers `nanoN-pipe` (two streams, grouped) or `nanoN-pipe-nostreams`, either
-    with `-smP` (decode attention on P % of the SMs) and/or `-gemmP` (GEMMs persistent on P %
-    of the SMs, issued before the attention); any nanoN schedule with `-minM` (split only
-    buckets of at least M tokens; smaller ones run sequentially); any of these with `+graph`
-    (XLA may run independent kernels at once); or a path to a schedule JSON."""
-    if name.endswith(".json"):
-        with open(name) as f:
-            return Schedule.from_json(f.read()).for_tokens(num_tokens)
-    base, graph = name.removesuffix("+graph"), name.endswith("+graph")
-    if base == "sequential":
-        return sequential(num_tokens, graph)
-    if m := re.fullmatch(r"(nano.+)-min(\d+)", base):
-        s = named_schedule(m[1] + ("+graph" if graph else ""), num_tokens)
-        return dataclasses.replace(s, name=name, min_tokens=max(s.min_tokens, int(m[2])))
-    m = _NAME.fullmatch(base)
-    if m and m[2] and m[2].startswith("-pipe"):
-        shares = [int(p) / 100 if p else 1.0 for p in (m[5], m[7])]
-        if not all(0 < share <= 1 for share in shares):
-            raise ValueError(f"schedule {name!r}: an SM share must be 1..100 %")
-        return nano_pipelined(num_tokens, int(m[1]), streams=not m[3], concurrent=graph,
-                              attn_sm_share=shares[0], gemm_sm_share=shares[1])
-    if m:
-        s = nano_batched(num_tokens, int(m[1]), overlap=m[2] != "-nooverlap",
-                         grouped=m[2] == "-grouped")
-        return dataclasses.replace(s, name=name, concurrent=graph)
-    raise ValueError(f"unknown schedule {name!r}: sequential, nanoN, nanoN-nooverlap, "
-                     f"nanoN-grouped, nanoN-pipe[-nostreams][-smP][-gemmP] (N = 2..4), "
-                     f"nanoN schedules optionally -minM, each optionally +graph, or a .json "
-                     f"file")

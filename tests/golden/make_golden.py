@@ -1,10 +1,11 @@
 """Write tiny random-weight HF checkpoints and their HF transformers logits (the goldens).
 
 Run from the repo root when the model code's reference behaviour must be re-derived:
-    pip install torch==2.13.0 transformers && python tests/golden/make_golden.py
+    pip install torch==2.13.0 transformers && python tests/golden/make_golden.py [NAME ...]
 The tests read the checkpoints and `logits.npz` files and never import torch.
 """
 import os
+import sys
 
 import numpy as np
 import torch
@@ -30,14 +31,29 @@ MODELS = {
     "qwen2": transformers.Qwen2Config(
         **COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
     ),
+    # Top-2 of 4 experts, weights renormalised.
+    "mixtral": transformers.MixtralConfig(
+        **COMMON, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+        num_local_experts=4, num_experts_per_tok=2,
+    ),
+    # Top-3 of 8 small experts, weights not renormalised, a gated shared expert, and a dense
+    # MLP in layer 1 (mlp_only_layers).
+    "qwen2_moe": transformers.Qwen2MoeConfig(
+        **{**COMMON, "num_hidden_layers": 3}, rope_theta=1000000.0, tie_word_embeddings=False,
+        use_sliding_window=False, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[1],
+    ),
 }
 GREEDY_PROMPT_LENS = (5, 37, 70)
 GREEDY_NEW_TOKENS = 16
-ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+        "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
-def main():
+def main(names):
     for i, (name, config) in enumerate(MODELS.items()):
+        if names and name not in names:
+            continue
         torch.manual_seed(i)
         config.architectures = [ARCH[name]]
         model = getattr(transformers, ARCH[name])(config).eval().float()
@@ -47,6 +63,10 @@ def main():
                     p.copy_(1 + 0.1 * torch.randn_like(p))
                 elif pname.endswith("bias"):
                     p.copy_(0.1 * torch.randn_like(p))
+                elif pname.endswith("gate.weight"):  # routers, shared expert gate: decisive
+                    p.copy_(0.3 * torch.randn_like(p))
+                elif "expert" in pname:  # experts at unit gain, so the goldens weigh them
+                    p.copy_(p.shape[-1] ** -0.5 * torch.randn_like(p))
         out_dir = os.path.join(HERE, name)
         model.save_pretrained(out_dir, safe_serialization=True)
         ids = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(i))
@@ -70,4 +90,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])  # model names (default: all)

@@ -1,0 +1,361 @@
+"""Per-op device times, the auto-search's input: the format, the profiler, a synthetic profile.
+
+A profile holds, for one device, JAX version, model shapes, dtype and dense batch, the time of
+each of the executor's ops run alone (`executor._State.run`, the very code a schedule runs):
+
+    gemm[op][i][k]            ms of qkv | o_proj | up_gate | down over tokens[i] rows at
+                              shares[k] of the SMs (norm, RoPE, SwiGLU and the residual add
+                              are part of these ops, as in the executor)
+    decode_attn[i][c][k]      ms of decode attention of tokens[i] decode rows, each with
+                              contexts[c] tokens of context, at shares[k] (read-only: the KV
+                              write is its own entry)
+    prefill_attn[i]           ms of prefill attention of one prompt chunk of tokens[i] tokens
+                              (no prior context), on all SMs (the kernel has no SM knob)
+    kv_write[i]               ms of writing tokens[i] rows' K and V into the paged cache
+
+A share below 1 runs the kernel the executor runs at that share: the persistent Mosaic GPU GEMM
+on round(share·SMs) CTAs (`executor.persistent_gemm`), and decode attention persistent on as
+many programs; share 1 is the default path (XLA's GEMM, the non-persistent attention). On the
+CPU every share runs the same jnp code: the profile is correct there, only meaningless.
+
+Lookups interpolate linearly between profiled token counts: a GEMM below the smallest count
+costs what the smallest does (its weights are read all the same), attention and the KV write
+scale down to 0 rows; decode attention is linear in the context between and beyond the
+profiled contexts.
+
+`scripts/autosearch.py --steps=profile` profiles on the local device and writes the JSON to the
+cache (`cache_path`), where `schedule="auto"` finds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+GEMM_OPS = ("qkv", "o_proj", "up_gate", "down")
+FORMAT = 1
+DEFAULT_SHARES = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_CONTEXTS = (512, 2048)
+
+
+def model_key(config) -> dict:
+    """The model shapes a profile depends on."""
+    return {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim, "attention_bias": config.attention_bias}
+
+
+def device_key() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    from pallas_kernels._compat import num_sms
+
+    return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "num_sms": num_sms()}
+
+
+def profile_key(config, num_tokens: int, dtype: str, page_size: int) -> dict:
+    """What a profile is valid for: device, JAX version, model shapes, dtype, dense batch."""
+    return {**device_key(), "model": model_key(config), "dtype": str(dtype),
+            "num_tokens": num_tokens, "page_size": page_size}
+
+
+def cache_dir() -> str:
+    """$NANOFLOW_JAX_CACHE, else ~/.cache/nanoflow_jax."""
+    return os.environ.get("NANOFLOW_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "nanoflow_jax")
+
+
+def cache_path(key: dict, directory: str | None = None) -> str:
+    """The profile's file in the cache: one per device, JAX version, model, dtype, batch."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"{key['device']}-{key['dtype']}-T{key['num_tokens']}-{digest}.json"
+    return os.path.join(directory or cache_dir(), "profiles", name.replace(" ", "_"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    key: dict
+    tokens: tuple[int, ...]  # profiled token (and decode row) counts, increasing
+    shares: tuple[float, ...]  # profiled SM shares, increasing, the last 1.0
+    contexts: tuple[int, ...]  # profiled decode contexts, increasing
+    gemm: dict  # op -> [tokens][shares] ms
+    decode_attn: list  # [tokens][contexts][shares] ms
+    prefill_attn: list  # [tokens] ms
+    kv_write: list  # [tokens] ms
+
+    def __post_init__(self):
+        t, s, c = len(self.tokens), len(self.shares), len(self.contexts)
+        if list(self.tokens) != sorted(set(self.tokens)) or not t:
+            raise ValueError(f"profile tokens must increase, got {self.tokens}")
+        if list(self.shares) != sorted(set(self.shares)) or self.shares[-1] != 1.0:
+            raise ValueError(f"profile shares must increase to 1.0, got {self.shares}")
+        shape_ok = (set(self.gemm) == set(GEMM_OPS)
+                    and all(np.shape(self.gemm[o]) == (t, s) for o in GEMM_OPS)
+                    and np.shape(self.decode_attn) == (t, c, s)
+                    and np.shape(self.prefill_attn) == (t,) and np.shape(self.kv_write) == (t,))
+        if not shape_ok:
+            raise ValueError("profile tables do not match its tokens, contexts and shares")
+
+    # ---- lookups (ms) -----------------------------------------------------------------------
+
+    def _share(self, share: float) -> int:
+        if share not in self.shares:
+            raise ValueError(f"share {share} not profiled; shares: {self.shares}")
+        return self.shares.index(share)
+
+    def gemm_ms(self, op: str, tokens: int, share: float = 1.0) -> float:
+        k = self._share(share)
+        return _interp(self.tokens, [row[k] for row in self.gemm[op]], tokens, floor=True)
+
+    def decode_ms(self, rows: int, context: int, share: float = 1.0) -> float:
+        if rows <= 0:
+            return 0.0
+        k = self._share(share)
+        per_context = [_interp(self.tokens, [r[c][k] for r in self.decode_attn], rows)
+                       for c in range(len(self.contexts))]
+        return max(_interp(self.contexts, per_context, context, extrapolate=True), 1e-6)
+
+    def prefill_ms(self, tokens: int) -> float:
+        return _interp(self.tokens, self.prefill_attn, tokens)
+
+    def kv_write_ms(self, tokens: int) -> float:
+        return _interp(self.tokens, self.kv_write, tokens)
+
+    # ---- JSON --------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        d = json.loads(text)
+        if d.pop("format", None) != FORMAT:
+            raise ValueError(f"not a profile of format {FORMAT}")
+        return cls(d["key"], tuple(d["tokens"]), tuple(d["shares"]), tuple(d["contexts"]),
+                   d["gemm"], d["decode_attn"], d["prefill_attn"], d["kv_write"])
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Profile":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+
+def _interp(xs, ys, x: float, floor: bool = False, extrapolate: bool = False) -> float:
+    """Linear in x between the points; below the first: ys[0] (floor) or scaled toward 0;
+    beyond the last: the last segment's slope (extrapolate) or scaled proportionally."""
+    xs, ys = list(xs), list(ys)
+    if len(xs) == 1:
+        return ys[0] if floor or extrapolate else ys[0] * x / xs[0]
+    if x < xs[0] and not extrapolate:
+        return ys[0] if floor else ys[0] * x / xs[0]
+    if x > xs[-1] and not extrapolate:
+        return ys[-1] * x / xs[-1]
+    i = min(max(int(np.searchsorted(xs, x)) - 1, 0), len(xs) - 2)
+    w = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return float(ys[i] + w * (ys[i + 1] - ys[i]))
+
+
+def token_counts(num_tokens: int, step: int) -> tuple[int, ...]:
+    """Multiples of `step` up to the dense batch (the dense batch itself included)."""
+    if step < 1:
+        raise ValueError(f"token step must be >= 1, got {step}")
+    return tuple(sorted(set(range(step, num_tokens, step)) | {num_tokens}))
+
+
+# ---- the synthetic profile (tests, and a prior where nothing was measured) ------------------
+
+
+def attention_speed(share: float) -> float:
+    """NanoFlow's measured fraction of decode attention's speed kept at an SM share."""
+    return float(np.interp(share, [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+                           [0.0, 0.25, 0.5, 0.7, 0.85, 0.95, 1.0]))
+
+
+def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
+                      shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, peak_tflops=700.0,
+                      hbm_tbps=4.0, page_size: int = 16) -> Profile:
+    """A roofline profile: GEMMs at `peak_tflops` scaled by their share of the SMs (or bound
+    by reading their weights), decode attention bound by reading the KV cache at `hbm_tbps`
+    times `attention_speed(share)`, prefill attention at the peak. No device is touched."""
+    item = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+    tokens = token_counts(num_tokens, token_step)
+    d, f, qkv = config.hidden_size, config.intermediate_size, config.q_size + 2 * config.kv_size
+    dims = {"qkv": (d, qkv), "o_proj": (config.q_size, d), "up_gate": (d, 2 * f),
+            "down": (f, d)}
+    peak, hbm, launch = peak_tflops * 1e9, hbm_tbps * 1e9, 0.004  # per ms; ms
+
+    def gemm(op, n, share):
+        k, m = dims[op]
+        return launch + max(2 * n * k * m / (peak * share), (k * m + n * (k + m)) * item / hbm)
+
+    kv_bytes = 2 * config.kv_size * item  # K and V of one token
+    table = {op: [[gemm(op, n, s) for s in shares] for n in tokens] for op in GEMM_OPS}
+    decode = [[[launch + n * c * kv_bytes / (hbm * attention_speed(s)) for s in shares]
+               for c in contexts] for n in tokens]
+    prefill = [launch + 2 * n * n * config.q_size / peak for n in tokens]  # causal QK^T + PV
+    kv_write = [launch + 2 * n * kv_bytes / hbm for n in tokens]
+    key = {"device": "synthetic", "platform": "none", "jax": "-", "num_sms": 132,
+           "model": model_key(config), "dtype": str(dtype), "num_tokens": num_tokens,
+           "page_size": page_size}
+    return Profile(key, tokens, tuple(shares), tuple(contexts), table, decode, prefill,
+                   kv_write)
+
+
+# ---- the profiler -----------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = 30 * self.done // max(self.total, 1)
+            spent = time.perf_counter() - self.t0
+            left = spent / self.done * (self.total - self.done)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
+                             f" {spent:5.0f}s, ~{left:4.0f}s left: {what:<36}")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _device_ms_per_call():
+    from nanoflow_jax.bench import device_ms_per_call  # imported late: the module may move
+
+    return device_ms_per_call
+
+
+def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
+                shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, page_size: int = 16,
+                attention_impl: str = "auto", calls: int = 10, repeats: int = 5,
+                kv_pool_bytes: int | None = None, progress: bool = True) -> Profile:
+    """Times every op alone on the local device (`bench.device_ms_per_call`: calls enqueued
+    back to back, one block) over token counts, contexts and SM shares.
+
+    Decode rows read distinct pages from a pool of `kv_pool_bytes` (None: 4 GiB on a GPU,
+    64 MiB elsewhere), reused round robin when rows x context exceed it: far larger than the
+    L2, so reuse does not flatter the time."""
+    import jax
+    import jax.numpy as jnp
+
+    from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
+    from nanoflow_jax.kv_cache import init_kv_cache, page_bytes, write_kv
+    from nanoflow_jax.models.paged_attention import attention_fn
+    from nanoflow_jax.pipeline import executor
+    from nanoflow_jax.pipeline.schedule import NanoOp
+    from nanoflow_jax.weights import random_params
+
+    shares, contexts = tuple(shares), tuple(contexts)
+    tokens = token_counts(num_tokens, token_step)
+    time_call = _device_ms_per_call()
+    on_gpu = jax.default_backend() == "gpu"
+    gemm_on = executor.persistent_gemm if on_gpu else None
+    attention = attention_fn(attention_impl)
+    one_layer = dataclasses.replace(config, num_layers=1, vocab_size=16, tie_word_embeddings=True)
+    layer = random_params(one_layer, dtype)["layers"][0]
+    jdtype = jnp.dtype(dtype)
+    bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2),
+                   progress)
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jdtype)
+
+    def op_call(kind, n, share, prewritten=frozenset()):
+        op = NanoOp(kind, 0, n, sm_share=share)
+
+        def run(layer, inputs, cache, pos, meta):
+            pieces = {executor._key(name, 0): executor._Pieces([(0, n, a)])
+                      for name, a in inputs.items()}
+            state = executor._State(pieces, {0: cache}, {"layer": {0: layer},
+                                                         "pos": {(0, n): pos},
+                                                         "meta": {(0, n): meta}},
+                                    prewritten, gemm_on)
+            state.run(op, 0, config, attention)
+            return [state.pieces[executor._key(w, 0)].read(0, n) for w in executor.WRITES[kind]]
+
+        return jax.jit(run)
+
+    gemm = {op: [[0.0] * len(shares) for _ in tokens] for op in GEMM_OPS}
+    for i, n in enumerate(tokens):
+        x = rand(n, config.hidden_size)
+        inputs = {"qkv": {"x": x}, "up_gate": {"x": x},
+                  "o_proj": {"attn": rand(n, config.num_heads, config.head_dim), "x": x},
+                  "down": {"gate_up": rand(n, 2 * config.intermediate_size), "x": x}}
+        pos = jnp.arange(n, dtype=jnp.int32)
+        for op in GEMM_OPS:
+            for k, share in enumerate(shares):
+                gemm[op][i][k] = time_call(op_call(op, n, share), layer, inputs[op], None, pos,
+                                           None, calls=calls, repeats=repeats)
+                bar.step(f"{op} {n} tokens, share {share:g}")
+
+    per_page = page_bytes(one_layer, page_size, jdtype)
+    pool = kv_pool_bytes or ((4 << 30) if on_gpu else (64 << 20))
+    decode = [[[0.0] * len(shares) for _ in contexts] for _ in tokens]
+    prefill, kv_write = [0.0] * len(tokens), [0.0] * len(tokens)
+    for c, ctx in enumerate(contexts):
+        pages_per = -(-(ctx + 1) // page_size)
+        num_pages = max(pages_per, min(tokens[-1] * pages_per, pool // per_page))
+        cache = init_kv_cache(one_layer, num_pages, page_size, jdtype)[0]
+        for i, n in enumerate(tokens):
+            decodes = [SeqChunk([0], ctx, [(r * pages_per + j) % num_pages
+                                           for j in range(pages_per)]) for r in range(n)]
+            batch = build_batch(decodes, [], BatchShape(n, n, 1, pages_per), page_size)
+            meta = jax.device_put(batch.attn)
+            qkv = {"q": rand(n, config.num_heads, config.head_dim),
+                   "k": rand(n, config.num_kv_heads, config.head_dim),
+                   "v": rand(n, config.num_kv_heads, config.head_dim)}
+            pos = jnp.asarray(batch.positions)
+            for k, share in enumerate(shares):
+                fn = op_call("attn", n, share, prewritten=frozenset({(0, 0, n)}))
+                decode[i][c][k] = time_call(fn, layer, qkv, cache, pos, meta, calls=calls,
+                                            repeats=repeats)
+                bar.step(f"decode {n} rows @{ctx}, share {share:g}")
+        del cache
+    for i, n in enumerate(tokens):
+        pages_per = -(-n // page_size)
+        cache = init_kv_cache(one_layer, pages_per, page_size, jdtype)[0]
+        batch = build_batch([], [SeqChunk(list(range(n)), 0, list(range(pages_per)))],
+                            BatchShape(n, 0, 1, pages_per), page_size)
+        meta = jax.device_put(batch.attn)
+        qkv = {"q": rand(n, config.num_heads, config.head_dim),
+               "k": rand(n, config.num_kv_heads, config.head_dim),
+               "v": rand(n, config.num_kv_heads, config.head_dim)}
+        fn = op_call("attn", n, 1.0, prewritten=frozenset({(0, 0, n)}))
+        prefill[i] = time_call(fn, layer, qkv, cache, jnp.asarray(batch.positions), meta,
+                               calls=calls, repeats=repeats)
+        bar.step(f"prefill {n} tokens")
+        # The KV write updates the cache in place: each call donates the previous one's, and
+        # returns a scalar of the same execution to block on (the cache itself is donated).
+        write = jax.jit(lambda kp, vp, k, v, slots: (write_kv(kp, vp, k, v, slots),
+                                                     jnp.zeros((), jnp.int32)),
+                        donate_argnums=(0, 1))
+        held, slots = [cache], jnp.asarray(batch.attn.slots)
+
+        def write_once(k=qkv["k"], v=qkv["v"]):
+            held[0], done = write(*held[0], k, v, slots)
+            return done
+
+        kv_write[i] = time_call(write_once, calls=calls, repeats=repeats)
+        bar.step(f"kv write {n} tokens")
+        del cache, held
+    return Profile(profile_key(config, num_tokens, dtype, page_size), tokens, shares, contexts,
+                   gemm, decode, prefill, kv_write)

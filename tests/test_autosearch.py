@@ -1,0 +1,238 @@
+"""The auto-search: the MILP on problems with known optima, the replay checker, the profile
+format and the profiler on the CPU, and a searched schedule run through the executor."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nanoflow_jax as nf
+from nanoflow_jax.config import get_preset
+from nanoflow_jax.kv_cache import init_kv_cache
+from nanoflow_jax.models import llama
+from nanoflow_jax.models.paged_attention import attention_fn
+from nanoflow_jax.pipeline import autosearch, replay, solver
+from nanoflow_jax.pipeline.executor import make_layers_fn
+from nanoflow_jax.pipeline.profile import (Profile, cache_path, profile_ops, synthetic_profile,
+                                           token_counts)
+from nanoflow_jax.pipeline.solver import Edge, Op, Problem
+from nanoflow_jax.pipeline.spec import named_schedule
+from tests.helpers import rel_err
+from tests.test_pipeline import T, _as_calls, _batch, _forward, _prefill_context, PAGE
+
+# A compute-bound op slowed by losing SMs, a memory-bound one that keeps its speed on half.
+GEMM = Op("gemm", "compute", ((0.5, 1.2), (1.0, 1.0)))
+ATTN = Op("attn", "memory", ((0.5, 1.0), (1.0, 1.0)))
+
+
+def test_two_independent_ops_run_side_by_side_on_half_the_sms_each():
+    problem = Problem((GEMM, ATTN), ())
+    plan = solver.solve(problem, time_limit=10)
+    replay.check(problem, plan)
+    # Side by side at 0.5 + 0.5 the period is the GEMM's 1.2 ms; one after the other, 2 ms.
+    assert plan.period == pytest.approx(1.2, abs=1e-6)
+    assert {t.share for t in plan.ops} == {0.5}
+    gemm, attn = plan.op("gemm"), plan.op("attn")
+    assert gemm.start < attn.end and attn.start < gemm.end  # they overlap
+
+
+def test_a_chain_cannot_overlap_and_gets_all_sms():
+    # gemm -> attn in a layer, attn -> the next layer's gemm: nothing can run beside anything.
+    problem = Problem((GEMM, ATTN), (Edge("gemm", "attn"), Edge("attn", "gemm", 1)))
+    plan = solver.solve(problem, time_limit=10)
+    replay.check(problem, plan)
+    assert plan.period == pytest.approx(2.0, abs=1e-6)
+    assert {t.share for t in plan.ops} == {1.0}  # overlapping nothing, each takes every SM
+    assert plan.op("attn").start >= plan.op("gemm").end - 1e-9
+
+
+def test_overlap_across_the_layer_boundary():
+    """a -> b within a layer: they cannot overlap there, but b of layer l can run beside a of
+    layer l + 1 (a software pipeline over the unrolled layers)."""
+    a = Op("a", "compute", ((0.5, 1.2), (1.0, 1.0)))
+    b = Op("b", "memory", ((0.5, 1.0), (1.0, 0.9)))
+    problem = Problem((a, b), (Edge("a", "b"),))
+    plan = solver.solve(problem, time_limit=10)
+    replay.check(problem, plan)
+    assert plan.period == pytest.approx(1.2, abs=1e-6)  # one after the other: 1.0 + 0.9
+    ta, tb = plan.op("a"), plan.op("b")
+    assert tb.start >= ta.end - 1e-9 and {ta.share, tb.share} == {0.5}
+    shifted = [(tb.start + k * plan.period, tb.end + k * plan.period) for k in (-1, 1)]
+    assert any(s < ta.end and ta.start < e for s, e in shifted)
+
+
+def test_an_immediate_edge_starts_the_successor_at_once():
+    a = Op("a", "compute", ((1.0, 1.0),))
+    b = Op("b", "compute", ((1.0, 0.5),))
+    c = Op("c", "memory", ((1.0, 3.0),))
+    problem = Problem((a, b, c), (Edge("a", "b", immediate=True), Edge("b", "a", 1)))
+    plan = solver.solve(problem, time_limit=10)
+    replay.check(problem, plan)
+    assert plan.op("b").start == pytest.approx(plan.op("a").end, abs=1e-6)
+    assert plan.period == pytest.approx(4.5, abs=1e-6)  # c (all SMs) cannot overlap a or b
+
+
+def _plan(ops, period):
+    return solver.Plan(period, tuple(solver.Timed(*o) for o in ops), True, 0.0)
+
+
+def test_replay_rejects_broken_plans():
+    problem = Problem((GEMM, ATTN), (Edge("gemm", "attn"),))
+    good = _plan([("gemm", "compute", 0.0, 1.0, 1.0), ("attn", "memory", 1.0, 2.0, 1.0)], 2.0)
+    replay.check(problem, good)
+    over = _plan([("gemm", "compute", 0.0, 1.0, 1.0), ("attn", "memory", 0.5, 1.5, 0.5)], 2.0)
+    with pytest.raises(ValueError, match="use 1.500 of the SMs"):
+        replay.check(Problem((GEMM, ATTN), ()), over)
+    early = _plan([("gemm", "compute", 1.0, 2.0, 1.0), ("attn", "memory", 0.0, 1.0, 1.0)], 2.0)
+    with pytest.raises(ValueError, match="dependency gemm -> attn"):
+        replay.check(problem, early)
+    # The next layer's gemm (period 0.9) would start while this one still runs.
+    self_overlap = _plan([("gemm", "compute", 0.0, 1.0, 1.0),
+                          ("attn", "memory", 1.0, 2.0, 1.0)], 0.9)
+    assert any("overlap in category compute" in v
+               for v in replay.violations(problem, self_overlap))
+    wrong_time = _plan([("gemm", "compute", 0.0, 1.0, 0.5), ("attn", "memory", 1.0, 2.0, 1.0)],
+                       2.0)
+    with pytest.raises(ValueError, match="profiled 1.2000 ms"):
+        replay.check(problem, wrong_time)
+
+
+def test_synthetic_profile_lookups_and_json():
+    cfg = get_preset("llama-3-8b")
+    prof = synthetic_profile(cfg, 1024)
+    assert prof.tokens == token_counts(1024, 128) == tuple(range(128, 1025, 128))
+    assert Profile.from_json(prof.to_json()) == prof
+    # Between profiled counts: linear; below the first, a GEMM costs the first's time.
+    mid = prof.gemm_ms("up_gate", 192)
+    assert mid == pytest.approx((prof.gemm_ms("up_gate", 128) + prof.gemm_ms("up_gate", 256)) / 2)
+    assert prof.gemm_ms("qkv", 16) == prof.gemm_ms("qkv", 128)
+    # A compute-bound GEMM on half the SMs takes twice as long; attention keeps 70 %.
+    assert prof.gemm_ms("down", 1024, 0.5) > 1.9 * prof.gemm_ms("down", 1024, 1.0)
+    ratio = prof.decode_ms(512, 2048, 0.5) / prof.decode_ms(512, 2048, 1.0)
+    assert 1.3 < ratio < 1.5
+    # Linear in the context between and beyond the profiled ones; nothing for no rows.
+    assert prof.decode_ms(256, 1024) == pytest.approx(
+        (2 * prof.decode_ms(256, 512) + prof.decode_ms(256, 2048)) / 3)
+    assert prof.decode_ms(0, 1024) == 0.0
+    with pytest.raises(ValueError, match="not profiled"):
+        prof.gemm_ms("qkv", 128, 0.3)
+
+
+@pytest.mark.parametrize("num_tokens", [1024, 2048])
+def test_search_on_llama3_8b_shapes_beats_sequential_and_replays(num_tokens):
+    cfg = get_preset("llama-3-8b")
+    prof = synthetic_profile(cfg, num_tokens)
+    options = autosearch.SearchOptions(num_nano=(2,), max_splits=4, keep=1, time_limit_s=30)
+    result = autosearch.search(prof, cfg.num_layers, options=options)
+    assert not result.schedule.is_sequential
+    assert result.period_ms < 0.98 * result.sequential_period_ms
+    problem, _ = autosearch.build_problem(prof, result.sizes, autosearch.Workload.default(
+        num_tokens))
+    assert replay.violations(problem, result.plan) == []
+    # The JSON is a schedule the engine loads, with the prediction beside it.
+    d = json.loads(result.to_json())
+    assert d["prediction"]["step_ms"] == pytest.approx(cfg.num_layers * result.period_ms)
+    assert sum(d["prediction"]["sizes"]) == num_tokens
+
+
+def test_search_returns_sequential_when_overlap_does_not_pay():
+    cfg = get_preset("llama-3-8b")
+    prof = synthetic_profile(cfg, 1024)
+    # Attention no faster on few SMs than GEMMs: splitting only costs.
+    flat = dataclasses.replace(prof, decode_attn=[[[ms / s for ms, s in zip(row, prof.shares)]
+                                                   for row in ctx] for ctx in prof.decode_attn])
+    options = autosearch.SearchOptions(num_nano=(2,), max_splits=3, keep=1, time_limit_s=20)
+    result = autosearch.search(flat, cfg.num_layers, options=options)
+    assert result.schedule.is_sequential and result.plan is None
+    assert result.candidates and all(c[2] is None or c[2] > 0.98 * result.sequential_period_ms
+                                     for c in result.candidates)
+
+
+def _tiny_profile(num_tokens=T):
+    """tiny-llama shapes on a slow synthetic device, so that its ops cost what an 8B model's do
+    on an H200 and overlap pays."""
+    return synthetic_profile(get_preset("tiny-llama"), num_tokens, "float32", token_step=16,
+                             peak_tflops=1e-3, hbm_tbps=5e-4)
+
+
+def test_searched_schedule_gives_the_sequential_logits():
+    model = nf.load_model("tiny-llama", dtype="float32", seed=7)
+    options = autosearch.SearchOptions(num_nano=(2, 3), granularity=16, max_splits=3, keep=1,
+                                       time_limit_s=30)
+    result = autosearch.search(_tiny_profile(), model.config.num_layers,
+                               autosearch.Workload(16, 512), options)
+    schedule = result.schedule
+    assert not schedule.is_sequential and schedule.num_tokens == T
+    assert any(o.sm_share < 1 for o in schedule.ops) and schedule.windows == 1
+    rng = np.random.default_rng()
+    attention = attention_fn("reference")
+    for kind in ("mixed",):
+        batch = jax.device_put(_batch(kind, rng, model.config.vocab_size))
+        kv = _prefill_context(model, init_kv_cache(model.config, 200, PAGE, jnp.float32), rng)
+        want, want_kv = _forward(model.params, model.config, kv, batch, attention,
+                                 llama.run_layers)
+        got, got_kv = _forward(model.params, model.config, kv, batch, attention,
+                               make_layers_fn(schedule, use_streams=True, wrap_call=_as_calls))
+        rows = np.asarray(batch.attn.slots) >= 0
+        assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
+        for (gk, gv), (wk, wv) in zip(got_kv, want_kv):
+            assert rel_err(gk, wk) < 1e-6 and rel_err(gv, wv) < 1e-6
+
+
+def test_profiler_on_cpu_with_tiny_llama(tmp_path):
+    cfg = get_preset("tiny-llama")
+    prof = profile_ops(cfg, 64, "float32", token_step=32, shares=(0.5, 1.0), contexts=(8, 40),
+                       page_size=4, calls=2, repeats=2, progress=False)
+    assert prof.tokens == (32, 64) and prof.key["num_tokens"] == 64
+    assert prof.key["model"]["hidden_size"] == cfg.hidden_size and prof.key["jax"]
+    tables = [prof.gemm[o] for o in prof.gemm] + [prof.decode_attn, prof.prefill_attn,
+                                                  prof.kv_write]
+    assert all(ms > 0 for ms in np.concatenate([np.ravel(t) for t in tables]))
+    path = cache_path(prof.key, str(tmp_path))
+    prof.save(path)
+    assert Profile.load(path) == prof
+    result = autosearch.search(prof, cfg.num_layers, autosearch.Workload(8, 16),
+                               autosearch.SearchOptions(num_nano=(2,), granularity=32,
+                                                        time_limit_s=10))
+    assert result.schedule.num_tokens == 64  # whichever wins, a valid schedule
+
+
+def test_engine_auto_searches_from_the_cached_profile(tmp_path, monkeypatch, caplog):
+    """`schedule="auto"`: the profile is measured once and cached; `auto:PROFILE.json` searches
+    from a given profile; both generate the sequential schedule's tokens."""
+    monkeypatch.setenv("NANOFLOW_JAX_CACHE", str(tmp_path))
+    light = {"token_step": 32, "shares": (0.5, 1.0), "contexts": (64,), "calls": 1,
+             "repeats": 1}  # a quick profile: its values only steer the search
+    monkeypatch.setattr(autosearch, "default_profile_options", lambda num_tokens: light)
+    prompts = [{"prompt_token_ids": list(range(i, i + 9 + 5 * i))} for i in range(5)]
+    params = nf.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_batched_tokens=T, min_bucket=T, max_model_len=128,
+              page_size=4, num_pages=300)
+    profile_file = tmp_path / "tiny.json"
+    _tiny_profile().save(str(profile_file))
+    outs = {}
+    for name in ("sequential", "auto", f"auto:{profile_file}"):
+        with caplog.at_level("INFO", logger="nanoflow_jax"):
+            llm = nf.LLM("tiny-llama", schedule=name, **kw)
+        if name.startswith("auto:"):
+            assert not llm.engine.runner.schedule.is_sequential
+        outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                    use_tqdm=False)]
+    assert outs["auto"] == outs["sequential"] == outs[f"auto:{profile_file}"]
+    assert "autosearch: chose" in caplog.text and "profiling the ops" in caplog.text
+    cached = os.listdir(tmp_path / "profiles")
+    assert len(cached) == 1
+    stamp = os.path.getmtime(tmp_path / "profiles" / cached[0])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nanoflow_jax"):  # the engine's call, again
+        named_schedule("auto", T, model_config=get_preset("tiny-llama"), dtype="float32")
+    assert "profiling the ops" not in caplog.text and "op profile" in caplog.text
+    assert os.path.getmtime(tmp_path / "profiles" / cached[0]) == stamp
+
+
+def test_named_schedule_auto_needs_the_model():
+    with pytest.raises(ValueError, match="needs the model's config"):
+        named_schedule("auto", 64)

@@ -1,0 +1,26 @@
+"""scripts/autosearch.py end to end on the CPU: profile tiny-llama, search, measure."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_autosearch_script_profiles_searches_and_measures(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NANOFLOW_JAX_CACHE": str(tmp_path),
+           "PYTHONPATH": ROOT}
+    out = tmp_path / "schedule.json"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "autosearch.py"), "--model=tiny-llama",
+           "--dtype=float32", "--num_tokens=64", "--token_step=32", "--shares=0.5,1.0",
+           "--contexts=48", "--calls=1", "--repeats=1", "--num_decode=16",
+           "--decode_context=40", "--num_nano=2", "--time_limit=10", "--measure_repeats=1",
+           "--measure_pages=100", "--page_size=4", f"--out={out}"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    profiles = os.listdir(tmp_path / "profiles")  # the cache file `schedule="auto"` reads
+    assert len(profiles) == 1 and profiles[0].startswith("cpu-float32-T64-")
+    written = json.loads(out.read_text())
+    assert written["num_tokens"] == 64 and written["prediction"]["step_ms"] > 0
+    assert "search: " in run.stdout and "chose" in run.stdout
+    assert "measured sequential:" in run.stdout and "predicted gain" in run.stdout
