@@ -310,6 +310,10 @@ class ModelRunner:
         log.info("memory analysis: %d model steps compiled at placeholder page counts in %.1fs",
                  len(steps) + 1, time.perf_counter() - t0)
         samplers = self._sampler_memory()
+        unknown = [p.name for p in steps + samplers if not p.known]
+        if unknown:
+            log.warning("no memory analysis for %d programs (%s, ...): their workspace is "
+                        "estimated", len(unknown), unknown[0])
         in_use = device_memory.device_memory().in_use
         live, margin = self._live_bytes(), device_memory.SAFETY_MARGIN_BYTES
         num_pages = min(  # the model steps' workspace (which may grow per page), the samplers'
