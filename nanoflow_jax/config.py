@@ -50,6 +50,9 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # F of the sigmoid-gated shared expert; 0: none
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum 1 (Mixtral: always)
     mlp_only_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP
+    # Set only on the per-shard config that `nanoflow_jax.parallel` hands the model inside
+    # shard_map: the mesh axis the residual stream is summed over (the sizes are then per shard).
+    tp_axis: str | None = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -364,6 +367,10 @@ class EngineConfig:
                           "nano2-pipe-nostreams-min1024, ...), a Schedule or ScheduleSpec JSON "
                           "file, or auto (searched from a cached op profile); "
                           "nanoflow_jax/pipeline/spec.py's docstring lists every form")
+    tensor_parallel_size: int = _knob(1, "devices one model is split over (Megatron tensor "
+                                      "parallelism on a mesh axis 'tp': attention heads, KV "
+                                      "cache, FFN and vocab sharded; 1 runs the unsharded "
+                                      "single-device program)")
 
     def __post_init__(self):
         checks = [
@@ -380,6 +387,7 @@ class EngineConfig:
             (self.min_bucket is None or self.min_bucket >= 1, "min_bucket must be >= 1"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "dtype must be auto, float32, bfloat16 or float16"),
+            (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -181,6 +181,16 @@ def program_memory(name: str, compiled, resident_bytes: int = 0) -> ProgramMemor
                          max(0, size("argument_size_in_bytes") - resident_bytes))
 
 
+def bytes_per_device(array) -> int:
+    """Bytes `array` takes on each device holding a shard of it (all of it when replicated)."""
+    sharding = getattr(array, "sharding", None)
+    shape = array.shape if sharding is None else sharding.shard_shape(array.shape)
+    size = 1
+    for n in shape:
+        size *= n
+    return size * array.dtype.itemsize
+
+
 def pages_that_fit(budget: int, in_use: int, workspace: int, live: int, margin: int,
                    page_bytes: int) -> int:
     """Whole KV pages in what the budget leaves (0 if nothing is left)."""

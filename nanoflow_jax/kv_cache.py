@@ -17,25 +17,46 @@ from nanoflow_jax.config import ModelConfig
 KVCache = list[tuple[jax.Array, jax.Array]]
 
 
-def page_bytes(config: ModelConfig, page_size: int, dtype) -> int:
-    """Device bytes one page takes across all layers, K and V."""
-    per_layer = 2 * config.num_kv_heads * page_size * config.head_dim
+def page_bytes(config: ModelConfig, page_size: int, dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes one page takes on each device across all layers, K and V (a device holds its
+    shard's KV heads under tensor parallelism)."""
+    from nanoflow_jax.parallel import kv_heads_per_shard
+
+    heads = kv_heads_per_shard(config, tensor_parallel_size)
+    per_layer = 2 * heads * page_size * config.head_dim
     return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
 
 
-def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype,
+                  mesh=None) -> KVCache:
+    """Zeroed pages; on a tensor-parallel `mesh` sharded by KV head (`parallel.kv_sharding`),
+    each device allocating only its heads."""
     if page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
-    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
+    heads, placement = config.num_kv_heads, {}
+    if mesh is not None:
+        from nanoflow_jax import parallel
+
+        heads = parallel.kv_cache_heads(config, parallel.mesh_size(mesh))
+        placement = {"out_shardings": parallel.kv_sharding(mesh)}
+    shape = (heads, num_pages, page_size, config.head_dim)
     zeros = jax.jit(lambda: [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                             for _ in range(config.num_layers)])
+                             for _ in range(config.num_layers)], **placement)
     return zeros()
 
 
-def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
-    """The shapes and dtypes `init_kv_cache` would give (nothing allocated): what programs that
-    take the cache are compiled for before it exists."""
-    return jax.eval_shape(lambda: init_kv_cache(config, num_pages, page_size, dtype))
+def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype,
+                  mesh=None) -> KVCache:
+    """The shapes, dtypes and shardings `init_kv_cache` would give, nothing allocated: what
+    programs that take the cache are compiled for before it exists."""
+    spec = jax.eval_shape(lambda: init_kv_cache(config, num_pages, page_size, dtype, mesh))
+    if mesh is None:
+        return spec
+    from nanoflow_jax import parallel
+
+    sharding = parallel.kv_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        spec)
 
 
 def write_kv(

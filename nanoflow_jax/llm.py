@@ -4,6 +4,9 @@
     llm = LLM(model="tiny-llama", max_num_batched_tokens=512)
     outs = llm.generate(["Hello", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=8))
     outs[0].outputs[0].text
+
+`LLM(model="llama-3-70b", tensor_parallel_size=8)` splits the model over 8 local devices
+(`nanoflow_jax.parallel`); every EngineConfig knob is a keyword argument.
 """
 from __future__ import annotations
 

@@ -73,8 +73,9 @@ def _random_leaf(key, shape, dtype, scale):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
 
-def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0) -> Params:
-    """Deterministic random weights, generated on the device.
+def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0, mesh=None) -> Params:
+    """Deterministic random weights, generated on the device (on `mesh`: in their tensor-
+    parallel shards, `nanoflow_jax.parallel`, with the same values).
 
     Projections are N(0, 1/fan_in) so activations keep unit scale through random layers;
     norm weights are 1 and biases small. Each leaf is one call of a small jitted generator
@@ -88,14 +89,20 @@ def random_params(config: ModelConfig, dtype="bfloat16", seed: int = 0) -> Param
     leaves = []
     for i, (path, shape) in enumerate(paths_and_shapes):
         name = jax.tree_util.keystr(path)
-        if "norm" in name:
-            leaves.append(jnp.ones(shape, dtype))
-            continue
         fan_in = shape[0] if len(shape) == 2 and "embed" not in name else shape[-1]
         if len(shape) == 3:  # stacked experts [E, in, out]
             fan_in = shape[1]
-        scale = 0.02 if len(shape) == 1 else fan_in**-0.5
-        leaves.append(_random_leaf(jax.random.fold_in(key, i), shape, dtype, scale))
+        scale = None if "norm" in name else 0.02 if len(shape) == 1 else fan_in**-0.5
+        if mesh is not None:
+            from nanoflow_jax import parallel
+
+            leaves.append(parallel.sharded_random_leaf(mesh, config, path[-1].key,
+                                                       jax.random.fold_in(key, i), shape, dtype,
+                                                       scale))
+        elif scale is None:
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            leaves.append(_random_leaf(jax.random.fold_in(key, i), shape, dtype, scale))
     return jax.tree.unflatten(treedef, leaves)
 
 
@@ -204,12 +211,17 @@ def _tensor_files(path: str) -> dict[str, str]:
     return out
 
 
-def load_hf_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
+def load_hf_params(path: str, config: ModelConfig, dtype="bfloat16", mesh=None) -> Params:
     """Load an HF checkpoint directory into our param tree, checking every tensor's shape.
 
     A missing tensor raises KeyError and a mis-shaped one ValueError, naming the tensor and
-    the file. Tensors the model does not use (e.g. rotary caches) are ignored.
+    the file. Tensors the model does not use (e.g. rotary caches) are ignored. On `mesh`
+    each device reads only its shard (`parallel.load_hf_sharded`).
     """
+    if mesh is not None:
+        from nanoflow_jax import parallel
+
+        return parallel.load_hf_sharded(path, config, dtype, mesh)
     files = _tensor_files(path)
     expected = _hf_expected_shapes(config)
     missing = [name for name in expected if name not in files]
@@ -282,8 +294,9 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_DIR))
 
 
-def restore_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
-    """Restore a param tree written by `save_checkpoint`, cast to `dtype`."""
+def restore_params(path: str, config: ModelConfig, dtype="bfloat16", mesh=None) -> Params:
+    """Restore a param tree written by `save_checkpoint`, cast to `dtype` (on `mesh`: then
+    laid out in its tensor-parallel shards, leaf by leaf)."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckpt:
@@ -296,4 +309,9 @@ def restore_params(path: str, config: ModelConfig, dtype="bfloat16") -> Params:
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if got != expected:
         raise ValueError(f"orbax checkpoint {path!r} does not match its config.json shapes")
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
+    if mesh is not None:
+        from nanoflow_jax import parallel
+
+        params = parallel.shard_params(params, config, mesh)
+    return params

@@ -24,8 +24,11 @@ flags.DEFINE_string("served_model_name", None, "the model name of the API (defau
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0: every interface)")
 flags.DEFINE_integer("port", 8000, "port to listen on", lower_bound=0)
 flags.DEFINE_string("api_key", None, "if set, /v1/* needs 'Authorization: Bearer <key>'")
-flags.DEFINE_integer("max_queue", 256, "most waiting requests; more get 503 + Retry-After",
+flags.DEFINE_integer("max_queue", 256, "most requests waiting for a sequence slot (beyond "
+                     "what the free slots of --max_num_seqs take); more get 503 + Retry-After",
                      lower_bound=1)
+flags.DEFINE_integer("max_request_bytes", 16 * 1024 * 1024, "largest request body in bytes; "
+                     "larger ones get 413", lower_bound=1)
 flags.DEFINE_float("drain_timeout_s", 30.0, "on SIGTERM, how long running requests may finish "
                    "before they are aborted", lower_bound=0.0)
 flags.DEFINE_bool("access_log", True, "log every HTTP request")
@@ -47,9 +50,10 @@ def main(argv):
     engine = LLMEngine(config)
     logging.info("engine ready in %.1fs: %s on %s, max_model_len=%d, %d KV pages of %d tokens",
                  time.perf_counter() - t0, F.model, jax.default_backend(), engine.max_model_len,
-                 engine.allocator.num_pages, config.page_size)
+                 engine.stats_snapshot().kv_pages_total, engine.config.page_size)
     async_engine = AsyncEngine(engine, max_queue=F.max_queue, metrics=ServerMetrics(name))
-    fastapi_app = create_app(async_engine, name, api_key=F.api_key)
+    fastapi_app = create_app(async_engine, name, api_key=F.api_key,
+                             max_request_bytes=F.max_request_bytes)
     run_server(fastapi_app, async_engine, host=F.host, port=F.port,
                drain_timeout_s=F.drain_timeout_s, log_level=F.log_level,
                access_log=F.access_log)

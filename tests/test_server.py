@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import os
 import pathlib
 import signal
@@ -33,6 +34,7 @@ MODEL = "tiny-llama"
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512  # the CPU default of serve.py
 GUARDED_MAX_MODEL_LEN = 1024
+VOCAB_SIZE = 512  # tiny-llama's
 
 
 # ---- the server processes -----------------------------------------------------------------------
@@ -244,6 +246,28 @@ def test_streaming_chat(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3
 
 
+def test_readme_demo(server):
+    """The README's curl requests, as curl sends them (raw bodies, with and without a JSON
+    Content-Type); the streaming chat one with the max_tokens the README gives it."""
+    completion = '{"model": "tiny-llama", "prompt": "Hello, nanoflow!", "max_tokens": 16}'
+    chat = ('{"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi!"}], '
+            '"stream": true, "max_tokens": 16}')
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for content_type in ("application/json", "application/x-www-form-urlencoded"):
+            r = http.post("/v1/completions", content=completion,
+                          headers={"Content-Type": content_type})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        with http.stream("POST", "/v1/chat/completions", content=chat,
+                         headers={"Content-Type": "application/json"}) as r:
+            assert r.status_code == 200
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]
+                if json.loads(e[6:])["choices"]]
+    assert finishes[-1] in ("length", "stop") and len(events) <= 16 + 3
+
+
 def test_n_samples(client):
     kw = dict(model=MODEL, prompt="Several samples", n=3, temperature=1.0, seed=7,
               max_tokens=12, extra_body={"ignore_eos": True})
@@ -394,6 +418,11 @@ BAD_REQUESTS = [  # (path, body (dict or raw str), param)
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, "prompt"),  # not in the vocab
     ("/v1/completions", {"model": MODEL, "prompt": 42}, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * MAX_MODEL_LEN}, "prompt"),  # too long
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 50_000}, "prompt"),  # refused untokenized
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user",
+                                                            "content": "x" * 50_000}]},
+     "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 2_000_000}, "prompt"),  # by body size
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 500, "max_tokens": 100}, "max_tokens"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user",
                                                             "content": "x" * MAX_MODEL_LEN}]},
@@ -404,6 +433,28 @@ BAD_REQUESTS = [  # (path, body (dict or raw str), param)
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
      "messages.0.role"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, "messages"),
+    # OpenAI's limits.
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 2.5}, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [f"s{i}" for i in range(17)]},
+     "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_k": VOCAB_SIZE + 1}, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": -1}, "top_logprobs"),
+    # Lone surrogates: valid JSON, not valid text.
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"model": "tiny-llama", "prompt": ["ok \\udfff"]}', "prompt"),
+    ("/v1/chat/completions",
+     '{"model": "tiny-llama", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content"),
+    ("/v1/chat/completions", ('{"model": "tiny-llama", "messages": [{"role": "user", "content": '
+                              '[{"type": "text", "text": "a"}, {"type": "text", "text": '
+                              '"\\udc00"}]}]}'), "messages.0.content.1.text"),
+    ("/v1/chat/completions", ('{"model": "tiny-llama", "messages": [{"role": "user", "name": '
+                              '"\\ud83d", "content": "x"}]}'), "messages.0.name"),
 ]
 
 
@@ -456,13 +507,17 @@ def test_metrics_parse(server, client):
             ("nanoflow_time_to_first_token_seconds", "histogram"),
             ("nanoflow_time_per_output_token_seconds", "histogram"),
             ("nanoflow_e2e_request_latency_seconds", "histogram"),
-            ("nanoflow_requests_finished", "counter")]:
+            ("nanoflow_requests_finished", "counter"),
+            ("nanoflow_num_preemptions", "counter"),
+            ("nanoflow_request_queue_time_seconds", "histogram")]:
         assert families[name].type == kind, name
     m = server.metrics()
     assert m["nanoflow_kv_pages_total"] > 0
     assert m["nanoflow_generation_tokens_total"] > 0 and m["nanoflow_prompt_tokens_total"] > 0
     assert m["nanoflow_generation_throughput_tokens_per_second"] > 0  # work in the last 10 s
     assert m["nanoflow_time_to_first_token_seconds_count"] > 0
+    assert m["nanoflow_request_queue_time_seconds_count"] > 0
+    assert m["nanoflow_num_preemptions_total"] >= 0
     assert m["nanoflow_time_per_output_token_seconds_count"] > 0
     assert m["nanoflow_requests_finished_total{finished_reason=length}"] > 0
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -560,13 +615,14 @@ def test_sigterm_drains_then_exits(guarded):
 class FakeEngine:
     """LLMEngine's interface; one token per step; `fail_at_step` makes step() raise."""
 
-    def __init__(self, fail_at_step: int | None = None, tokens_per_request: int | None = None):
+    def __init__(self, fail_at_step: int | None = None, tokens_per_request: int | None = None,
+                 max_num_seqs: int = 4):
         self.tokenizer = byte_tokenizer()
         self.max_model_len = 64
         self.model_config = types.SimpleNamespace(vocab_size=512)
-        self.scheduler = types.SimpleNamespace(waiting=collections.deque(), running=[])
-        self.allocator = types.SimpleNamespace(num_free=8, num_pages=8)
-        self.stats = types.SimpleNamespace(prompt_tokens=0, generated_tokens=0)
+        self.max_num_seqs = max_num_seqs  # only reported: the fake runs everything at once
+        self.preempted_seqs = 0  # reported as waiting (ahead of new requests)
+        self.generated_tokens = 0
         self.fail_at_step = fail_at_step
         self.tokens_per_request = tokens_per_request  # None: never finishes
         self.requests: dict[str, tuple[SamplingParams, list[int]]] = {}
@@ -577,16 +633,23 @@ class FakeEngine:
         if not prompt["prompt_token_ids"]:
             raise ValueError("the prompt is empty")
         self.requests[request_id] = (params, [])
-        self.scheduler.running.append(types.SimpleNamespace(request_id=request_id))
 
     def abort_request(self, request_id):
         if self.requests.pop(request_id, None) is not None:
             self.aborted.append(request_id)
-        self.scheduler.running = [s for s in self.scheduler.running
-                                  if s.request_id != request_id]
 
     def has_unfinished_requests(self):
         return bool(self.requests)
+
+    def stats_snapshot(self):
+        from nanoflow_jax.engine.stats_snapshot import StatsSnapshot
+
+        seqs = sum(params.n for params, _ in self.requests.values())
+        return StatsSnapshot(running_requests=len(self.requests), running_seqs=seqs,
+                             waiting_seqs=self.preempted_seqs,
+                             free_seq_slots=max(0, self.max_num_seqs - seqs), kv_pages_used=0,
+                             kv_pages_total=8, generation_tokens=self.generated_tokens,
+                             running_request_ids=frozenset(self.requests))
 
     def step(self):
         self.steps += 1
@@ -596,7 +659,7 @@ class FakeEngine:
         outs = []
         for rid, (params, ids) in list(self.requests.items()):
             ids.append(65)
-            self.stats.generated_tokens += 1
+            self.generated_tokens += 1
             done = self.tokens_per_request is not None and len(ids) >= self.tokens_per_request
             outs.append(RequestOutput(
                 rid, None, [1], [CompletionOutput(i, "A" * len(ids), list(ids), None, None,
@@ -643,8 +706,8 @@ def test_drain_aborts_what_outlives_the_timeout_and_queue_is_bounded():
             s = engine.submit(f"r{i}", {"prompt_token_ids": [1]}, params, [1])
             await s.wait_accepted()
             streams.append(s)
-        # The fake runs everything at once (nothing waits in its scheduler): the bound is on
-        # what is queued, so fill the inbox faster than the thread empties it.
+        # max_num_seqs=4: r0 and r1 (n=2 each) take every slot. The bound is on requests
+        # waiting for a slot, so fill the inbox faster than the thread empties it.
         with engine._cond:  # hold the engine thread off while queueing
             a = engine.submit("q1", {"prompt_token_ids": [1]}, params, [1])
             b = engine.submit("q2", {"prompt_token_ids": [1]}, params, [1])
@@ -671,6 +734,54 @@ def test_drain_aborts_what_outlives_the_timeout_and_queue_is_bounded():
         assert not engine._thread.is_alive()
 
     asyncio.run(main())
+
+
+def test_max_queue_counts_only_requests_beyond_free_slots():
+    """A burst on an idle engine with 64 free slots: 64 take the slots, max_queue=2 more wait,
+    the next is refused. Each gets its queue time observed once it is scheduled."""
+    from nanoflow_jax.server import AsyncEngine, QueueFullError, ServerMetrics
+
+    async def main():
+        fake = FakeEngine(max_num_seqs=64)
+        metrics = ServerMetrics("fake")
+        engine = AsyncEngine(fake, max_queue=2, metrics=metrics)
+        engine.start()
+        params = SamplingParams(max_tokens=None)
+        with engine._cond:  # the whole burst arrives before the engine thread takes any
+            streams = [engine.submit(f"b{i}", {"prompt_token_ids": [1]}, params, [1])
+                       for i in range(66)]
+            assert engine.num_queued == 2
+            with pytest.raises(QueueFullError):
+                engine.submit("b66", {"prompt_token_ids": [1]}, params, [1])
+        for s in streams:
+            await s.wait_accepted()
+        deadline = time.monotonic() + 5
+        count = "nanoflow_request_queue_time_seconds_count"
+        while metrics.registry.get_sample_value(count, {"model_name": "fake"}) != 66:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert engine.num_queued == 0  # the fake runs everything: nothing waits
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_preempted_sequences_are_ahead_of_new_requests():
+    """8 slots free but 6 preempted sequences wait for them: room for 2 new requests, then
+    max_queue=2 wait, then 503."""
+    from nanoflow_jax.server import AsyncEngine, QueueFullError
+
+    fake = FakeEngine(max_num_seqs=8)
+    fake.preempted_seqs = 6
+    engine = AsyncEngine(fake, max_queue=2)
+    # Not started, so nothing moves: the snapshot stays the one taken at construction.
+    engine._thread = types.SimpleNamespace(is_alive=lambda: True)
+    params = SamplingParams()
+    for i in range(4):
+        engine.submit(f"p{i}", {"prompt_token_ids": [1]}, params, [1])
+    assert engine.num_queued == 2
+    with pytest.raises(QueueFullError):
+        engine.submit("p4", {"prompt_token_ids": [1]}, params, [1])
 
 
 def test_idle_engine_thread_blocks():
@@ -704,5 +815,5 @@ def test_serve_script_flags():
     for flag in ("--model", "--dtype", "--max_num_batched_tokens", "--max_num_seqs",
                  "--max_model_len", "--page_size", "--num_pages", "--gpu_memory_utilization",
                  "--seed", "--host", "--port", "--api_key", "--max_queue",
-                 "--served_model_name", "--drain_timeout_s"):
+                 "--served_model_name", "--drain_timeout_s", "--max_request_bytes"):
         assert flag in out.stdout, flag

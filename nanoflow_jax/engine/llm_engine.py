@@ -22,6 +22,7 @@ from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
 from nanoflow_jax.engine.scheduler import Scheduler
 from nanoflow_jax.engine.sequence import PENDING, Sequence
+from nanoflow_jax.engine.stats_snapshot import StatsSnapshot
 from nanoflow_jax.kv_cache import PageAllocator
 from nanoflow_jax.sampling_params import SamplingParams
 from nanoflow_jax.tokenizer import (IncrementalDetokenizer, Tokenizer, byte_tokenizer,
@@ -172,6 +173,22 @@ class LLMEngine:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    def stats_snapshot(self) -> StatsSnapshot:
+        """Queue lengths, KV pages and token counters as a frozen value, for monitors that must
+        not read the scheduler or the allocator. O(running + waiting) host work."""
+        sched, alloc = self.scheduler, self.allocator
+        running_ids = frozenset(s.request_id for s in sched.running)
+        return StatsSnapshot(
+            running_requests=len(running_ids), running_seqs=len(sched.running),
+            waiting_requests=len({s.request_id for s in sched.waiting}),
+            waiting_seqs=len(sched.waiting),
+            free_seq_slots=max(0, self.config.max_num_seqs - len(sched.running)),
+            kv_pages_used=alloc.num_pages - alloc.num_free, kv_pages_total=alloc.num_pages,
+            prompt_tokens=self.stats.prompt_tokens,
+            generation_tokens=self.stats.generated_tokens,
+            preemptions=sched.num_preemptions, steps=self.stats.steps,
+            running_request_ids=running_ids)
 
     # ---- the loop ---------------------------------------------------------------------------
 

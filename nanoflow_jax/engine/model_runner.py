@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanoflow_jax import device_memory
+from nanoflow_jax import device_memory, parallel
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 from nanoflow_jax.config import EngineConfig, ModelConfig
 from nanoflow_jax.device_memory import MemoryPlan, ProgramMemory, program_memory
@@ -46,12 +46,14 @@ CPU_MAX_NUM_SEQS = 256  # running sequences there when max_num_seqs is None
 _bytes = device_memory.format_bytes
 
 
-def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn):
+def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn,
+             forward=llama.forward):
     """One iteration's model on the device -> (logits [num_logits, V], kv). prev_tokens
-    [num_rows]: the previous step's samples."""
+    [num_rows]: the previous step's samples. `forward`: llama.forward or its tensor-parallel
+    version (`parallel.forward_fn`)."""
     future = batch.future_rows
     token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
-    return llama.forward(params, config, token_ids, batch.positions, kv, batch.attn,
+    return forward(params, config, token_ids, batch.positions, kv, batch.attn,
                          batch.logits_indices, attention, layers_fn)
 
 
@@ -78,9 +80,11 @@ class ModelRunner:
         config = config.for_backend(jax.default_backend())
         self.config = config
         t0 = time.perf_counter()
-        model = load_model(config.model, dtype=config.dtype, seed=config.seed)
+        model = load_model(config.model, dtype=config.dtype, seed=config.seed,
+                           tensor_parallel_size=config.tensor_parallel_size)
         self.model_config: ModelConfig = model.config
         self.params = model.params
+        self.mesh = model.mesh  # None: one device
         jax.block_until_ready(self.params)
         self.load_time = time.perf_counter() - t0
 
@@ -95,8 +99,11 @@ class ModelRunner:
                              f"implement: lower --max_model_len to {mc.sliding_window} or less")
         self.max_pages = -(-self.max_model_len // config.page_size)
         self.kv_dtype = jnp.dtype(config.dtype)
-        self.page_bytes = page_bytes(mc, config.page_size, self.kv_dtype)
-        self.weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        # Per device (a tensor-parallel device holds its shard of the weights and KV heads).
+        self.page_bytes = page_bytes(mc, config.page_size, self.kv_dtype,
+                                     config.tensor_parallel_size)
+        self.weight_bytes = sum(device_memory.bytes_per_device(x)
+                                for x in jax.tree.leaves(self.params))
         memory = device_memory.device_memory()  # None: no memory pool (the CPU)
         self.budget = (None if memory is None else
                        device_memory.memory_budget(config.gpu_memory_utilization, memory))
@@ -112,9 +119,11 @@ class ModelRunner:
         on_gpu = jax.default_backend() == "gpu"
         self._forward = jax.jit(
             functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
-                              layers_fn=layers_fn),
+                              layers_fn=layers_fn, forward=parallel.forward_fn(self.mesh)),
             donate_argnums=(1,),
-            compiler_options=self.schedule.compiler_options() if on_gpu else None,
+            compiler_options={**self.schedule.compiler_options(),
+                              **parallel.compiler_options(self.mesh, self.schedule)}
+            if on_gpu else None,
         )
         self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
                                static_argnames="mode")
@@ -124,7 +133,7 @@ class ModelRunner:
         self._forwards, self.memory_plan = self._size_kv_cache()  # {T: executable}
         self.num_pages = self.memory_plan.num_pages
         t0 = time.perf_counter()
-        self.kv = init_kv_cache(mc, self.num_pages, config.page_size, self.kv_dtype)
+        self.kv = init_kv_cache(mc, self.num_pages, config.page_size, self.kv_dtype, self.mesh)
         self.kv_time = time.perf_counter() - t0
         if self.budget is not None:
             for line in self.memory_plan.log_lines(config.page_size):
@@ -215,7 +224,8 @@ class ModelRunner:
         """The model step of each bucket for a KV cache of `num_pages` pages (its shape only:
         nothing is allocated)."""
         t0 = time.perf_counter()
-        kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype)
+        kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype,
+                           self.mesh)
         out = {}
         for t in buckets or self.buckets:
             batch = build_batch([], [], self.shape_for(t), self.config.page_size)

@@ -20,6 +20,13 @@ Params pytree (weights stored `[in, out]` so every projection is `x @ w`):
     final_norm  [D]
     lm_head     [D, V]                      absent when config.tie_word_embeddings
 
+Tensor parallelism (`nanoflow_jax.parallel`) runs these same functions inside `shard_map` with
+a per-shard config (`config.tp_axis` set, head / FFN sizes divided): the residual stream `x` is
+then a *partial sum* over the shards (each holds its share of the embedding and of every o_proj
+and down output), and the ops that normalise it (`qkv_proj`, `up_gate_proj`, `compute_logits`)
+all-reduce it first. That is Megatron's two all-reduces per layer, each fused with the norm
+that follows it, and the code runs unchanged at tp_axis None.
+
 Layers are a Python list, unrolled at trace time, rather than a `lax.scan` over stacked
 weights: each layer's weights and KV cache are then separate buffers (no dynamic slices of a
 stacked cache, which XLA would copy before a custom call), and the nano-batch pipeline can
@@ -79,6 +86,27 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def reduce_residual(x: jax.Array, config: ModelConfig) -> jax.Array:
+    """The residual stream summed over the tensor-parallel shards ([T, D]; a no-op without)."""
+    return x if config.tp_axis is None else jax.lax.psum(x, config.tp_axis)
+
+
+def embed_tokens(embed: jax.Array, token_ids: jax.Array, config: ModelConfig) -> jax.Array:
+    """token ids [T] -> [T, D]. Under tensor parallelism `embed` is this shard's vocab rows
+    [V/tp, D] and tokens outside them give zeros (the partial residual); an embedding kept
+    whole ([V, D], vocab not divisible by tp) counts on shard 0 only."""
+    if config.tp_axis is None:
+        return embed[token_ids]
+    shard = jax.lax.axis_index(config.tp_axis)
+    rows = embed.shape[0]
+    if rows == config.vocab_size:
+        return jnp.where(shard == 0, embed[token_ids], jnp.zeros((), embed.dtype))
+    local = token_ids - shard * rows
+    mine = (local >= 0) & (local < rows)
+    return jnp.where(mine[:, None], embed[jnp.clip(local, 0, rows - 1)],
+                     jnp.zeros((), embed.dtype))
+
+
 # ---- the ops of one layer (the pipeline executor schedules these on token slices) ----------
 
 
@@ -88,7 +116,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 def qkv_proj(layer: Params, x: jax.Array, config: ModelConfig, matmul=jnp.matmul) -> jax.Array:
     """Pre-attention norm + fused q/k/v GEMM: x [T, D] -> qkv [T, (Hq + 2·Hkv)·Dh]."""
-    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+    h = rms_norm(reduce_residual(x, config), layer["attn_norm"], config.rms_norm_eps)
     qkv = matmul(h, layer["wqkv"])
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
@@ -118,7 +146,7 @@ def up_gate_proj(layer: Params, x: jax.Array, config: ModelConfig,
 
     A mixture-of-experts layer (one with a "router") runs its whole expert block here
     instead, -> [T, D] (`moe.moe_block`), and `down_proj` only adds it to the residual."""
-    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    h = rms_norm(reduce_residual(x, config), layer["mlp_norm"], config.rms_norm_eps)
     if "router" in layer:
         return moe.moe_block(layer, h, config, matmul)
     return matmul(h, layer["w_gate_up"])
@@ -172,8 +200,9 @@ def run_layers(
 def compute_logits(
     params: Params, x: jax.Array, config: ModelConfig
 ) -> jax.Array:
-    """Final norm + LM head over the selected hidden states: x [N, D] -> fp32 logits [N, V]."""
-    h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    """Final norm + LM head over the selected hidden states: x [N, D] -> fp32 logits [N, V]
+    (under tensor parallelism [N, V/tp], this shard's vocab columns, when the head is split)."""
+    h = rms_norm(reduce_residual(x, config), params["final_norm"], config.rms_norm_eps)
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
     return jnp.dot(h, head, preferred_element_type=jnp.float32)
 
@@ -197,7 +226,7 @@ def forward(
     sequential schedule, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
     (fp32 logits [N, V], kv_cache).
     """
-    x = params["embed"][token_ids]  # [T, D]
+    x = embed_tokens(params["embed"], token_ids, config)  # [T, D]
     x, kv_cache = layers_fn(params["layers"], x, positions, kv_cache, attn_metadata, config,
                             attention)
     if logits_indices is not None:

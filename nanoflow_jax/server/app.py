@@ -8,9 +8,15 @@
 
 Both generation endpoints stream with `stream: true` (server-sent events ending in
 `data: [DONE]`). Every error is OpenAI's body `{"error": {"message", "type", "param", "code"}}`:
-400 for bad input (FastAPI's 422 included), 401 for a missing or wrong API key, 503 with
-Retry-After when the queue is full or the server is draining, 500 if the engine dies.
-A client that disconnects aborts its request, which frees its KV pages at once.
+400 for bad input (FastAPI's 422 included), 401 for a missing or wrong API key, 413 for a body
+over `max_request_bytes`, 503 with Retry-After when the queue is full or the server is
+draining, 500 if the engine dies. A client that disconnects aborts its request, which frees
+its KV pages at once.
+
+No request can stall the others: bodies are capped, and one too large to hold a prompt that
+fits is refused before it is read (`body_limit`); a prompt longer than any context could hold
+is refused before tokenizing (`prompts.PromptEncoder`); tokenizing runs in a worker thread
+(detokenizing runs on the engine thread), so the event loop only parses JSON.
 """
 from __future__ import annotations
 
@@ -21,7 +27,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,17 +35,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
 from nanoflow_jax.sampling_params import SamplingParams
 from nanoflow_jax.server import metrics as metrics_lib
+from nanoflow_jax.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimitMiddleware
 from nanoflow_jax.server.engine_loop import (AsyncEngine, DrainingError, EngineDeadError,
                                              QueueFullError, RequestStream)
 from nanoflow_jax.server.protocol import (SSE_DONE, APIError, ChatCompletionRequest,
                                           CompletionRequest, bad_request, error_body, sse,
                                           usage)
+from nanoflow_jax.server.prompts import PromptEncoder
 
 RETRY_AFTER_S = 1
 
 
-def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None
-               ) -> FastAPI:
+def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app; its lifespan starts the engine thread and stops it at shutdown."""
 
     @contextlib.asynccontextmanager
@@ -56,6 +63,8 @@ def create_app(engine: AsyncEngine, served_model_name: str, api_key: str | None 
     api = _API(engine, served_model_name)
     _install_error_handlers(app)
     app.add_middleware(_V1Middleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_request_bytes,  # the outermost
+                       fit_bytes=api.prompts.max_body_bytes, max_model_len=api.max_model_len)
 
     @app.get("/health")
     async def health():
@@ -177,6 +186,7 @@ class _API:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model_config.vocab_size
+        self.prompts = PromptEncoder(self.tokenizer, self.max_model_len)
         self.created = int(time.time())
         self._token_strs: dict[int, str] = {}
 
@@ -267,7 +277,7 @@ class _API:
 
     # -- /v1/completions --
 
-    def _completion_prompt(self, prompt) -> tuple[list[int], str | None]:
+    async def _completion_prompt(self, prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise bad_request(f"batched prompts are not supported: send one prompt per "
@@ -276,9 +286,12 @@ class _API:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("the prompt is empty", "prompt")
-            return self.tokenizer.encode(prompt), prompt
+            self.prompts.check_chars(len(prompt), "prompt")
+            return await asyncio.to_thread(self.prompts.completion, prompt), prompt
         if not prompt:
             raise bad_request("the prompt is empty", "prompt")
+        if len(prompt) >= self.max_model_len:  # before looking at every id
+            self._check_length(prompt, SamplingParams(max_tokens=None), "prompt", "max_tokens")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary "
@@ -288,8 +301,8 @@ class _API:
     async def completions(self, req: CompletionRequest, request: Request):
         arrival = time.time()
         self._check_model(req.model)
-        params = req.to_sampling_params()
-        ids, text = self._completion_prompt(req.prompt)
+        params = req.to_sampling_params(self.vocab_size)
+        ids, text = await self._completion_prompt(req.prompt)
         self._check_length(ids, params, "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = await self._submit(rid, {"prompt_token_ids": ids, "prompt": text}, params,
@@ -378,24 +391,13 @@ class _API:
 
     # -- /v1/chat/completions --
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
-        messages = [{"role": m.role, "content": m.text(),
-                     **({"name": m.name} if m.name else {})} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt)
-        except (ValueError, jinja2.TemplateError) as e:
-            raise bad_request(f"the chat template failed: {e}", "messages") from None
-        ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS
-        if not ids:
-            raise bad_request("the rendered chat prompt is empty", "messages")
-        return ids, text
-
     async def chat(self, req: ChatCompletionRequest, request: Request):
         arrival = time.time()
         self._check_model(req.model)
-        params = req.to_sampling_params()
-        ids, text = self._chat_prompt(req)
+        params = req.to_sampling_params(self.vocab_size)
+        self.prompts.check_chars(self.prompts.chat_chars(req.messages), "messages")
+        ids, text = await asyncio.to_thread(self.prompts.chat, req.messages,
+                                            req.add_generation_prompt)
         self._check_length(ids, params, "messages", "max_completion_tokens"
                            if req.max_completion_tokens is not None else "max_tokens")
         rid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -8,9 +8,16 @@
     engine.abort(id) (client gone)       -->  inbox --> engine.abort_request (pages freed)
 
 The thread blocks on a condition variable while idle (no busy spin) and steps back to back
-while any request is unfinished. The queue is bounded: `submit` refuses (QueueFullError) when
-the requests waiting in the scheduler plus those not yet handed to it reach `max_queue`. If
-`engine.step()` raises, the thread records the error, fails every pending request with
+while any request is unfinished. The thread learns the engine's state from
+`engine.stats_snapshot()` after each step, never from its scheduler or allocator.
+
+The queue is bounded: `submit` refuses (QueueFullError) when `max_queue` requests already wait
+for a sequence slot, i.e. are not yet scheduled and are beyond what the engine's free slots
+(`max_num_seqs` less the running sequences) take in arrival order. A burst on an idle server
+fills its free slots first. When a request is first scheduled, its queue time (arrival to the
+step that admitted it) goes to the metrics.
+
+If `engine.step()` raises, the thread records the error, fails every pending request with
 EngineDeadError and exits; `is_alive` turns False (the server's /health then says 503).
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from typing import Any
 
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
+from nanoflow_jax.engine.stats_snapshot import StatsSnapshot
 from nanoflow_jax.sampling_params import SamplingParams
 from nanoflow_jax.server.metrics import ServerMetrics, Snapshot
 
@@ -34,7 +42,7 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(RuntimeError):
-    """max_queue requests are already waiting."""
+    """max_queue requests are already waiting for a slot."""
 
 
 class DrainingError(RuntimeError):
@@ -115,7 +123,12 @@ class AsyncEngine:
         self._inbox: list[_Add | _Abort] = []
         self._inbox_adds = 0
         self._streams: dict[str, RequestStream] = {}  # accepted (or about to be), not finished
-        self._waiting = 0  # requests in the scheduler's waiting queue, after the last step
+        # Submitted and not yet scheduled, in arrival order: request id -> sequences (n); and
+        # how many of those sequences the engine already holds (in its scheduler's queue).
+        self._unscheduled: dict[str, int] = {}
+        self._handed: set[str] = set()  # the unscheduled ones add_request took
+        self._unscheduled_in_engine = 0  # their sequences
+        self._stats: StatsSnapshot = engine.stats_snapshot()  # the engine's, after the last step
         self._stop = False
         self._abort_all = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,9 +153,21 @@ class AsyncEngine:
 
     @property
     def num_queued(self) -> int:
-        """What max_queue limits: requests waiting in the scheduler or not yet handed to it."""
+        """What max_queue limits: requests waiting for a sequence slot."""
         with self._cond:
-            return self._inbox_adds + self._waiting
+            return self._waiting_for_slot()
+
+    def _waiting_for_slot(self) -> int:  # with _cond held
+        """Unscheduled requests beyond what the free slots take, first come first served.
+        Sequences already waiting in the engine that are not theirs (preempted ones, the rest
+        of a request partly admitted) are ahead of them."""
+        ahead = max(0, self._stats.waiting_seqs - self._unscheduled_in_engine)
+        room = self._stats.free_seq_slots - ahead
+        for i, n in enumerate(self._unscheduled.values()):
+            if n > room:
+                return len(self._unscheduled) - i
+            room -= n
+        return 0
 
     def submit(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams,
                prompt_token_ids: list[int], arrival_time: float | None = None
@@ -157,11 +182,13 @@ class AsyncEngine:
         with self._cond:
             if self.error is not None or not self.is_alive:
                 raise EngineDeadError(f"the engine is not running ({self.error!r})")
-            if self._inbox_adds + self._waiting >= self.max_queue:
-                raise QueueFullError(f"{self.max_queue} requests are already waiting")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
+            if self._waiting_for_slot() >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests are already waiting for a "
+                                     f"slot")
             self._streams[request_id] = stream
+            self._unscheduled[request_id] = params.n
             self._inbox.append(_Add(stream, prompt, params))
             self._inbox_adds += 1
             self._cond.notify()
@@ -221,24 +248,29 @@ class AsyncEngine:
                             self._add(cmd, deliveries)
                         else:
                             self._abort(cmd.request_id, deliveries)
-                    stop = self._stop
-                    if stop or self._abort_all:
+                    stop, abort_all = self._stop, self._abort_all
+                    if stop or abort_all:
                         self._abort_all = False
                         for rid in list(self._streams):
                             self._abort(rid, deliveries)
-                    self._waiting = self._count_waiting()
+                    if commands or stop or abort_all:
+                        self._stats = self.engine.stats_snapshot()
+                        self._note_scheduled(self._stats.running_request_ids, time.time())
                 self._deliver(deliveries)
                 self._publish()
                 if stop:
                     return
                 if self.engine.has_unfinished_requests():
+                    scheduled_at = time.time()  # step() schedules first, then waits and reads
                     outputs = self.engine.step()
+                    stats = self.engine.stats_snapshot()
                     deliveries = []
                     with self._cond:
+                        self._stats = stats
+                        self._note_scheduled(stats.running_request_ids, scheduled_at)
                         now = time.time()
                         for out in outputs:
                             self._on_output(out, now, deliveries)
-                        self._waiting = self._count_waiting()
                     self._deliver(deliveries)
                 self._publish()
         except BaseException as e:  # noqa: BLE001 -- anything from step() kills the engine
@@ -247,6 +279,9 @@ class AsyncEngine:
                 self.error = e
                 streams = list(self._streams.values())
                 self._streams.clear()
+                self._unscheduled.clear()
+                self._handed.clear()
+                self._unscheduled_in_engine = 0
                 self._inbox, self._inbox_adds = [], 0
             err = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             for s in streams:
@@ -263,17 +298,23 @@ class AsyncEngine:
             self.engine.add_request(rid, cmd.prompt, cmd.params, arrival_time=stream.arrival_time)
         except ValueError as e:
             del self._streams[rid]
+            self._unscheduled.pop(rid, None)  # not in the engine: nothing to subtract
             deliveries.append((stream, e))
             return
         except Exception as e:  # noqa: BLE001 -- a bad request must not take the engine down
             log.exception("add_request(%s) failed", rid)
             del self._streams[rid]
+            self._unscheduled.pop(rid, None)  # not in the engine: nothing to subtract
             deliveries.append((stream, RuntimeError(f"{type(e).__name__}: {e}")))
             return
+        if rid in self._unscheduled:
+            self._handed.add(rid)
+            self._unscheduled_in_engine += self._unscheduled[rid]
         deliveries.append((stream, _ACCEPTED))
 
     def _abort(self, rid: str, deliveries: list) -> None:
         stream = self._streams.pop(rid, None)
+        self._forget_unscheduled(rid)
         self.engine.abort_request(rid)
         if stream is None:
             return
@@ -301,6 +342,7 @@ class AsyncEngine:
         stream._last = out
         if out.finished:
             del self._streams[out.request_id]
+            self._forget_unscheduled(out.request_id)
             end = out.finished_time or now
             longest = max(len(c.token_ids) for c in out.outputs)
             tpot = None
@@ -310,19 +352,31 @@ class AsyncEngine:
                                           [c.finish_reason or "stop" for c in out.outputs])
         deliveries.append((stream, out))
 
-    def _count_waiting(self) -> int:
-        return len({s.request_id for s in self.engine.scheduler.waiting})
+    def _note_scheduled(self, running_ids: frozenset[str], scheduled_at: float) -> None:
+        """Requests now running leave the unscheduled set; their queue time is observed."""
+        if not self._unscheduled or not running_ids:
+            return
+        for rid in [r for r in self._unscheduled if r in running_ids]:
+            self._forget_unscheduled(rid)
+            stream = self._streams.get(rid)
+            if stream is not None:
+                self.metrics.observe_queue_time(scheduled_at - stream.arrival_time)
+
+    def _forget_unscheduled(self, rid: str) -> None:
+        """`rid` was scheduled, aborted or finished."""
+        n = self._unscheduled.pop(rid, 0)
+        if rid in self._handed:
+            self._handed.remove(rid)
+            self._unscheduled_in_engine -= n
 
     def _publish(self) -> None:
-        e = self.engine
         with self._cond:
-            waiting = self._waiting + self._inbox_adds
-        running = len({s.request_id for s in e.scheduler.running})
+            s, inbox = self._stats, self._inbox_adds
         self.metrics.publish(Snapshot(
-            running=running, waiting=waiting,
-            kv_pages_used=e.allocator.num_pages - e.allocator.num_free,
-            kv_pages_total=e.allocator.num_pages,
-            prompt_tokens=e.stats.prompt_tokens, generation_tokens=e.stats.generated_tokens))
+            running=s.running_requests, waiting=s.waiting_requests + inbox,
+            kv_pages_used=s.kv_pages_used, kv_pages_total=s.kv_pages_total,
+            prompt_tokens=s.prompt_tokens, generation_tokens=s.generation_tokens,
+            preemptions=s.preemptions))
 
     def _deliver(self, items: list[tuple[RequestStream, Any]]) -> None:
         if not items or self._loop is None:

@@ -1,9 +1,11 @@
 """Prometheus metrics of the server (prometheus_client, a registry of its own).
 
 The engine thread publishes a `Snapshot` after every iteration (queue lengths, KV pages, token
-counters); a collector turns the latest one into gauges and counters at scrape time, so a scrape
-never touches the engine. Throughput gauges are rates over the last `RATE_WINDOW_S` seconds of
-those counters. Latency histograms are observed by the engine thread as outputs arrive.
+and preemption counters); a collector turns the latest one into gauges and counters at scrape
+time, so a scrape never touches the engine. Throughput gauges are rates over the last
+`RATE_WINDOW_S` seconds of those counters. Latency histograms (queue time, time to first token,
+time per output token, end to end) are observed by the engine thread as requests progress.
+Names follow vLLM's with the `nanoflow_` prefix for `vllm:`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                  0.4, 0.5, 0.75, 1.0, 2.5)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                  20.0, 40.0, 80.0, 160.0)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 
@@ -34,6 +38,7 @@ class Snapshot:
     kv_pages_total: int = 0
     prompt_tokens: int = 0  # prefill tokens computed (recomputation after preemption included)
     generation_tokens: int = 0
+    preemptions: int = 0  # sequences preempted (recompute) since start
 
 
 class ServerMetrics:
@@ -47,6 +52,10 @@ class ServerMetrics:
         self.tpot = Histogram("nanoflow_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request",
                               labels, buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram("nanoflow_request_queue_time_seconds",
+                                    "Time from arrival to the step that first scheduled the "
+                                    "request", labels, buckets=_QUEUE_BUCKETS,
+                                    registry=self.registry)
         self.e2e = Histogram("nanoflow_e2e_request_latency_seconds",
                              "Time from arrival to the last token", labels,
                              buckets=_E2E_BUCKETS, registry=self.registry)
@@ -76,6 +85,9 @@ class ServerMetrics:
             # Keep one sample older than the window: the base of the rate.
             while len(self._samples) > 1 and self._samples[1][0] <= now - RATE_WINDOW_S:
                 self._samples.popleft()
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.labels(self.model_name).observe(max(seconds, 0.0))
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.labels(self.model_name).observe(max(seconds, 0.0))
@@ -146,6 +158,8 @@ class _SnapshotCollector:
                     s.kv_pages_used / s.kv_pages_total if s.kv_pages_total else 0.0)
         yield counter("nanoflow_prompt_tokens", "Prefill tokens computed", s.prompt_tokens)
         yield counter("nanoflow_generation_tokens", "Tokens generated", s.generation_tokens)
+        yield counter("nanoflow_num_preemptions", "Sequences preempted (KV pages freed, to be "
+                      "recomputed)", s.preemptions)
         yield gauge("nanoflow_prompt_throughput_tokens_per_second",
                     f"Prefill tokens/s over the last {RATE_WINDOW_S:g} s", prompt_rate)
         yield gauge("nanoflow_generation_throughput_tokens_per_second",

@@ -1,9 +1,19 @@
 """OpenAI API shapes: request bodies (pydantic), error bodies, and the SSE framing.
 
 Requests are validated in two layers: pydantic checks types (strict: "5" is not an int and
-`true` is not a number), then `to_sampling_params` checks ranges through `SamplingParams`, whose
-ValueError names the offending field. Either way the client gets a 400 with OpenAI's error body
-`{"error": {"message", "type", "param", "code"}}`.
+`true` is not a number), then `to_sampling_params` checks ranges: OpenAI's documented limits
+first, then `SamplingParams`, whose ValueError names the offending field. Either way the client
+gets a 400 with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`.
+
+The API's limits (OpenAI's, as vLLM's server applies them):
+    temperature   in [0, MAX_TEMPERATURE] = [0, 2]
+    top_p         in (0, 1]
+    top_k         -1 or 0 (no limit), or in [1, vocabulary size]   (vLLM's extra)
+    stop          at most MAX_STOP_STRINGS = 16 strings (OpenAI documents 4; more is accepted,
+                  as clients such as evaluation harnesses send longer lists)
+    logprobs      /v1/completions: in [0, MAX_COMPLETION_LOGPROBS] = [0, 5]
+    top_logprobs  /v1/chat/completions: in [0, MAX_TOP_LOGPROBS] = [0, 20]
+    n             in [1, MAX_N] = [1, 64]
 """
 from __future__ import annotations
 
@@ -13,12 +23,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]  # strict floats still take JSON integers (1 -> 1.0)
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
+
+MAX_TEMPERATURE = 2.0
+MAX_STOP_STRINGS = 16
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
+MAX_TOP_LOGPROBS = min(20, MAX_LOGPROBS)  # chat completions
 
 
 class APIError(Exception):
@@ -92,11 +107,21 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int,
                          renames: dict[str, str] | None = None) -> SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise bad_request(f"{name} is not supported (only 0 or null)", name)
+        t = self.temperature
+        if t is not None and not 0 <= t <= MAX_TEMPERATURE:  # NaN fails too
+            raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {t!r}",
+                              "temperature")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings, got "
+                              f"{len(self.stop)}", "stop")
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise bad_request(f"top_k must be -1 or 0 (no limit) or in [1, {vocab_size}] (the "
+                              f"vocabulary size), got {self.top_k}", "top_k")
         try:
             return SamplingParams(
                 n=self.n,
@@ -124,12 +149,15 @@ class CompletionRequest(_SamplingFields):
     echo: Bool = False
     suffix: Str | None = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, vocab_size: int) -> SamplingParams:
         if self.echo:
             raise bad_request("echo is not supported", "echo")
         if self.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got "
+                              f"{self.logprobs}", "logprobs")
+        return self._sampling_params(self.max_tokens, self.logprobs, vocab_size)
 
 
 class TextPart(BaseModel):
@@ -157,7 +185,10 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Int | None = None
     add_generation_prompt: Bool = True
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, vocab_size: int) -> SamplingParams:
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                              f"{self.top_logprobs}", "top_logprobs")
         if self.top_logprobs is not None and not self.logprobs:
             if self.top_logprobs:
                 raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
@@ -167,7 +198,7 @@ class ChatCompletionRequest(_SamplingFields):
         renames = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, lp, renames)
+        return self._sampling_params(max_tokens, lp, vocab_size, renames)
 
 
 # ---- responses ------------------------------------------------------------------------------
