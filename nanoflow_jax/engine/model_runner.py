@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nanoflow_jax import device_memory, parallel
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
@@ -125,11 +126,14 @@ class ModelRunner:
                               **parallel.compiler_options(self.mesh, self.schedule)}
             if on_gpu else None,
         )
+        # The samples (the next step's prev_tokens) on every device of the mesh: the model step
+        # is compiled for them there.
+        replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
-                               static_argnames="mode")
-        self._prev_tokens = jnp.zeros((self.num_rows,), jnp.int32)
+                               static_argnames="mode", out_shardings=replicated)
+        self._prev_tokens = jax.device_put(jnp.zeros((self.num_rows,), jnp.int32), replicated)
         self.compile_time = 0.0
-        self._samplers = self._compile_samplers()  # {(rows, mode): executable}
+        self._samplers = {}  # {(rows, mode): executable}, compiled after a model step
         self._forwards, self.memory_plan = self._size_kv_cache()  # {T: executable}
         self.num_pages = self.memory_plan.num_pages
         t0 = time.perf_counter()
@@ -207,13 +211,16 @@ class ModelRunner:
         seqs = self.config.max_num_seqs or CPU_MAX_NUM_SEQS
         return max(1, min(CPU_KV_BYTES // self.page_bytes, seqs * self.max_pages))
 
-    def _compile_samplers(self) -> dict:
-        """The sampler for each number of sampled rows the buckets have, in every mode."""
+    def _compile_samplers(self, step) -> dict:
+        """The sampler for each number of sampled rows the buckets have, in every mode, for the
+        logits of the compiled model step `step` (its dtype and sharding)."""
         t0 = time.perf_counter()
         out = {}
+        logits_sharding = step.output_shardings[0]
         for rows in sorted({self.shape_for(t).num_logits for t in self.buckets}):
             # llama.forward's logits: fp32 [rows, V]
-            logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
+            logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32,
+                                          sharding=logits_sharding)
             sampling = sampling_tensors([], [], [], pad_to=rows)
             for mode in SampleMode.all():
                 out[rows, mode] = self._sample.lower(logits, sampling, mode=mode).compile()
@@ -282,6 +289,8 @@ class ModelRunner:
                     f" but one sequence of max_model_len={self.max_model_len} needs "
                     f"{self.max_pages}: lower max_model_len or raise num_pages")
         forwards = self._compile_forwards(num_pages)
+        if not self._samplers:
+            self._samplers = self._compile_samplers(forwards[self.buckets[-1]])
         measured = self._plan(self._forward_memory(forwards, num_pages) + self._sampler_memory(),
                               num_pages)
         if plan is None:
@@ -310,7 +319,10 @@ class ModelRunner:
         buffer), the largest program's workspace, the step buffers and a safety margin."""
         t0 = time.perf_counter()
         lo, hi = self.max_pages, 2 * self.max_pages  # placeholder page counts
-        steps = self._forward_memory(self._compile_forwards(lo), lo)
+        probes = self._compile_forwards(lo)
+        self._samplers = self._compile_samplers(probes[self.buckets[-1]])
+        steps = self._forward_memory(probes, lo)
+        del probes
         largest_hi = self._forward_memory(self._compile_forwards(hi, [self.buckets[-1]]), hi)[0]
         # Workspace that comes with each page: 0 while the cache is updated in place.
         growth = max(0, -(-(largest_hi.workspace - steps[-1].workspace) // (hi - lo)))
