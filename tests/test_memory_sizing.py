@@ -27,7 +27,9 @@ WEIGHT_BYTES = get_preset("tiny-llama").param_count * 4  # float32
 
 
 def _live_bytes() -> int:
-    return sum(a.nbytes for a in jax.live_arrays())
+    """Bytes on the first device, as the fake device reports (an array sharded over several
+    devices counts its shard)."""
+    return sum(device_memory.bytes_per_device(a) for a in jax.live_arrays())
 
 
 def _install_device(monkeypatch, total: int, xla_fraction: float = 0.9) -> None:
@@ -317,3 +319,20 @@ def test_any_max_num_seqs_and_utilization_start_or_fail_in_one_line(device):
     assert abs(extra - (high.budget - low.budget)) <= slack
     # More decode rows: a larger sampler workspace
     assert plans[1, 0.6].workspace <= plans[10_000, 0.6].workspace
+
+
+@pytest.mark.eight_devices
+def test_tensor_parallel_budget_is_per_device(device):
+    """Each device holds its shard of the weights and of the KV heads: the page and weight
+    bytes of the plan are a device's, and the cache still fills what its budget leaves."""
+    device(total=GiB)
+    runner = ModelRunner(EngineConfig(**SMALL, gpu_memory_utilization=0.6,
+                                      tensor_parallel_size=2))
+    plan = runner.memory_plan
+    assert plan.page_bytes == 2 * 1 * 16 * 16 * 4 * 2  # one of the two KV heads per device
+    assert plan.weights < WEIGHT_BYTES
+    assert 0 <= plan.unplanned < plan.page_bytes
+    k_pages = runner.kv[0][0]
+    assert k_pages.shape[1] == runner.num_pages
+    assert k_pages.sharding.shard_shape(k_pages.shape)[0] == 1
+    assert runner.num_compiled == len(runner.programs)
