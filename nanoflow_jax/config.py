@@ -342,11 +342,18 @@ class EngineConfig:
     max_num_batched_tokens: int | None = _knob(None, "the dense batch: most tokens per "
                                                "iteration (default: 1024 on a GPU, 128 on "
                                                "the CPU)")
-    max_num_seqs: int = _knob(256, "most running sequences (decode rows per iteration)")
+    max_num_seqs: int | None = _knob(None, "most running sequences (= decode rows of the "
+                                     "compiled step, at most the dense batch; default: what "
+                                     "the KV cache holds). Either way a request is admitted "
+                                     "only while the projected KV use of every running "
+                                     "sequence (prompt + max_tokens) fits the cache")
     max_prefill_seqs: int = _knob(16, "most prompt chunks per iteration")
     page_size: int = _knob(16, "tokens per KV page (a power of two)")
-    gpu_memory_utilization: float = _knob(0.9, "fraction of the device's memory the engine "
-                                          "takes for weights, KV cache and workspace")
+    gpu_memory_utilization: float = _knob(0.9, "fraction of the device's total memory the "
+                                          "engine takes for weights, KV cache and workspace "
+                                          "(XLA's pool must hold it: scripts call nanoflow_jax."
+                                          "device_memory.reserve_device_memory before JAX "
+                                          "starts)")
     max_model_len: int | None = _knob(None, "most prompt + output tokens per sequence "
                                       "(default: the model's context)")
     num_pages: int | None = _knob(None, "KV cache pages (default: as many as fit in "
@@ -369,7 +376,8 @@ class EngineConfig:
         checks = [
             (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
              "max_num_batched_tokens must be >= 1"),
-            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_seqs is None or self.max_num_seqs >= 1,
+             "max_num_seqs must be >= 1 (or None: what the KV cache holds)"),
             (self.max_prefill_seqs >= 1, "max_prefill_seqs must be >= 1"),
             (self.page_size >= 1 and not self.page_size & (self.page_size - 1),
              "page_size must be a power of two"),

@@ -45,6 +45,20 @@ def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype,
     return zeros()
 
 
+def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype,
+                  mesh=None) -> KVCache:
+    """The shapes, dtypes and shardings `init_kv_cache` would give, nothing allocated: what
+    programs that take the cache are compiled for before it exists."""
+    spec = jax.eval_shape(lambda: init_kv_cache(config, num_pages, page_size, dtype, mesh))
+    if mesh is None:
+        return spec
+    from nanoflow_jax import parallel
+
+    sharding = parallel.kv_sharding(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        spec)
+
+
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
 ) -> tuple[jax.Array, jax.Array]:

@@ -32,11 +32,20 @@ def _golden_prompts(name):
 def test_greedy_equals_hf_generate(name, engine_args):
     prompts, expected = _golden_prompts(name)
     llm = LLM(golden_path(name), dtype="float32", **engine_args)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    for out, want in zip(outs, expected):
-        assert out.outputs[0].token_ids == want
+    preempting = "num_pages" in engine_args
+    # Requests without max_tokens run to max_model_len: their KV use is not known at
+    # admission, so they outgrow the small cache and are preempted (recomputed); greedy
+    # decoding gives the same first tokens as HF's 16.
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True) if preempting \
+        else GREEDY
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for out, prompt, want in zip(outs, prompts, expected):
+        ids = out.outputs[0].token_ids
+        assert ids[:len(want)] == want
+        assert len(ids) == (engine_args.get("max_model_len", 0) - len(prompt) if preempting
+                            else len(want))
         assert out.outputs[0].finish_reason == "length"
-    if "num_pages" in engine_args:
+    if preempting:
         assert llm.engine.stats.preemptions > 0
     assert llm.engine.allocator.num_free == llm.engine.runner.num_pages
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from nanoflow_jax.config import get_preset
-from nanoflow_jax.kv_cache import OutOfPages, PageAllocator, init_kv_cache, write_kv
+from nanoflow_jax.kv_cache import (OutOfPages, PageAllocator, init_kv_cache, kv_cache_spec,
+                                   page_bytes, write_kv)
 
 
 def test_allocator_free_list_and_refcounts():
@@ -44,3 +45,12 @@ def test_write_kv_fills_slots_and_drops_padding():
     assert all(not k_pages[:, p, o].any() and not v_pages[:, p, o].any() for p, o in untouched)
     with pytest.raises(ValueError, match="power of two"):
         init_kv_cache(cfg, 4, 12, jnp.float32)
+
+
+def test_kv_cache_spec_matches_the_cache_and_page_bytes():
+    cfg = get_preset("tiny-qwen2")
+    cache = init_kv_cache(cfg, 5, 8, jnp.bfloat16)
+    spec = kv_cache_spec(cfg, 5, 8, jnp.bfloat16)
+    assert [(k.shape, k.dtype, v.shape, v.dtype) for k, v in cache] == \
+        [(k.shape, k.dtype, v.shape, v.dtype) for k, v in spec]
+    assert sum(k.nbytes + v.nbytes for k, v in cache) == 5 * page_bytes(cfg, 8, jnp.bfloat16)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from nanoflow_jax.config import EngineConfig
+from nanoflow_jax.device_memory import reserve_if_not_started
 from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
 from nanoflow_jax.engine.scheduler import Scheduler
@@ -82,6 +83,7 @@ class LLMEngine:
         """`stream_outputs`: `step()` returns every request that progressed, with its text so
         far (the server); False returns finished requests only and detokenizes once at the end
         unless a stop string needs the text earlier (offline `LLM`, cheaper per token)."""
+        reserve_if_not_started(config.gpu_memory_utilization)  # before JAX starts its backend
         config = config.for_backend(jax.default_backend())
         self.config = config
         self.stream_outputs = stream_outputs
@@ -90,7 +92,8 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
-        self.scheduler = Scheduler(config, self.allocator)
+        self.scheduler = Scheduler(config, self.allocator,
+                                   max_running=self.runner.max_num_seqs)
         self.runner.warmup()
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()

@@ -3,10 +3,16 @@
 First come, first served. Each iteration fills a token budget (the dense batch) with every
 running decode first, one token each, then prompt chunks (chunked prefill: a prompt longer
 than what is left of the budget is split across iterations), continuing running prefills before
-admitting waiting requests. A request is admitted only when its chunk's pages are free with
-headroom for the running decodes. When pages run out, the youngest running sequence is
-preempted by recompute: its pages are freed and it waits at the head of the queue, to be
-prefilled again (prompt + what it had generated) later.
+admitting waiting requests, in arrival order. A request is admitted only while
+  - fewer than `max_running` sequences run,
+  - its first chunk's pages are free with a page of headroom for each running decode, and
+  - the projected KV use of every running sequence and its own still fits the cache (as
+    NanoFlow does, which keeps preemptions rare): a sequence whose request set max_tokens may
+    reach prompt + max_tokens tokens (add_request caps that at max_model_len); one without
+    has no known end and counts what it holds now.
+When pages run out all the same (sequences without max_tokens grow past their projection), the
+youngest running sequence is preempted by recompute: its pages are freed and it waits at the
+head of the queue, to be prefilled again (prompt + what it had generated) later.
 
 The host never waits for the device: a sequence whose last token is still being sampled
 (`PENDING`) is scheduled as a decode whose input is that future token.
@@ -47,11 +53,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+    def __init__(self, config: EngineConfig, allocator: PageAllocator,
+                 max_running: int | None = None):
+        """`max_running`: most running sequences (the engine passes the compiled decode rows);
+        None: config.max_num_seqs, or no cap but the KV cache and the token budget."""
         self.config = config
         self.allocator = allocator
+        self.max_running = max_running or config.max_num_seqs or float("inf")
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # oldest admission first
+        # Projected pages of each sequence admitted with a max_tokens (0: none), by identity.
+        self._projected: dict[Sequence, int] = {}
         self.num_preemptions = 0  # sequences preempted since start (a monitoring counter)
 
     def add(self, seq: Sequence) -> None:
@@ -69,6 +81,21 @@ class Scheduler:
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.page_size)
+
+    def _projected_pages(self, seq: Sequence) -> int:
+        """Pages `seq` may come to hold: prompt + max_tokens if its request set max_tokens
+        (the last token's K/V is never written: one to spare), else what it holds now."""
+        if seq.params.max_tokens is not None:
+            return self._pages_for(len(seq.prompt_token_ids) + seq.max_tokens)
+        return 0
+
+    def _reserved_pages(self) -> int:
+        """Pages the running sequences may come to hold (the admission test's left side)."""
+        projected = self._projected
+        if len(projected) > 2 * len(self.running) + 64:  # forget finished sequences
+            self._projected = projected = {s: projected.get(s, 0) for s in self.running}
+        return sum(projected.get(s) or max(len(s.pages), self._pages_for(s.num_tokens + 1))
+                   for s in self.running)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give `seq` pages for `num_tokens` tokens, if the free list allows."""
@@ -139,8 +166,9 @@ class Scheduler:
             budget -= n
 
         # 3. Admit waiting requests in arrival order while pages and the budget allow.
+        reserved = None  # projected pages of the running sequences, summed when first needed
         while (self.waiting and budget > 0 and len(prefills) < cfg.max_prefill_seqs
-               and len(self.running) < cfg.max_num_seqs):
+               and len(self.running) < self.max_running):
             seq = self.waiting[0]
             if seq.has_pending or seq in preempted:  # resumes once its last token is known
                 break
@@ -148,6 +176,14 @@ class Scheduler:
             headroom = len(self.running)  # a page each for the running decodes to grow into
             if self._pages_for(n) + headroom > self.allocator.num_free:
                 break
+            projected = self._projected_pages(seq)
+            need = projected or self._pages_for(seq.num_tokens + 1)
+            if reserved is None:
+                reserved = self._reserved_pages()
+            if reserved + need > self.allocator.num_pages:
+                break
+            self._projected[seq] = projected
+            reserved += need
             self.waiting.popleft()
             self._grow(seq, n)
             seq.status = Status.RUNNING
