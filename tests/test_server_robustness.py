@@ -161,14 +161,16 @@ def test_burst_fills_free_slots_before_queueing(tight):
 
 
 def test_preemptions_and_queue_time_in_metrics(tight):
-    """Two 300-token requests need ~40 pages of the 24: the younger is preempted."""
+    """Requests without max_tokens run to max_model_len (24 pages each, of the 24): the
+    admission cannot project their growth, and the younger are preempted."""
     before = tight.metrics()
     client = tight.client()
-    kw = dict(model=MODEL, max_tokens=300, temperature=0.0, extra_body={"ignore_eos": True})
+    kw = dict(model=MODEL, temperature=0.0, extra_body={"ignore_eos": True, "max_tokens": None})
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda p: client.completions.create(prompt=p, **kw),
                              ["first long one", "second long one", "third long one"]))
-    assert [o.usage.completion_tokens for o in outs] == [300] * 3
+    assert [o.usage.prompt_tokens + o.usage.completion_tokens for o in outs] == \
+        [MAX_MODEL_LEN] * 3
     m = tight.wait_idle()
     assert m["nanoflow_num_preemptions_total"] > before["nanoflow_num_preemptions_total"]
     assert (m["nanoflow_request_queue_time_seconds_count"]
@@ -181,7 +183,9 @@ def test_preemptions_and_queue_time_in_metrics(tight):
 def test_second_sigterm_aborts_with_a_word(tight):
     """Last test of `tight`: a first SIGTERM starts a 60 s drain, a second one aborts what
     runs, and every client still gets a complete answer."""
-    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 340, "ignore_eos": True}
+    # No max_tokens: both requests are admitted at once (the admission projects only what a
+    # request without max_tokens holds).
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": None, "ignore_eos": True}
     non_streaming: list[httpx.Response] = []
 
     def post():

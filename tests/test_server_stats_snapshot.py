@@ -13,7 +13,7 @@ from nanoflow_jax.engine.stats_snapshot import StatsSnapshot
 
 
 def test_stats_snapshot_follows_requests_and_preemptions():
-    # 12 pages of 4 tokens: two sequences that grow to ~40 tokens each cannot both stay.
+    # 12 pages of 4 tokens: two sequences that grow to 48 tokens each cannot both stay.
     engine = LLMEngine(EngineConfig(model="tiny-llama", dtype="float32", max_num_seqs=4,
                                     max_num_batched_tokens=16, min_bucket=16, page_size=4,
                                     num_pages=12, max_model_len=48))
@@ -24,7 +24,8 @@ def test_stats_snapshot_follows_requests_and_preemptions():
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.running_seqs = 1
 
-    params = SamplingParams(n=2, temperature=0.0, max_tokens=36, ignore_eos=True)
+    # No max_tokens (each runs to max_model_len): the admission cannot project their growth.
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=None, ignore_eos=True)
     engine.add_request("a", {"prompt_token_ids": [1, 2, 3, 4]}, params)
     s = engine.stats_snapshot()
     assert (s.waiting_requests, s.waiting_seqs, s.running_requests) == (1, 2, 0)
@@ -45,6 +46,6 @@ def test_stats_snapshot_follows_requests_and_preemptions():
     s = engine.stats_snapshot()
     assert s.preemptions > 0 and seen_preemption
     assert s.preemptions == engine.stats.preemptions  # the scheduler's count, the engine's
-    assert s.generation_tokens == 2 * 36
+    assert s.generation_tokens == 2 * (48 - 4)
     assert (s.running_requests, s.waiting_requests, s.kv_pages_used) == (0, 0, 0)
     assert s.free_seq_slots == 4

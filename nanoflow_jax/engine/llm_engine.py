@@ -183,7 +183,7 @@ class LLMEngine:
             running_requests=len(running_ids), running_seqs=len(sched.running),
             waiting_requests=len({s.request_id for s in sched.waiting}),
             waiting_seqs=len(sched.waiting),
-            free_seq_slots=max(0, self.config.max_num_seqs - len(sched.running)),
+            free_seq_slots=max(0, self.runner.max_num_seqs - len(sched.running)),
             kv_pages_used=alloc.num_pages - alloc.num_free, kv_pages_total=alloc.num_pages,
             prompt_tokens=self.stats.prompt_tokens,
             generation_tokens=self.stats.generated_tokens,
