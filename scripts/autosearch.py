@@ -122,7 +122,7 @@ def main(argv):
 def measure(config, schedule: str, workload: autosearch.Workload) -> float:
     """Device ms per step of `schedule` on the workload's batch: D decodes, one prompt chunk."""
     from nanoflow_jax.batch import SeqChunk, build_batch
-    from nanoflow_jax.bench import device_ms_per_call
+    from nanoflow_jax.benchmarks.timing import device_ms_per_call
     from nanoflow_jax.engine.model_runner import ModelRunner
     from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
     from nanoflow_jax.sampling_params import SamplingParams

@@ -234,7 +234,7 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
         "model": F.model, "workload": workload, "num_requests": len(reqs),
         "schedule": runner.schedule.name, "device": jax.devices()[0].device_kind,
         "jax": jax.__version__, "dense_batch": eng.config.max_num_batched_tokens,
-        "max_num_seqs": eng.config.max_num_seqs,
+        "max_num_seqs": runner.max_num_seqs,
         "prompt_tokens": n_in, "output_tokens": n_out, "elapsed_s": elapsed,
         "total_tokens_per_s": total_tps, "output_tokens_per_s": n_out / elapsed,
         "requests_per_s": len(reqs) / elapsed,

@@ -62,7 +62,7 @@ def main(_):
     from nanoflow_jax.models import llama
     from nanoflow_jax.models.paged_attention import attention_fn
     from nanoflow_jax.pipeline.executor import make_layers_fn
-    from nanoflow_jax.pipeline.schedule import named_schedule
+    from nanoflow_jax.pipeline.spec import named_schedule
 
     tp = FLAGS.tensor_parallel_size
     config = dataclasses.replace(get_preset(FLAGS.model), num_layers=FLAGS.num_layers)

@@ -32,7 +32,7 @@ from nanoflow_jax.tokenizer import byte_tokenizer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
 API_KEY = "test-key"
-MAX_MODEL_LEN = 512  # the CPU default of serve.py
+MAX_MODEL_LEN = 1024  # serve.py's default: tiny-llama's context
 GUARDED_MAX_MODEL_LEN = 1024
 VOCAB_SIZE = 512  # tiny-llama's
 

@@ -27,7 +27,7 @@ from nanoflow_jax.kv_cache import init_kv_cache
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
-from nanoflow_jax.pipeline.schedule import named_schedule
+from nanoflow_jax.pipeline.spec import named_schedule
 from tests.helpers import golden_path, rel_err
 from tests.test_pipeline import T, _as_calls, _batch, _prefill_context
 

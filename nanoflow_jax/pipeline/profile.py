@@ -238,7 +238,7 @@ class Progress:
 
 
 def _device_ms_per_call():
-    from nanoflow_jax.bench import device_ms_per_call  # imported late: the module may move
+    from nanoflow_jax.benchmarks.timing import device_ms_per_call
 
     return device_ms_per_call
 
@@ -247,7 +247,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                 shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, page_size: int = 16,
                 attention_impl: str = "auto", calls: int = 10, repeats: int = 5,
                 kv_pool_bytes: int | None = None, progress: bool = True) -> Profile:
-    """Times every op alone on the local device (`bench.device_ms_per_call`: calls enqueued
+    """Times every op alone on the local device (`benchmarks.timing.device_ms_per_call`: calls enqueued
     back to back, one block) over token counts, contexts and SM shares.
 
     Decode rows read distinct pages from a pool of `kv_pool_bytes` (None: 4 GiB on a GPU,
