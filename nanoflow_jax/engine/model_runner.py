@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from nanoflow_jax import device_memory, parallel
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
@@ -234,7 +235,10 @@ class ModelRunner:
         kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype,
                            self.mesh)
         out = {}
-        for t in buckets or self.buckets:
+        buckets = buckets or self.buckets
+        # Compiling is most of a start-up (minutes for an 8B model on a GPU): show it.
+        for t in tqdm(buckets, desc=f"compiling the model step, {len(buckets)} buckets",
+                      unit="bucket", leave=False, dynamic_ncols=True):
             batch = build_batch([], [], self.shape_for(t), self.config.page_size)
             out[t] = self._forward.lower(self.params, kv, batch, self._prev_tokens).compile()
         self.compile_time += time.perf_counter() - t0
