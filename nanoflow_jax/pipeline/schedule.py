@@ -225,8 +225,8 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
     GEMMs beside it have the others from the start (NanoFlow partitions SMs the same way).
     `gemm_sm_share` < 1 partitions the other way round: the GEMMs run persistent on that share
     of the SMs and are issued first in each tick, so the attention issued after them finds the
-    remaining SMs free; with both shares each half is persistent on its own SMs (docs/overlap.md,
-    session 4, has what each measured).
+    remaining SMs free; with both shares each half is persistent on its own SMs (docs/overlap.md
+    has what each measured).
     """
     bounds = _bounds(num_tokens, num_nano)
     gemm, attn = (1, 2) if streams else (0, 0)
