@@ -32,7 +32,7 @@ from nanoflow_jax.tokenizer import byte_tokenizer
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = "tiny-llama"
 API_KEY = "test-key"
-MAX_MODEL_LEN = 1024  # serve.py's default: tiny-llama's context
+MAX_MODEL_LEN = 512  # the main server's (below tiny-llama's context of 1024)
 GUARDED_MAX_MODEL_LEN = 1024
 VOCAB_SIZE = 512  # tiny-llama's
 
@@ -122,7 +122,8 @@ class ServerProcess:
 def _processes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("server_logs")
     procs = {
-        "main": ServerProcess(logs / "main.log", "--max_num_seqs=64"),
+        "main": ServerProcess(logs / "main.log", "--max_num_seqs=64",
+                              f"--max_model_len={MAX_MODEL_LEN}"),
         "guarded": ServerProcess(
             logs / "guarded.log", f"--api_key={API_KEY}", "--max_queue=2", "--max_num_seqs=2",
             "--max_prefill_seqs=2", "--max_num_batched_tokens=16",
