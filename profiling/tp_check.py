@@ -5,10 +5,10 @@ A model preset with its real layer shapes, cut to --num_layers (so TP 1 fits one
 random bf16 weights, a mixed paged batch (decodes with context + prompt chunks), the paged
 attention kernels on a GPU. Prints one JSON line per schedule.
 
-    PYTHONPATH=. python3 scripts/tp_check.py --model=llama-3-70b --tensor_parallel_size=8
+    python3 profiling/tp_check.py --model=llama-3-70b --tensor_parallel_size=8
     # CPU, tiny:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
-        PYTHONPATH=. python3 scripts/tp_check.py --model=tiny-llama --tensor_parallel_size=2 \\
+        python3 profiling/tp_check.py --model=tiny-llama --tensor_parallel_size=2 \\
         --num_tokens=128 --repeats=2
 """
 import dataclasses

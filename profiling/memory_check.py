@@ -1,8 +1,8 @@
 """Start the engine with a memory budget, fill every decode row, and compare the device's peak
 memory with the plan (weights + largest workspace + step buffers + margin + KV cache).
 
-    PYTHONPATH=. python3 scripts/memory_check.py                              # tiny, CPU
-    PYTHONPATH=. python3 scripts/memory_check.py --model=llama-3-8b \
+    python3 profiling/memory_check.py                              # tiny, CPU
+    python3 profiling/memory_check.py --model=llama-3-8b \
         --gpu_memory_utilization=0.95 --max_num_seqs=1024 --max_num_batched_tokens=1024
 
 The engine flags are EngineConfig's. One configuration per process (XLA's pool is sized once,
