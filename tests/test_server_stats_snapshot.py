@@ -45,7 +45,7 @@ def test_stats_snapshot_follows_requests_and_preemptions():
         seen_preemption |= s.waiting_seqs > 0
     s = engine.stats_snapshot()
     assert s.preemptions > 0 and seen_preemption
-    assert s.preemptions == engine.stats.preemptions  # the scheduler's count, the engine's
+    assert s.preemptions == engine.stats.preemptions
     assert s.generation_tokens == 2 * (48 - 4)
     assert (s.running_requests, s.waiting_requests, s.kv_pages_used) == (0, 0, 0)
     assert s.free_seq_slots == 4

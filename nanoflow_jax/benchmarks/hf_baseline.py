@@ -547,7 +547,9 @@ def run_peers(model: str, peers: Sequence[str], jobs, settings: PeerSettings = P
 def add_optimal(row: dict, peak_flops: float, param_count: int) -> None:
     """% of optimal as ours: total tokens/s ÷ (peak FLOP/s ÷ 2·params). Rows with a peer_error
     keep None."""
-    optimal = peak_flops / (2 * param_count)  # timing.optimal_tokens_per_s, without JAX
+    from nanoflow_jax.benchmarks.timing import optimal_tokens_per_s  # imports JAX, starts nothing
+
+    optimal = optimal_tokens_per_s(peak_flops, param_count)
     row.update(peak_tflops=peak_flops / 1e12, optimal_tokens_per_s=optimal)
     if row.get("total_tokens_per_s") is not None:
         row["percent_of_optimal"] = 100 * row["total_tokens_per_s"] / optimal

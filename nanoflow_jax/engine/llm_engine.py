@@ -17,7 +17,6 @@ import jax
 import numpy as np
 
 from nanoflow_jax.config import EngineConfig
-from nanoflow_jax.device_memory import reserve_if_not_started
 from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
 from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
 from nanoflow_jax.engine.scheduler import Scheduler
@@ -83,12 +82,10 @@ class LLMEngine:
         """`stream_outputs`: `step()` returns every request that progressed, with its text so
         far (the server); False returns finished requests only and detokenizes once at the end
         unless a stop string needs the text earlier (offline `LLM`, cheaper per token)."""
-        reserve_if_not_started(config.gpu_memory_utilization)  # before JAX starts its backend
-        config = config.for_backend(jax.default_backend())
-        self.config = config
         self.stream_outputs = stream_outputs
         self.tokenizer = tokenizer or _load_tokenizer(config.model)
         self.runner = ModelRunner(config)
+        config = self.config = self.runner.config  # the knobs resolved for the backend
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
@@ -187,7 +184,7 @@ class LLMEngine:
             kv_pages_used=alloc.num_pages - alloc.num_free, kv_pages_total=alloc.num_pages,
             prompt_tokens=self.stats.prompt_tokens,
             generation_tokens=self.stats.generated_tokens,
-            preemptions=sched.num_preemptions, steps=self.stats.steps,
+            preemptions=self.stats.preemptions, steps=self.stats.steps,
             running_request_ids=running_ids)
 
     # ---- the loop ---------------------------------------------------------------------------

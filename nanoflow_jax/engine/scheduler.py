@@ -64,7 +64,6 @@ class Scheduler:
         self.running: list[Sequence] = []  # oldest admission first
         # Projected pages of each sequence admitted with a max_tokens (0: none), by identity.
         self._projected: dict[Sequence, int] = {}
-        self.num_preemptions = 0  # sequences preempted since start (a monitoring counter)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -107,7 +106,6 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.num_preemptions += 1
         self.running.remove(seq)
         self.allocator.free(seq.release_pages())
         seq.num_computed, seq.status = 0, Status.WAITING
