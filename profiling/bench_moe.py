@@ -52,6 +52,8 @@ flags.DEFINE_float("hbm_tbps", 4.0, "HBM bandwidth for the memory floor (H200: ~
 flags.DEFINE_integer("calls", 10, "calls per timing, enqueued back to back")
 flags.DEFINE_integer("repeats", 10, "timings (median)")
 flags.DEFINE_integer("seed", 0, "routing and weights")
+flags.DEFINE_list("tiles", [], "extra tilings of the mosaic grouped GEMM to time beside the "
+                  "engine's, each BLOCK_M:BLOCK_N:BLOCK_K:STEPS (pipeline stages)")
 
 _ROWS = []
 
@@ -73,6 +75,17 @@ def uniform_routing(tokens: int, k: int, num_experts: int, rng) -> np.ndarray:
     """Group sizes [E] of T tokens each sent to k distinct experts drawn uniformly."""
     picks = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :k]
     return np.bincount(picks.reshape(-1), minlength=num_experts).astype(np.int32)
+
+
+def tilings() -> list[dict]:
+    """--tiles as keyword arguments of moe.mosaic_grouped_matmul."""
+    out = []
+    for spec in FLAGS.tiles:
+        parts = [int(p) for p in spec.split(":")]
+        if len(parts) != 4:
+            raise app.UsageError(f"--tiles: {spec!r} is not BLOCK_M:BLOCK_N:BLOCK_K:STEPS")
+        out.append(dict(zip(("block_m", "block_n", "block_k", "steps"), parts)))
+    return out
 
 
 def time_ms(fn, *args) -> float:
@@ -97,6 +110,17 @@ def bench_gemms(cfg, tokens: int, impls, dtype, rng, key) -> None:
             err = rel_err(jax.jit(fn)(x, w, sizes), want)
             emit(dict(what=what, impl=impl, tokens=tokens, ms=time_ms(fn, x, w, sizes),
                       flops=flops, floor_ms=grouped_floor, err=err, group_sizes=sizes.tolist()))
+        for tile in tilings():
+            fn = lambda x, w, s, tile=tile: moe.mosaic_grouped_matmul(x, w, s, **tile)  # noqa: E731
+            try:
+                err = rel_err(jax.jit(fn)(x, w, sizes), want)
+                ms = time_ms(fn, x, w, sizes)
+            except Exception as failure:  # a tiling the kernel or the shared memory cannot take
+                print(f"{what} tiles {tile}: {type(failure).__name__}: {str(failure)[:200]}",
+                      flush=True)
+                continue
+            emit(dict(what=what, impl="m{block_m}n{block_n}k{block_k}s{steps}".format(**tile),
+                      tokens=tokens, ms=ms, flops=flops, floor_ms=grouped_floor, err=err))
         w0 = w[0]
         dense_floor = (kdim * ndim + m * (kdim + ndim)) * itemsize / FLAGS.hbm_tbps / 1e9
         emit(dict(what=what, impl="dense", tokens=tokens, ms=time_ms(jnp.matmul, x, w0),

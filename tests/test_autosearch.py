@@ -200,6 +200,26 @@ def test_profiler_on_cpu_with_tiny_llama(tmp_path):
     assert result.schedule.num_tokens == 64  # whichever wins, a valid schedule
 
 
+def test_profiler_times_one_instance_of_a_program_of_several(monkeypatch):
+    """Each op is timed as `layers` instances in one program: an entry is the program's time
+    over the instances, and every program holds that many (one output per instance)."""
+    from nanoflow_jax.pipeline import profile as prof_mod
+
+    outputs = []
+
+    def fake_time(fn, *args, calls, repeats):
+        outputs.append(len(fn(*args)) if args else 3)  # the KV write returns one scalar
+        return 6.0
+
+    monkeypatch.setattr(prof_mod, "_device_ms_per_call", lambda: fake_time)
+    prof = profile_ops(get_preset("tiny-llama"), 32, "float32", token_step=32, shares=(1.0,),
+                       contexts=(8,), page_size=4, layers=3, progress=False)
+    tables = [prof.gemm[o] for o in prof.gemm] + [prof.decode_attn, prof.prefill_attn,
+                                                  prof.kv_write]
+    assert all(ms == 2.0 for ms in np.concatenate([np.ravel(t) for t in tables]))
+    assert outputs and all(n == 3 for n in outputs)
+
+
 def test_engine_auto_searches_from_the_cached_profile(tmp_path, monkeypatch, caplog):
     """`schedule="auto"`: the profile is measured once and cached; `auto:PROFILE.json` searches
     from a given profile; both generate the sequential schedule's tokens."""

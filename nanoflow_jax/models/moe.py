@@ -41,6 +41,7 @@ Params = dict[str, Any]
 GEMM_IMPLS = ("xla", "mosaic")
 # The Mosaic GPU grouped GEMM's tiling (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu).
 MOSAIC_BLOCK_M, MOSAIC_BLOCK_N, MOSAIC_BLOCK_K = 128, 128, 64
+MOSAIC_STEPS = 4  # K blocks in flight (the TMA pipeline's depth)
 
 
 def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -87,11 +88,12 @@ def default_gemm_impl(dtype, k_dim: int, n_dim: int) -> str:
 
 def mosaic_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                           block_m: int = MOSAIC_BLOCK_M, block_n: int = MOSAIC_BLOCK_N,
-                          block_k: int = MOSAIC_BLOCK_K) -> jax.Array:
+                          block_k: int = MOSAIC_BLOCK_K,
+                          steps: int = MOSAIC_STEPS) -> jax.Array:
     """`grouped_matmul` by JAX's persistent Hopper kernel (TMA + WGMMA, one CTA per SM,
     `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, the same in JAX 0.10.2 and 0.11).
     K must be a multiple of block_k and N of block_n. Shared memory at the default tiles:
-    4 pipeline steps × (128×64 + 64×128) × 2 B + a 32 KiB epilogue = 160 KiB of 227."""
+    `steps` = 4 pipeline steps × (128×64 + 64×128) × 2 B + a 32 KiB epilogue = 160 KiB of 227."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     m, n = x.shape[0], w.shape[2]
@@ -106,7 +108,7 @@ def mosaic_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     grid_block_n = next(b for b in (8, 4, 2, 1) if grid_n % b == 0)  # L2 tile grouping
     out = ragged_dot_mgpu.ragged_dot(
         x, w.astype(x.dtype), group_sizes=group_sizes, block_m=block_m, block_n=block_n,
-        block_k=block_k, max_concurrent_steps=4, grid_block_n=grid_block_n)
+        block_k=block_k, max_concurrent_steps=steps, grid_block_n=grid_block_n)
     return out[:m]
 
 

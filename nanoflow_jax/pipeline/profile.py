@@ -245,10 +245,17 @@ def _device_ms_per_call():
 
 def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
                 shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, page_size: int = 16,
-                attention_impl: str = "auto", calls: int = 10, repeats: int = 5,
-                kv_pool_bytes: int | None = None, progress: bool = True) -> Profile:
-    """Times every op alone on the local device (`benchmarks.timing.device_ms_per_call`: calls enqueued
-    back to back, one block) over token counts, contexts and SM shares.
+                attention_impl: str = "auto", calls: int = 5, repeats: int = 5,
+                layers: int | None = None, kv_pool_bytes: int | None = None,
+                progress: bool = True) -> Profile:
+    """Times every op alone on the local device over token counts, contexts and SM shares.
+
+    An op runs as the layers of a step run it: `layers` instances (None: 8 on a GPU, 2
+    elsewhere) back to back in ONE program, each on its own weights (or its own queries: no
+    instance is a copy of another, nor finds its weights in the L2), and the time is the
+    program's device time (`benchmarks.timing.device_ms_per_call`) over `layers`. One program
+    per op would be timed by the host instead: a jitted call costs the host tens of
+    microseconds, as long as a small op runs on the device.
 
     Decode rows read distinct pages from a pool of `kv_pool_bytes` (None: 4 GiB on a GPU,
     64 MiB elsewhere), reused round robin when rows x context exceed it: far larger than the
@@ -269,8 +276,9 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     on_gpu = jax.default_backend() == "gpu"
     gemm_on = executor.persistent_gemm if on_gpu else None
     attention = attention_fn(attention_impl)
+    reps = layers or (8 if on_gpu else 2)
     one_layer = dataclasses.replace(config, num_layers=1, vocab_size=16, tie_word_embeddings=True)
-    layer = random_params(one_layer, dtype)["layers"][0]
+    weights = random_params(dataclasses.replace(one_layer, num_layers=reps), dtype)["layers"]
     jdtype = jnp.dtype(dtype)
     bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2),
                    progress)
@@ -279,7 +287,14 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     def rand(*shape):
         return jnp.asarray(rng.standard_normal(shape), jdtype)
 
+    def attention_inputs(n):
+        """q, k, v of n tokens for each instance (distinct: no instance repeats another)."""
+        return [{"q": rand(n, config.num_heads, config.head_dim),
+                 "k": rand(n, config.num_kv_heads, config.head_dim),
+                 "v": rand(n, config.num_kv_heads, config.head_dim)} for _ in range(reps)]
+
     def op_call(kind, n, share, prewritten=frozenset()):
+        """One program: the op on each (layer weights, inputs) pair of its arguments."""
         op = NanoOp(kind, 0, n, sm_share=share)
 
         def run(layer, inputs, cache, pos, meta):
@@ -292,7 +307,12 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
             state.run(op, 0, config, attention)
             return [state.pieces[executor._key(w, 0)].read(0, n) for w in executor.WRITES[kind]]
 
-        return jax.jit(run)
+        return jax.jit(lambda weight_sets, input_sets, cache, pos, meta: [
+            run(w, x, cache, pos, meta) for w, x in zip(weight_sets, input_sets)])
+
+    def time_ops(fn, *args):
+        """ms of one instance of the op: the program's device time over its instances."""
+        return time_call(fn, *args, calls=calls, repeats=repeats) / reps
 
     gemm = {op: [[0.0] * len(shares) for _ in tokens] for op in GEMM_OPS}
     for i, n in enumerate(tokens):
@@ -303,8 +323,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         pos = jnp.arange(n, dtype=jnp.int32)
         for op in GEMM_OPS:
             for k, share in enumerate(shares):
-                gemm[op][i][k] = time_call(op_call(op, n, share), layer, inputs[op], None, pos,
-                                           None, calls=calls, repeats=repeats)
+                gemm[op][i][k] = time_ops(op_call(op, n, share), weights, [inputs[op]] * reps,
+                                          None, pos, None)
                 bar.step(f"{op} {n} tokens, share {share:g}")
 
     per_page = page_bytes(one_layer, page_size, jdtype)
@@ -320,14 +340,11 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                                            for j in range(pages_per)]) for r in range(n)]
             batch = build_batch(decodes, [], BatchShape(n, n, 1, pages_per), page_size)
             meta = jax.device_put(batch.attn)
-            qkv = {"q": rand(n, config.num_heads, config.head_dim),
-                   "k": rand(n, config.num_kv_heads, config.head_dim),
-                   "v": rand(n, config.num_kv_heads, config.head_dim)}
+            qkv = attention_inputs(n)
             pos = jnp.asarray(batch.positions)
             for k, share in enumerate(shares):
                 fn = op_call("attn", n, share, prewritten=frozenset({(0, 0, n)}))
-                decode[i][c][k] = time_call(fn, layer, qkv, cache, pos, meta, calls=calls,
-                                            repeats=repeats)
+                decode[i][c][k] = time_ops(fn, weights, qkv, cache, pos, meta)
                 bar.step(f"decode {n} rows @{ctx}, share {share:g}")
         del cache
     for i, n in enumerate(tokens):
@@ -336,25 +353,27 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         batch = build_batch([], [SeqChunk(list(range(n)), 0, list(range(pages_per)))],
                             BatchShape(n, 0, 1, pages_per), page_size)
         meta = jax.device_put(batch.attn)
-        qkv = {"q": rand(n, config.num_heads, config.head_dim),
-               "k": rand(n, config.num_kv_heads, config.head_dim),
-               "v": rand(n, config.num_kv_heads, config.head_dim)}
+        qkv = attention_inputs(n)
         fn = op_call("attn", n, 1.0, prewritten=frozenset({(0, 0, n)}))
-        prefill[i] = time_call(fn, layer, qkv, cache, jnp.asarray(batch.positions), meta,
-                               calls=calls, repeats=repeats)
+        prefill[i] = time_ops(fn, weights, qkv, cache, jnp.asarray(batch.positions), meta)
         bar.step(f"prefill {n} tokens")
-        # The KV write updates the cache in place: each call donates the previous one's, and
-        # returns a scalar of the same execution to block on (the cache itself is donated).
-        write = jax.jit(lambda kp, vp, k, v, slots: (write_kv(kp, vp, k, v, slots),
-                                                     jnp.zeros((), jnp.int32)),
-                        donate_argnums=(0, 1))
+
+        # The KV write updates the cache in place: `reps` writes of distinct K/V one after
+        # the other, the cache donated from call to call; each call returns a scalar of the
+        # same execution to block on (the cache itself is donated).
+        def write_all(kp, vp, kvs, slots):
+            for x in kvs:
+                kp, vp = write_kv(kp, vp, x["k"], x["v"], slots)
+            return (kp, vp), jnp.zeros((), jnp.int32)
+
+        write = jax.jit(write_all, donate_argnums=(0, 1))
         held, slots = [cache], jnp.asarray(batch.attn.slots)
 
-        def write_once(k=qkv["k"], v=qkv["v"]):
-            held[0], done = write(*held[0], k, v, slots)
+        def write_once(held=held, write=write, kvs=qkv, slots=slots):
+            held[0], done = write(*held[0], kvs, slots)
             return done
 
-        kv_write[i] = time_call(write_once, calls=calls, repeats=repeats)
+        kv_write[i] = time_ops(write_once)
         bar.step(f"kv write {n} tokens")
         del cache, held
     return Profile(profile_key(config, num_tokens, dtype, page_size), tokens, shares, contexts,
