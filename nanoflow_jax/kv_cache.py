@@ -60,19 +60,29 @@ def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype,
 
 
 def write_kv(
-    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
+    unique: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new tokens' K/V ([T, Hkv, D]) into their slots ([T]; -1 = padding, dropped).
 
     Under jit with the cache donated this is an in-place update of T·Hkv rows of D values.
+    `unique=True` tells XLA that no two rows share a slot (a slot holds one token of one
+    sequence; padding rows get distinct pages here), so it stores each element plainly.
+    Without it every element is an atomic store, for bf16 a compare-and-swap loop on its
+    32-bit word; `profiling/kv_write_check.py` times both and the other ways to write.
     """
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    # Padding tokens get an out-of-range page, which mode="drop" skips.
-    page = jnp.where(slots >= 0, slots // page_size, num_pages)
+    # Padding row t gets page num_pages + t: out of range, so mode="drop" skips it, and
+    # unlike any other row's.
+    rows = jnp.arange(slots.shape[0], dtype=slots.dtype)
+    page = jnp.where(slots >= 0, slots // page_size, num_pages + rows)
     offset = slots % page_size
-    k_pages = k_pages.at[:, page, offset].set(jnp.swapaxes(k, 0, 1), mode="drop")
-    v_pages = v_pages.at[:, page, offset].set(jnp.swapaxes(v, 0, 1), mode="drop")
-    return k_pages, v_pages
+
+    def put(pages, x):  # x [T, Hkv, D] -> [Hkv, T, D], the layout of pages[:, page, offset]
+        return pages.at[:, page, offset].set(jnp.swapaxes(x, 0, 1), mode="drop",
+                                             unique_indices=unique)
+
+    return put(k_pages, k), put(v_pages, v)
 
 
 class OutOfPages(RuntimeError):

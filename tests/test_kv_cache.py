@@ -27,14 +27,16 @@ def test_allocator_free_list_and_refcounts():
     assert sorted(alloc.allocate(3)) == sorted(a)
 
 
-def test_write_kv_fills_slots_and_drops_padding():
+@pytest.mark.parametrize("unique", [False, True])
+def test_write_kv_fills_slots_and_drops_padding(unique):
     cfg = get_preset("tiny-llama")
     (k_pages, v_pages), = init_kv_cache(cfg, 6, 4, jnp.float32)[:1]
     rng = np.random.default_rng()
-    slots = np.array([5, 17, -1, 0, 23], np.int32)  # -1: a padding token
-    k = rng.standard_normal((5, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
-    v = rng.standard_normal((5, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
-    k_pages, v_pages = write_kv(k_pages, v_pages, jnp.asarray(k), jnp.asarray(v), slots)
+    slots = np.array([5, 17, -1, 0, -1, 23], np.int32)  # -1: padding tokens
+    k = rng.standard_normal((6, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
+    v = rng.standard_normal((6, cfg.num_kv_heads, cfg.head_dim)).astype(np.float32)
+    k_pages, v_pages = write_kv(k_pages, v_pages, jnp.asarray(k), jnp.asarray(v), slots,
+                                unique=unique)
     k_pages, v_pages = np.asarray(k_pages), np.asarray(v_pages)
     for t, slot in enumerate(slots):
         if slot >= 0:
