@@ -250,7 +250,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                 progress: bool = True) -> Profile:
     """Times every op alone on the local device over token counts, contexts and SM shares.
 
-    An op runs as the layers of a step run it: `layers` instances (None: 8 on a GPU, 2
+    An op runs as the layers of a step run it: `layers` instances (None: 4 on a GPU, 2
     elsewhere) back to back in ONE program, each on its own weights (or its own queries: no
     instance is a copy of another, nor finds its weights in the L2), and the time is the
     program's device time (`benchmarks.timing.device_ms_per_call`) over `layers`. One program
@@ -276,7 +276,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     on_gpu = jax.default_backend() == "gpu"
     gemm_on = executor.persistent_gemm if on_gpu else None
     attention = attention_fn(attention_impl)
-    reps = layers or (8 if on_gpu else 2)
+    reps = layers or (4 if on_gpu else 2)
     one_layer = dataclasses.replace(config, num_layers=1, vocab_size=16, tie_word_embeddings=True)
     weights = random_params(dataclasses.replace(one_layer, num_layers=reps), dtype)["layers"]
     jdtype = jnp.dtype(dtype)
