@@ -61,15 +61,16 @@ def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype,
 
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
-    unique: bool = False,
+    unique: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter new tokens' K/V ([T, Hkv, D]) into their slots ([T]; -1 = padding, dropped).
 
     Under jit with the cache donated this is an in-place update of T·Hkv rows of D values.
-    `unique=True` tells XLA that no two rows share a slot (a slot holds one token of one
-    sequence; padding rows get distinct pages here), so it stores each element plainly.
-    Without it every element is an atomic store, for bf16 a compare-and-swap loop on its
-    32-bit word; `profiling/kv_write_check.py` times both and the other ways to write.
+    `unique` (the default) tells XLA that no two rows share a slot (a slot holds one token of
+    one sequence, and a step writes only slots no other sequence holds; padding rows get
+    distinct pages here), so it stores each element plainly. `unique=False` makes every
+    element an atomic store, for bf16 a compare-and-swap loop on its 32-bit word;
+    `profiling/kv_write_check.py` times both and the other ways to write.
     """
     num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
     # Padding row t gets page num_pages + t: out of range, so mode="drop" skips it, and
