@@ -20,7 +20,10 @@ The engine (ModelRunner) splits the budget as a `MemoryPlan`:
     + step buffers (what outlives a program) + a fixed safety margin + KV pages,
 the KV cache taking whole pages of what is left (`pages_that_fit`). A program's workspace
 (`ProgramMemory`) is read from its compiled executable: XLA's scratch buffer, its outputs that
-do not alias an input, and its inputs other than the weights and the KV cache.
+do not alias an input, and its inputs other than the weights and the KV cache. The engine
+plans from a probe (the largest model step, compiled for a placeholder page count), compiles
+the steps for the planned page count, and re-sizes the cache should they need more than planned
+beyond REPLAN_TOLERANCE_BYTES (`pages_beside_programs`, `growth_per_page`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ XLA_DEFAULT_FRACTION = 0.75  # XLA's pool when neither variable is set
 # Room left unplanned inside the budget: allocator rounding and fragmentation, small
 # allocations of the runtime. Everything that can be measured is measured instead.
 SAFETY_MARGIN_BYTES = 512 << 20
+# How far the model steps compiled at the planned page count may exceed the plan (taken from
+# the safety margin, with a warning) before the KV cache is re-sized and the steps recompiled:
+# most of the margin stays for what it is there for.
+REPLAN_TOLERANCE_BYTES = SAFETY_MARGIN_BYTES // 4
 
 
 def format_bytes(n: int) -> str:
@@ -197,6 +204,30 @@ def pages_that_fit(budget: int, in_use: int, workspace: int, live: int, margin: 
     return max(0, (budget - in_use - workspace - live - margin) // page_bytes)
 
 
+def growth_per_page(workspace_lo: int, pages_lo: int, workspace_hi: int, pages_hi: int) -> int:
+    """Bytes of workspace a program that takes the KV cache needs per extra page, from its
+    workspace measured at two page counts (rounded up; 0 for one page count or a shrink)."""
+    if pages_hi == pages_lo:
+        return 0
+    return max(0, -(-(workspace_hi - workspace_lo) // (pages_hi - pages_lo)))
+
+
+def pages_beside_programs(budget: int, in_use: int, live: int, margin: int, page_bytes: int,
+                          steps: list[ProgramMemory], steps_pages: int, growth: int,
+                          others: list[ProgramMemory]) -> int:
+    """Whole KV pages that fit beside the largest program. `steps` (the model steps) were
+    compiled for `steps_pages` pages and their workspace grows by `growth` bytes per page
+    (0 while the cache is updated in place): at n pages a step needs
+    workspace + growth · (n - steps_pages), so each page costs page_bytes + growth. `others`
+    (the samplers) do not see the cache."""
+    fixed = max(p.workspace for p in steps) - growth * steps_pages  # the steps at 0 pages
+    pages = pages_that_fit(budget, in_use, fixed, live, margin, page_bytes + growth)
+    if others:
+        pages = min(pages, pages_that_fit(budget, in_use, max(p.workspace for p in others),
+                                          live, margin, page_bytes))
+    return pages
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """How the engine's memory is spent, in bytes (logged at start-up). `total` and `budget`
@@ -234,11 +265,11 @@ class MemoryPlan:
         b = format_bytes
         capped = ", capped at XLA's pool" if self.budget < int(self.fraction * self.total) else ""
         return [
-            f"memory budget {b(self.budget)}: gpu_memory_utilization={self.fraction:g} of "
-            f"{b(self.total)}{capped}",
+            (f"memory budget {b(self.budget)}: gpu_memory_utilization={self.fraction:g} of "
+             f"{b(self.total)}{capped}"),
             f"  weights {b(self.weights)} (live buffers at sizing {b(self.in_use)})",
             f"  workspace {b(self.workspace)} for the largest program, {self.workspace_program}",
             f"  step buffers {b(self.live)}, safety margin {b(self.margin)}",
-            f"  KV cache {b(self.kv_bytes)} = {self.num_pages} pages of {page_size} tokens "
-            f"({b(self.page_bytes)} each); unplanned {b(self.unplanned)}",
+            (f"  KV cache {b(self.kv_bytes)} = {self.num_pages} pages of {page_size} tokens "
+             f"({b(self.page_bytes)} each); unplanned {b(self.unplanned)}"),
         ]

@@ -9,8 +9,9 @@
 Presets get random weights (same speed as real ones). Output lengths are exact (EOS ignored),
 as in the NanoFlow paper. "% of optimal" = total tokens/s ÷ (peak bf16 FLOP/s ÷ 2·params),
 the peak measured by a large GEMM in this process and params the active ones (a
-mixture-of-experts model counts the experts a token goes through). Start-up (weights, KV cache, compilation)
-is reported apart from the timed run.
+mixture-of-experts model counts the experts a token goes through). Start-up is reported apart
+from the timed run: in all, and as weights, memory probes, compile, KV cache allocation and
+warm-up.
 
 `--baseline=hf-static,hf-cb` adds, for every workload, a result per HF transformers peer on the
 same requests (nanoflow_jax/benchmarks/hf_baseline.py; needs torch + transformers):
@@ -253,8 +254,11 @@ def run_workload(llm, workload: str, peak: float, startup: float) -> dict:
         "launch_ms_per_step": per_step_ms("launch_s"),
         "wait_ms_per_step": per_step_ms("wait_s"),
         "preemptions": eng.stats.preemptions - stats0.preemptions,
-        "startup_s": startup, "load_s": runner.load_time, "kv_alloc_s": runner.kv_time,
-        "compile_s": runner.compile_time, "kv_pages": runner.num_pages,
+        # Start-up: LLM(...) in all, then the runner's parts (ModelRunner.startup_line).
+        "startup_s": startup, "load_s": runner.load_time,
+        "memory_probe_s": runner.probe_time, "compile_s": runner.compile_time,
+        "kv_alloc_s": runner.kv_time, "warmup_s": runner.warmup_time,
+        "replans": runner.replans, "kv_pages": runner.num_pages,
         "peak_memory_gib": (timing.peak_memory_bytes() or 0) / 2**30,
     }
     w = max(len(k) for k in result)

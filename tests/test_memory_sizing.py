@@ -15,6 +15,7 @@ from nanoflow_jax import device_memory
 from nanoflow_jax.batch import build_batch
 from nanoflow_jax.config import EngineConfig, get_preset
 from nanoflow_jax.device_memory import GiB, SAFETY_MARGIN_BYTES, DeviceMemory
+from nanoflow_jax.engine import model_runner
 from nanoflow_jax.engine.llm_engine import LLMEngine
 from nanoflow_jax.engine.model_runner import ModelRunner
 from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
@@ -49,12 +50,34 @@ def device(monkeypatch):
     return lambda total, xla_fraction=0.9: _install_device(monkeypatch, total, xla_fraction)
 
 
+def _record_compiles(monkeypatch) -> list[tuple]:
+    """Every XLA compile from now on, as ("step", T, KV pages) or ("sampler", rows)."""
+    seen, compile_lowered = [], model_runner.compile_lowered
+
+    def record(lowered):
+        args, _ = lowered.args_info
+        if len(args) == 4:  # the model step: (params, kv, batch, prev_tokens)
+            seen.append(("step", args[2].token_ids.shape[0], args[1][0][0].shape[1]))
+        else:  # a sampler: (logits, sampling)
+            seen.append(("sampler", args[0].shape[0]))
+        return compile_lowered(lowered)
+
+    monkeypatch.setattr(model_runner, "compile_lowered", record)
+    return seen
+
+
+TINY_COMPILES = []  # what building tiny_runner compiled
+
+
 @pytest.fixture(scope="module")
 def tiny_runner():
     """TINY sized from 60 % of a 1 GiB device."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         _install_device(monkeypatch, GiB)
-        yield ModelRunner(EngineConfig(**TINY, gpu_memory_utilization=0.6))
+        seen = _record_compiles(monkeypatch)
+        runner = ModelRunner(EngineConfig(**TINY, gpu_memory_utilization=0.6))
+        TINY_COMPILES[:] = seen
+        yield runner
 
 
 def _in_use_at_sizing(num_rows: int) -> int:
@@ -209,6 +232,90 @@ def test_kv_cache_gets_what_the_budget_leaves_after_the_largest_workspace(tiny_r
         assert 0 < compiled.memory_analysis().temp_size_in_bytes <= plan.workspace
     # the step's executables are the ones the runner holds: none compiled on a call
     assert runner.num_compiled == len(runner.programs)
+
+
+def test_each_bucket_is_compiled_once_at_the_final_page_count(tiny_runner, caplog):
+    """One probe (the largest bucket at max_pages), then every bucket once for the KV cache's
+    page count; each sampler once."""
+    runner = tiny_runner
+    steps = sorted(c[1:] for c in TINY_COMPILES if c[0] == "step")
+    assert runner.num_pages > runner.max_pages and runner.replans == 0
+    assert steps == sorted([(32, runner.max_pages), (16, runner.num_pages),
+                            (32, runner.num_pages)])
+    samplers = [c for c in TINY_COMPILES if c[0] == "sampler"]
+    assert len(samplers) == len(set(runner._samplers)) == 2 * len(SampleMode.all())
+    # The start-up's times, and their one log line once warmed up.
+    with caplog.at_level(logging.INFO, logger="nanoflow_jax"):
+        runner.warmup()
+    times = (runner.load_time, runner.probe_time, runner.compile_time, runner.kv_time,
+             runner.warmup_time)
+    assert all(t > 0 for t in times) and sum(times) <= runner.startup_time
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up")]
+    for part in ("weights", "memory probes", "compile", "KV alloc", "warm-up", "other"):
+        assert part in line
+    assert f"at {runner.num_pages} pages" in line
+
+
+@pytest.mark.parametrize("fake", ["small bucket", "cache copy"])
+def test_a_step_needing_more_than_planned_re_sizes_the_cache(tiny_runner, device, monkeypatch,
+                                                              caplog, fake):
+    """What the probe cannot see, found once every bucket is compiled: the small bucket with
+    more scratch than the largest, or a step whose workspace grows with the cache (XLA
+    copying it). The cache is re-sized from what the steps measure and they are compiled
+    again, so the plan holds for the executables that serve."""
+    page = tiny_runner.memory_plan.page_bytes
+    above = max(p.workspace for p in tiny_runner.programs) + 40 * page  # the largest, and more
+    program_memory = model_runner.program_memory
+
+    def faked(name, compiled, resident_bytes=0):
+        p = program_memory(name, compiled, resident_bytes)
+        pages = (resident_bytes - WEIGHT_BYTES) // page
+        if fake == "small bucket" and name == "model step T=16":
+            p = p.__class__(p.name, above, p.outputs, p.arguments)
+        elif fake == "cache copy" and name.startswith("model step"):
+            p = p.__class__(p.name, above + pages * page // 4, p.outputs, p.arguments)
+        return p
+
+    monkeypatch.setattr(model_runner, "program_memory", faked)
+    monkeypatch.setattr(device_memory, "REPLAN_TOLERANCE_BYTES", 0)
+    # Room for about 300 pages beside the real programs (tiny_runner's cache stays in use).
+    plan = tiny_runner.memory_plan
+    device(total=SAFETY_MARGIN_BYTES + _in_use_at_sizing(tiny_runner.num_rows) + plan.live
+           + plan.workspace + 300 * page, xla_fraction=1.0)
+    seen = _record_compiles(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="nanoflow_jax"):
+        # 12 decode rows: both buckets sample 16 rows, one set of samplers to compile
+        runner = ModelRunner(EngineConfig(**TINY, gpu_memory_utilization=1.0, max_num_seqs=12))
+    (warning,) = [r.getMessage() for r in caplog.records if "re-planning" in r.getMessage()]
+    assert runner.replans == 1 and ("per page" in warning) == (fake == "cache copy")
+    assert len([c for c in seen if c[0] == "sampler"]) == len(SampleMode.all())
+    first = [pages for kind, t, *pages in [c for c in seen if c[0] == "step"]]
+    planned = first[1][0]  # the probe, then the buckets as first planned
+    assert runner.max_pages < runner.num_pages < planned
+    steps = sorted(c[1:] for c in seen if c[0] == "step")
+    assert steps == sorted([(32, runner.max_pages), (16, planned), (32, planned),
+                            (16, runner.num_pages), (32, runner.num_pages)])
+    plan = runner.memory_plan
+    assert plan.num_pages == runner.num_pages == runner.kv[0][0].shape[1]
+    assert 0 <= plan.unplanned < plan.page_bytes + (page // 4 if fake == "cache copy" else 0)
+    if fake == "small bucket":
+        assert plan.workspace_program == "model step T=16"
+
+
+def test_growth_per_page_and_pages_beside_programs():
+    assert device_memory.growth_per_page(100, 4, 100, 40) == 0  # updated in place
+    assert device_memory.growth_per_page(100, 4, 461, 40) == 11  # rounded up
+    assert device_memory.growth_per_page(100, 4, 50, 40) == 0  # a shrink charges nothing
+    assert device_memory.growth_per_page(100, 4, 900, 4) == 0  # one page count
+    step = device_memory.ProgramMemory("step", 300, 0, 0)
+    sampler = device_memory.ProgramMemory("sampler", 200, 0, 0)
+    fit = device_memory.pages_beside_programs
+    # budget 10_000, 1000 in use, live 100, margin 400: 8500 left
+    assert fit(10_000, 1000, 100, 400, 100, [step], 10, 0, [sampler]) == 82  # (8500-300)//100
+    # growing by 10 bytes a page, 300 measured at 10 pages: 200 at none, 110 a page
+    assert fit(10_000, 1000, 100, 400, 100, [step], 10, 10, [sampler]) == 75
+    big = device_memory.ProgramMemory("sampler", 2000, 0, 0)
+    assert fit(10_000, 1000, 100, 400, 100, [step], 10, 0, [big]) == 65  # the sampler's
 
 
 def _one_line(err) -> str:

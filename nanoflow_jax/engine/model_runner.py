@@ -4,9 +4,9 @@ A step is two programs: `_forward(params, kv, batch, prev_tokens) -> (logits, kv
 embed → layers → logits at the sampled rows with the KV cache donated (updated in place), and
 `_sample_rows(logits, sampling, mode)` samples on the device, compiled once per `SampleMode`
 (what the batch's rows need, known on the host), so neither program holds a device-side branch
-that would make the host wait. All are compiled at start-up, before the KV cache is allocated:
-the cache gets what the memory budget leaves after the weights and the largest program's
-workspace (`_size_kv_cache`). The runner is asynchronous: `dispatch` enqueues a step and
+that would make the host wait. All are compiled at start-up, before the KV cache is allocated
+(the independent ones at once, `CompilePool`): the cache gets what the memory budget leaves
+after the weights and the largest program's workspace (`_size_kv_cache`). The runner is asynchronous: `dispatch` enqueues a step and
 returns at once with device arrays; a decode whose input token is still being sampled by the
 previous step names that step's sample row (`future_rows`), and the step reads it from
 `prev_tokens` on the device.
@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,7 @@ log = logging.getLogger("nanoflow_jax")
 
 CPU_KV_BYTES = 1 << 30  # KV budget where the backend reports no memory (the CPU)
 CPU_MAX_NUM_SEQS = 256  # running sequences there when max_num_seqs is None
+MAX_REPLANS = 3  # KV cache re-sizings after the steps measure more workspace than planned
 
 
 _bytes = device_memory.format_bytes
@@ -76,12 +79,50 @@ class InFlight:
     launch_s: float  # the jitted call: returns once the step is enqueued on the device
 
 
+def compile_lowered(lowered):
+    """XLA's compile of one lowered program (tests wrap it to count compiles)."""
+    return lowered.compile()
+
+
+class CompilePool:
+    """Compiles lowered programs in a thread pool: XLA's compile releases the GIL, so the
+    independent programs of one stage (every bucket's model step; the samplers) compile at
+    the same time. Lowering (tracing) stays in the calling thread, each program submitted as
+    soon as it is lowered. A progress bar counts the compiled programs."""
+
+    def __init__(self, desc: str, total: int):
+        self._executor = ThreadPoolExecutor(max(1, min(total, os.cpu_count() or 1)),
+                                            thread_name_prefix="compile")
+        # Compiling is most of a start-up (a minute for an 8B model on a GPU): show it.
+        self._bar = tqdm(total=total, desc=desc, unit="program", leave=False,
+                         dynamic_ncols=True)
+        self._futures = {}
+
+    def submit(self, key, lowered) -> None:
+        future = self._executor.submit(compile_lowered, lowered)
+        future.add_done_callback(lambda _: self._bar.update(1))
+        self._futures[key] = future
+
+    def result(self, key):
+        return self._futures[key].result()
+
+    def results(self) -> dict:
+        return {key: future.result() for key, future in self._futures.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._bar.close()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig):
+        self._t_start = t0 = time.perf_counter()
         device_memory.reserve_if_not_started(config.gpu_memory_utilization)
         config = config.for_backend(jax.default_backend())
         self.config = config
-        t0 = time.perf_counter()
         model = load_model(config.model, dtype=config.dtype, seed=config.seed,
                            tensor_parallel_size=config.tensor_parallel_size)
         self.model_config: ModelConfig = model.config
@@ -133,8 +174,12 @@ class ModelRunner:
         self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
                                static_argnames="mode", out_shardings=replicated)
         self._prev_tokens = jax.device_put(jnp.zeros((self.num_rows,), jnp.int32), replicated)
-        self.compile_time = 0.0
-        self._samplers = {}  # {(rows, mode): executable}, compiled after a model step
+        # Start-up times (s), logged by warmup(): the memory probes, compiling the programs
+        # that serve (any re-plan included), the KV cache's allocation, the warm-up.
+        self.probe_time = self.compile_time = self.kv_time = self.warmup_time = 0.0
+        self.startup_time = 0.0  # all of it, from here to the end of warmup()
+        self.replans = 0  # times the KV cache was re-sized after the steps were compiled
+        self._samplers = {}  # {(rows, mode): executable}
         self._forwards, self.memory_plan = self._size_kv_cache()  # {T: executable}
         self.num_pages = self.memory_plan.num_pages
         t0 = time.perf_counter()
@@ -157,14 +202,16 @@ class ModelRunner:
     # Every program the engine runs is compiled before the KV cache exists, so its workspace
     # is known when the cache is sized. The samplers do not see the cache: they are compiled
     # at their real shapes and kept. The model step takes the cache as a donated argument,
-    # so its executable is specific to the page count: sizing compiles every bucket at a
-    # placeholder of `max_pages` pages, and the largest bucket also at twice that, only to
-    # read memory_analysis(). The cache is updated in place (donated, aliased to the
-    # output) and attention gathers pages through the page table, so the step's workspace
-    # does not depend on the page count; the second placeholder measures that and, should a
-    # copy of the cache ever appear, its growth per page is charged to every page. Then the
-    # steps are compiled once more at the real page count (the executables warm-up and
-    # serving use) and checked against the plan.
+    # so its executable is specific to the page count. One probe, the largest bucket's step
+    # compiled for a placeholder of `max_pages` pages, gives the steps' workspace: the cache
+    # is updated in place (donated, aliased to the output) and attention gathers pages
+    # through the page table, so the workspace does not depend on the page count, and the
+    # largest bucket has the most rows. The cache takes what that leaves; then every bucket
+    # is compiled once for the real page count (the executables warm-up and serving use)
+    # and checked against the plan. Should a step need more than planned (a smaller bucket
+    # with more scratch, or a copy of the cache: the largest bucket at the two page counts
+    # measures its growth per page), the cache is re-sized from what the steps measure and
+    # they are compiled again, before anything is allocated.
 
     def _room_without_programs(self, memory) -> int | None:
         """KV pages the budget holds before any workspace (None: no budget): an upper bound
@@ -212,37 +259,38 @@ class ModelRunner:
         seqs = self.config.max_num_seqs or CPU_MAX_NUM_SEQS
         return max(1, min(CPU_KV_BYTES // self.page_bytes, seqs * self.max_pages))
 
-    def _compile_samplers(self, step) -> dict:
-        """The sampler for each number of sampled rows the buckets have, in every mode, for the
-        logits of the compiled model step `step` (its dtype and sharding)."""
-        t0 = time.perf_counter()
-        out = {}
-        logits_sharding = step.output_shardings[0]
-        for rows in sorted({self.shape_for(t).num_logits for t in self.buckets}):
-            # llama.forward's logits: fp32 [rows, V]
-            logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32,
-                                          sharding=logits_sharding)
-            sampling = sampling_tensors([], [], [], pad_to=rows)
-            for mode in SampleMode.all():
-                out[rows, mode] = self._sample.lower(logits, sampling, mode=mode).compile()
-        self.compile_time += time.perf_counter() - t0
-        return out
+    def _sample_rows_counts(self) -> list[int]:
+        """The numbers of sampled rows the buckets have (one sampler per count and mode)."""
+        return sorted({self.shape_for(t).num_logits for t in self.buckets})
 
-    def _compile_forwards(self, num_pages: int, buckets=None) -> dict:
-        """The model step of each bucket for a KV cache of `num_pages` pages (its shape only:
-        nothing is allocated)."""
-        t0 = time.perf_counter()
+    def _compile(self, num_pages: int, buckets, samplers: bool, desc: str):
+        """-> ({T: model step}, {(rows, mode): sampler}): the model step of each bucket in
+        `buckets` for a KV cache of `num_pages` pages (its shape only: nothing is allocated),
+        and with `samplers` the sampler for each number of sampled rows in every mode, all
+        compiled at once (`CompilePool`)."""
         kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype,
                            self.mesh)
-        out = {}
-        buckets = buckets or self.buckets
-        # Compiling is most of a start-up (minutes for an 8B model on a GPU): show it.
-        for t in tqdm(buckets, desc=f"compiling the model step, {len(buckets)} buckets",
-                      unit="bucket", leave=False, dynamic_ncols=True):
-            batch = build_batch([], [], self.shape_for(t), self.config.page_size)
-            out[t] = self._forward.lower(self.params, kv, batch, self._prev_tokens).compile()
-        self.compile_time += time.perf_counter() - t0
-        return out
+        rows = self._sample_rows_counts() if samplers else []
+        buckets = sorted(buckets, reverse=True)  # the longest compile starts first
+        with CompilePool(desc, len(buckets) + len(rows) * len(SampleMode.all())) as pool:
+            for t in buckets:
+                batch = build_batch([], [], self.shape_for(t), self.config.page_size)
+                pool.submit(("step", t),
+                            self._forward.lower(self.params, kv, batch, self._prev_tokens))
+            # The samplers take the step's logits (llama.forward's: fp32 [rows, V]) where the
+            # step leaves them: on a mesh that is known once a step is compiled.
+            sharding = (None if self.mesh is None or not rows
+                        else pool.result(("step", buckets[0])).output_shardings[0])
+            for r in rows:
+                logits = jax.ShapeDtypeStruct((r, self.model_config.vocab_size), jnp.float32,
+                                              sharding=sharding)
+                sampling = sampling_tensors([], [], [], pad_to=r)
+                for mode in SampleMode.all():
+                    pool.submit(("sampler", r, mode),
+                                self._sample.lower(logits, sampling, mode=mode))
+            done = pool.results()
+        forwards = {key[1]: done[key] for key in sorted(k for k in done if k[0] == "step")}
+        return forwards, {key[1:]: c for key, c in done.items() if key[0] == "sampler"}
 
     def _forward_memory(self, forwards: dict, num_pages: int) -> list[ProgramMemory]:
         resident = self.weight_bytes + num_pages * self.page_bytes  # read, not allocated
@@ -284,29 +332,23 @@ class ModelRunner:
         where there is no budget (the CPU), else what the budget leaves."""
         cfg = self.config
         if cfg.num_pages is None and self.budget is not None:
-            num_pages, plan = self._pages_from_budget()
-        else:
-            num_pages, plan = cfg.num_pages or self._cpu_pages(), None
-            if num_pages < self.max_pages:
-                raise ValueError(
-                    f"the KV cache holds {num_pages} pages ({num_pages * cfg.page_size} tokens)"
-                    f" but one sequence of max_model_len={self.max_model_len} needs "
-                    f"{self.max_pages}: lower max_model_len or raise num_pages")
-        forwards = self._compile_forwards(num_pages)
-        if not self._samplers:
-            self._samplers = self._compile_samplers(forwards[self.buckets[-1]])
-        measured = self._plan(self._forward_memory(forwards, num_pages) + self._sampler_memory(),
-                              num_pages)
-        if plan is None:
-            plan = measured
-            if plan.unplanned is not None and plan.unplanned < 0:
-                raise self._num_pages_error(plan.workspace)
-        elif measured.workspace > plan.workspace:
-            log.warning("the model steps compiled for %d pages need %s of workspace, %s more "
-                        "than planned (the safety margin absorbs up to %s)", num_pages,
-                        _bytes(measured.workspace), _bytes(measured.workspace - plan.workspace),
-                        _bytes(plan.margin))
-        self.programs = measured.programs
+            return self._compile_for_budget(*self._probe_workspace())
+        num_pages = cfg.num_pages or self._cpu_pages()
+        if num_pages < self.max_pages:
+            raise ValueError(
+                f"the KV cache holds {num_pages} pages ({num_pages * cfg.page_size} tokens)"
+                f" but one sequence of max_model_len={self.max_model_len} needs "
+                f"{self.max_pages}: lower max_model_len or raise num_pages")
+        t0 = time.perf_counter()
+        forwards, self._samplers = self._compile(
+            num_pages, self.buckets, samplers=True,
+            desc=f"compiling {len(self.buckets)} model steps and the samplers")
+        self.compile_time = time.perf_counter() - t0
+        plan = self._plan(self._forward_memory(forwards, num_pages) + self._sampler_memory(),
+                          num_pages)
+        if plan.unplanned is not None and plan.unplanned < 0:
+            raise self._num_pages_error(plan.workspace)
+        self.programs = plan.programs
         return forwards, plan
 
     def _num_pages_error(self, workspace: int) -> ValueError:
@@ -318,42 +360,89 @@ class ModelRunner:
             f"{cfg.gpu_memory_utilization:g} with weights {_bytes(self.weight_bytes)} and "
             f"workspace {_bytes(workspace)}: lower num_pages (or leave it unset)")
 
-    def _pages_from_budget(self) -> tuple[int, MemoryPlan]:
-        """KV pages from what the budget leaves after the weights (and every other live
-        buffer), the largest program's workspace, the step buffers and a safety margin."""
+    def _fit(self, steps: list[ProgramMemory], steps_pages: int, growth: int,
+             in_use: int) -> int:
+        """KV pages the budget holds beside the model steps `steps` (compiled for
+        `steps_pages` pages, growing by `growth` bytes per page) and the samplers."""
+        return device_memory.pages_beside_programs(
+            self.budget, in_use, self._live_bytes(), device_memory.SAFETY_MARGIN_BYTES,
+            self.page_bytes, steps, steps_pages, growth, self._sampler_memory())
+
+    def _probe_workspace(self) -> tuple[MemoryPlan, ProgramMemory]:
+        """-> (the plan, the probe): KV pages from what the budget leaves after the weights
+        (and every other live buffer), the largest program's workspace, the step buffers and
+        a safety margin, measured on the largest bucket's model step compiled for a
+        placeholder of max_pages pages (the probe) and on the samplers (compiled at their
+        real shapes and kept)."""
         t0 = time.perf_counter()
-        lo, hi = self.max_pages, 2 * self.max_pages  # placeholder page counts
-        probes = self._compile_forwards(lo)
-        self._samplers = self._compile_samplers(probes[self.buckets[-1]])
-        steps = self._forward_memory(probes, lo)
-        del probes
-        largest_hi = self._forward_memory(self._compile_forwards(hi, [self.buckets[-1]]), hi)[0]
-        # Workspace that comes with each page: 0 while the cache is updated in place.
-        growth = max(0, -(-(largest_hi.workspace - steps[-1].workspace) // (hi - lo)))
-        if growth:
-            log.warning("the model step's workspace grows by %d bytes per KV page: XLA copies "
-                        "the cache inside the step", growth)
-        log.info("memory analysis: %d model steps compiled at placeholder page counts in %.1fs",
-                 len(steps) + 1, time.perf_counter() - t0)
+        lo = self.max_pages
+        probe, self._samplers = self._compile(
+            lo, self.buckets[-1:], samplers=True,
+            desc="measuring the workspace: the largest model step and the samplers")
+        steps = self._forward_memory(probe, lo)
+        del probe
         samplers = self._sampler_memory()
         unknown = [p.name for p in steps + samplers if not p.known]
         if unknown:
             log.warning("no memory analysis for %d programs (%s, ...): their workspace is "
                         "estimated", len(unknown), unknown[0])
         in_use = device_memory.device_memory().in_use
-        live, margin = self._live_bytes(), device_memory.SAFETY_MARGIN_BYTES
-        num_pages = min(  # the model steps' workspace (which may grow per page), the samplers'
-            device_memory.pages_that_fit(
-                self.budget, in_use, max(p.workspace - growth * lo for p in steps), live,
-                margin, self.page_bytes + growth),
-            device_memory.pages_that_fit(
-                self.budget, in_use, max(p.workspace for p in samplers), live, margin,
-                self.page_bytes))
-        steps = [dataclasses.replace(p, temp=p.temp + growth * (num_pages - lo)) for p in steps]
+        num_pages = self._fit(steps, lo, 0, in_use)
         plan = self._plan(steps + samplers, num_pages, in_use)
+        self.probe_time = time.perf_counter() - t0
+        log.info("memory probes: the largest model step (at a placeholder of %d pages) and "
+                 "%d samplers compiled in %.1fs", lo, len(samplers), self.probe_time)
         if num_pages < self.max_pages:
             raise self._no_room(num_pages, plan.workspace, plan.workspace_program)
-        return num_pages, plan
+        return plan, steps[0]
+
+    def _compile_for_budget(self, plan: MemoryPlan, probe: ProgramMemory):
+        """-> (the model step's executables, MemoryPlan): every bucket compiled for the planned
+        page count and checked against the plan. Steps that need more workspace than planned
+        (a smaller bucket's larger scratch, or a workspace that grows with the cache) beyond
+        REPLAN_TOLERANCE_BYTES re-size the cache from what they measure and compile again."""
+        num_pages, in_use, planned, growth = plan.num_pages, plan.in_use, plan.workspace, 0
+        t0 = time.perf_counter()
+        while True:
+            forwards, _ = self._compile(
+                num_pages, self.buckets, samplers=False,
+                desc=f"compiling the model step, {len(self.buckets)} buckets")
+            steps = self._forward_memory(forwards, num_pages)
+            measured = self._plan(steps + self._sampler_memory(), num_pages, in_use)
+            excess = measured.workspace - planned
+            if measured.unplanned >= -device_memory.REPLAN_TOLERANCE_BYTES:
+                break
+            if self.replans == MAX_REPLANS:
+                raise ValueError(
+                    f"the model steps compiled for {num_pages} KV pages still need "
+                    f"{_bytes(excess)} more workspace than planned after {MAX_REPLANS} "
+                    f"re-plans: set num_pages or lower gpu_memory_utilization (now "
+                    f"{self.config.gpu_memory_utilization:g})")
+            # The largest bucket at the probe's page count and at this one: its workspace
+            # per page (0 while the cache is updated in place), charged to every bucket.
+            growth = max(growth, device_memory.growth_per_page(
+                probe.workspace, self.max_pages, steps[-1].workspace, num_pages))
+            fitted = self._fit(steps, num_pages, growth, in_use)
+            log.warning(
+                "re-planning the KV cache: the model steps compiled for %d pages need %s of "
+                "workspace (%s), %s more than planned%s; recompiling them for %d pages",
+                num_pages, _bytes(measured.workspace), measured.workspace_program,
+                _bytes(excess), f", growing by {growth} bytes per page (XLA copies the cache "
+                "inside the step)" if growth else "", fitted)
+            if fitted < self.max_pages:
+                raise self._no_room(fitted, measured.workspace, measured.workspace_program)
+            self.replans += 1
+            planned = max([p.workspace + growth * (fitted - num_pages) for p in steps]
+                          + [p.workspace for p in self._sampler_memory()])
+            num_pages = fitted
+        if excess > 0:
+            log.warning("the model steps compiled for %d pages need %s of workspace, %s more "
+                        "than planned (the safety margin absorbs up to %s)", num_pages,
+                        _bytes(measured.workspace), _bytes(excess),
+                        _bytes(device_memory.REPLAN_TOLERANCE_BYTES))
+        self.compile_time = time.perf_counter() - t0
+        self.programs = measured.programs
+        return forwards, measured
 
     def _plan(self, programs: list[ProgramMemory], num_pages: int,
               in_use: int | None = None) -> MemoryPlan:
@@ -397,7 +486,8 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run the model of every bucket and its sampler in every mode once (all compiled at
-        start-up; this first run also allocates each program's scratch memory)."""
+        start-up; this first run also allocates each program's scratch memory), then log the
+        start-up's times."""
         t0 = time.perf_counter()
         try:
             for t in self.buckets:
@@ -413,9 +503,21 @@ class ModelRunner:
                 f"the device ran out of memory in warm-up with a KV cache of {self.num_pages} "
                 f"pages: lower gpu_memory_utilization (now "
                 f"{self.config.gpu_memory_utilization:g}) or set num_pages below that") from e
-        self.compile_time += time.perf_counter() - t0
-        log.info("compiled %d buckets %s and warmed up in %.1fs", len(self.buckets),
-                 self.buckets, self.compile_time)
+        self.warmup_time = time.perf_counter() - t0
+        self.startup_time = time.perf_counter() - self._t_start
+        log.info("%s", self.startup_line())
+
+    def startup_line(self) -> str:
+        """Where the start-up went (after warmup()): the parts and the rest (choosing the
+        schedule, building the jitted functions)."""
+        parts = (self.load_time, self.probe_time, self.compile_time, self.kv_time,
+                 self.warmup_time)
+        replans = f", {self.replans} re-plans" if self.replans else ""
+        return (f"start-up {self.startup_time:.1f}s: weights {self.load_time:.1f}s, memory "
+                f"probes {self.probe_time:.1f}s, compile {self.compile_time:.1f}s "
+                f"({len(self.buckets)} buckets {list(self.buckets)} at {self.num_pages} "
+                f"pages{replans}), KV alloc {self.kv_time:.1f}s, warm-up "
+                f"{self.warmup_time:.1f}s, other {self.startup_time - sum(parts):.1f}s")
 
     @staticmethod
     def _sampling_rows(owners, num_rows: int):
