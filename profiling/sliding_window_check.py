@@ -1,13 +1,13 @@
 r"""On a GPU: sliding-window attention, checked and timed.
 
-  1. The Triton decode and chunked-prefill kernels with a window against their jnp references
+  1. The engine with the Pallas kernels (fp32) against HF's greedy tokens on the windowed
+     goldens (tests/golden/mistral: window 16 on every layer; qwen2: on layer 1).
+  2. The Triton decode and chunked-prefill kernels with a window against their jnp references
      (bf16, LLaMA-3-8B / Mistral-7B heads, contexts past the window).
-  2. Device time of windowed decode over growing contexts beside full attention: a windowed
+  3. Device time of windowed decode over growing contexts beside full attention: a windowed
      sequence reads only its window's pages, so its time stays near full attention over
      `window` tokens while full attention grows with the context. The same for a prompt chunk
      after a long context.
-  3. The engine with the Pallas kernels (fp32) against HF's greedy tokens on the windowed
-     goldens (tests/golden/mistral: window 16 on every layer; qwen2: on layer 1).
 
     PYTHONPATH=. python3 profiling/sliding_window_check.py
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 profiling/sliding_window_check.py --smoke  # tiny
@@ -32,14 +32,14 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("window", 4096, "sliding window (Mistral-7B-v0.1: 4096)")
 flags.DEFINE_list("contexts", ["4096", "16384", "32768"], "decode context lengths timed")
 flags.DEFINE_integer("batch", 64, "decode sequences")
-flags.DEFINE_integer("chunk", 2048, "prefill chunk tokens (after contexts[-1] - chunk)")
+flags.DEFINE_integer("chunk", 2048, "prefill chunk: the last tokens of a contexts[-1] sequence")
 flags.DEFINE_integer("num_q_heads", 32, "Hq")
 flags.DEFINE_integer("num_kv_heads", 8, "Hkv")
 flags.DEFINE_integer("head_dim", 128, "D")
 flags.DEFINE_integer("page_size", 16, "tokens per page")
 flags.DEFINE_bool("smoke", False, "tiny shapes, kernels in interpret mode (runs on the CPU)")
 
-ROWS, LOG = [], []
+LOG = []
 
 
 def emit(**rec):
@@ -146,9 +146,9 @@ def main(_):
                             ("head_dim", 32)):
             setattr(FLAGS, name, value)
     window, scale = FLAGS.window, FLAGS.head_dim ** -0.5
+    check_engine()  # first: the engine reserves XLA's memory pool before JAX starts
     check_kernels(window, scale)
     time_kernels(window, scale)
-    check_engine()
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "sliding_window_check.jsonl"), "w") as f:
