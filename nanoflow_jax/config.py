@@ -43,6 +43,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # Attention to the last `sliding_window` keys only (Mistral v0.1); None: the whole context.
     sliding_window: int | None = None
+    # Layers of a sliding-window model that attend to the whole context anyway (HF's
+    # `layer_types`; Qwen2: the first max_window_layers). `layer_window` gives each layer's.
+    full_attention_layers: tuple[int, ...] = ()
     # Mixture of experts (Mixtral, Qwen2-MoE; `nanoflow_jax.models.moe`). 0 experts: dense.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # k: routed experts per token
@@ -72,6 +75,9 @@ class ModelConfig:
                              f"{self.moe_intermediate_size}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if not all(0 <= i < self.num_layers for i in self.full_attention_layers):
+            raise ValueError(f"full_attention_layers must be in [0, {self.num_layers}), got "
+                             f"{self.full_attention_layers}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of "
@@ -85,6 +91,10 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to the whole context)."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.mlp_only_layers
@@ -201,6 +211,9 @@ class ModelConfig:
         if self.architecture.startswith("Qwen2"):
             out["use_sliding_window"] = self.sliding_window is not None
         out["sliding_window"] = self.sliding_window
+        if self.sliding_window is not None:  # exact per layer, whatever HF's default rule
+            out["layer_types"] = ["full_attention" if self.layer_window(i) is None
+                                  else "sliding_attention" for i in range(self.num_layers)]
         if self.architecture == "MixtralForCausalLM":
             out.update(num_local_experts=self.num_experts,
                        num_experts_per_tok=self.num_experts_per_tok)
@@ -215,12 +228,7 @@ class ModelConfig:
 
 def _hf_window_and_experts(arch: str, hf: Mapping[str, Any], need) -> dict[str, Any]:
     """The sliding window and mixture-of-experts fields of an HF config.json, as our fields."""
-    out: dict[str, Any] = {}
-    # Qwen2 configs carry a sliding_window that applies only with use_sliding_window.
-    if arch.startswith("Qwen2") and not hf.get("use_sliding_window", False):
-        out["sliding_window"] = None
-    else:
-        out["sliding_window"] = hf.get("sliding_window") or None
+    out: dict[str, Any] = _hf_window(arch, hf, need("num_hidden_layers"))
     if arch == "MixtralForCausalLM":
         out.update(num_experts=need("num_local_experts"),
                    num_experts_per_tok=need("num_experts_per_tok"),
@@ -237,6 +245,35 @@ def _hf_window_and_experts(arch: str, hf: Mapping[str, Any], need) -> dict[str, 
                    mlp_only_layers=tuple(i for i in range(num_layers)
                                          if i in only or (i + 1) % step))
     return out
+
+
+def _hf_window(arch: str, hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """sliding_window and full_attention_layers as transformers (5.x) applies them: Mistral and
+    Mixtral window every layer when sliding_window is set; Qwen2 and Qwen2-MoE only with
+    use_sliding_window, on the layers `layer_types` names (written by transformers >= 4.53),
+    else by their rules: Qwen2 the layers from max_window_layers on, Qwen2-MoE the even layers
+    below max_window_layers."""
+    window = hf.get("sliding_window") or None
+    if arch.startswith("Qwen2") and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return {"sliding_window": None}
+    max_window_layers = hf.get("max_window_layers", 28)  # transformers' default
+    if hf.get("layer_types"):
+        if len(hf["layer_types"]) != num_layers:
+            raise ValueError(f"config.json's layer_types has {len(hf['layer_types'])} entries "
+                             f"for num_hidden_layers={num_layers}")
+        windowed = [t == "sliding_attention" for t in hf["layer_types"]]
+    elif arch == "Qwen2ForCausalLM":
+        windowed = [i >= max_window_layers for i in range(num_layers)]
+    elif arch == "Qwen2MoeForCausalLM":
+        windowed = [i % 2 == 0 and i < max_window_layers for i in range(num_layers)]
+    else:
+        windowed = [True] * num_layers
+    if not any(windowed):
+        return {"sliding_window": None}
+    return {"sliding_window": int(window),
+            "full_attention_layers": tuple(i for i, w in enumerate(windowed) if not w)}
 
 
 def _preset(arch, vocab, hidden, inter, layers, heads, kv_heads, eps, theta, max_pos, **kw):
@@ -268,7 +305,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-2-70b": _preset(_LLAMA, 32000, 8192, 28672, 80, 64, 8, 1e-5, 1e4, 4096),
     "llama-3-8b": _preset(_LLAMA, 128256, 4096, 14336, 32, 32, 8, 1e-5, 5e5, 8192),
     "llama-3-70b": _preset(_LLAMA, 128256, 8192, 28672, 80, 64, 8, 1e-5, 5e5, 8192),
-    "mistral-7b": _preset(_MISTRAL, 32000, 4096, 14336, 32, 32, 8, 1e-5, 1e4, 32768),
+    "mistral-7b": _preset(_MISTRAL, 32000, 4096, 14336, 32, 32, 8, 1e-5, 1e4, 32768,
+                          sliding_window=4096),  # Mistral-7B-v0.1
     "qwen2-7b": _preset(
         _QWEN2, 152064, 3584, 18944, 28, 28, 4, 1e-6, 1e6, 32768, attention_bias=True
     ),

@@ -39,10 +39,6 @@ class Model:
             raise ValueError(
                 f"{n} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
             )
-        window = self.config.sliding_window
-        if window is not None and n > window:
-            raise ValueError(f"{n} tokens exceed the model's sliding window ({window}), which "
-                             f"this attention does not implement")
         # Pad to a power of two so that a few lengths share one compiled program.
         padded = max(16, 1 << (n - 1).bit_length())
         tokens = np.zeros(padded, np.int32)

@@ -27,6 +27,10 @@ Kernel design (memory-bound: the whole job is reading K and V once):
     several it writes per-split (normalised output, log2-sum-exp) in fp32 and
     a small jnp combine merges them (a few MB; XLA fuses it into one pass).
   * `lengths == 0` rows produce exact zeros.
+  * A sliding `window` (static) shifts each sequence's page range to start at the page of
+    position length - window, so a long context costs only the window's pages; splits divide
+    that range (at most cdiv(window + page_size - 1, page_size) pages). The first block, when
+    the window starts inside its first page, goes through the masked path too.
   * `num_programs` makes the kernel persistent: that many programs, each looping
     over (sequence, KV head, split) work items `num_programs` apart. Fewer
     programs than SMs leave SMs free for a kernel that runs beside it (the
@@ -112,6 +116,7 @@ def _decode_program(
     pages_per_split: int,
     precision,
     flat_gather: bool,
+    window: int | None = None,
 ):
     """One (sequence, KV head, split) of the attention; `_decode_kernel` and
     `fused_gemm_decode` (program id -> (b, h, split)) both run this body."""
@@ -120,7 +125,9 @@ def _decode_program(
 
     length = lengths_ref[b]
     n_pages = (length + page_size - 1) // page_size
-    first_page = split * pages_per_split
+    # Keys lo .. length-1; the page range starts at lo's page (0 without a window).
+    lo = 0 if window is None else jnp.maximum(length - window, 0)
+    first_page = lo // page_size + split * pages_per_split
     end_page = jnp.minimum(first_page + pages_per_split, n_pages)
     n_blocks = (jnp.maximum(end_page - first_page, 0) + pages_per_block - 1) // pages_per_block
 
@@ -136,22 +143,24 @@ def _decode_program(
     tok = jnp.arange(page_size)
     blk_tok = jnp.arange(block_k)
 
+    def in_range(pos):  # positions -> bool: keys this query sees
+        return (pos < length) if window is None else (pos < length) & (pos >= lo)
+
     def body(i, carry, masked):
         acc, m_i, l_i = carry
         page0 = first_page + i * pages_per_block
         if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
             pages = page_tables_ref[b, page0 + blk_tok // page_size]  # [BK]
             idx = (h, pages[:, None], (blk_tok % page_size)[:, None], d_idx[None, :])
-            valid = (page0 * page_size + blk_tok < length)[:, None]  # [BK, 1]
+            valid = in_range(page0 * page_size + blk_tok)[:, None]  # [BK, 1]
         else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
             pages = page_tables_ref[b, pl.ds(page0, pages_per_block)]  # [ppb]
             idx = (h, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
-            valid = (
+            valid = in_range(
                 page0 * page_size
                 + (jnp.arange(pages_per_block)[:, None] * page_size + tok[None, :])
-                < length
             )[:, :, None]
-        if masked:  # the block holding the end of the sequence
+        if masked:  # a block holding an end of the keys
             k = _compat.load(k_ref.at[idx], mask=valid, other=0)
             v = _compat.load(v_ref.at[idx], mask=valid, other=0)
         else:
@@ -162,7 +171,7 @@ def _decode_program(
 
         s = _compat.dot(q, k, trans_b=True, precision=precision)  # [block_h, block_k]
         if masked:
-            s = jnp.where((page0 * page_size + blk_tok < length)[None, :], s, _MASK)
+            s = jnp.where(in_range(page0 * page_size + blk_tok)[None, :], s, _MASK)
         # scale > 0: max(s) * scale == max(s * scale), and s * scale - m is one FMA.
         m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
         alpha = jnp.exp2(m_i - m_new)
@@ -176,11 +185,17 @@ def _decode_program(
         jnp.full((block_h,), _MASK, jnp.float32),
         jnp.zeros((block_h,), jnp.float32),
     )
-    # Blocks wholly inside the sequence need no mask; at most one block (the
-    # one holding position length-1) goes through the masked path.
+    # Blocks wholly inside the keys need no mask: at most the block holding position
+    # length-1 and, with a window that starts inside a page, split 0's first block are masked.
     n_full = jnp.clip((length // page_size - first_page) // pages_per_block, 0, n_blocks)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_blocks, functools.partial(body, masked=True), carry)
+    masked_body = functools.partial(body, masked=True)
+    n_head = 0
+    if window is not None:
+        n_head = jnp.minimum(jnp.where((split == 0) & (lo % page_size != 0), 1, 0), n_blocks)
+        n_full = jnp.maximum(n_full, n_head)
+        carry = lax.fori_loop(0, n_head, masked_body, carry)
+    carry = lax.fori_loop(n_head, n_full, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_blocks, masked_body, carry)
     acc, m_i, l_i = carry
 
     has = l_i > 0
@@ -205,9 +220,11 @@ def default_num_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
 
 
 def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_per_block,
-                num_splits, flat_gather):
+                num_splits, flat_gather, window=None):
     """Checks the inputs and picks the launch: (padded page tables, splits, the static kwargs
     of `_decode_program`). Shared with the fused GEMM + attention kernel."""
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     check_paged_inputs(q, k_pages, v_pages, sm_scale)
@@ -220,7 +237,10 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
     pages_per_block = _compat.next_pow2(pages_per_block)
 
     max_pages = page_tables.shape[1]
-    num_blocks = -(-max_pages // pages_per_block)
+    span = max_pages  # most pages one sequence's keys cover
+    if window is not None:
+        span = min(span, -(-(window + page_size - 1) // page_size))
+    num_blocks = -(-span // pages_per_block)
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, num_blocks)
     num_splits = max(1, min(num_splits, num_blocks))
@@ -228,6 +248,8 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
     num_splits = -(-num_blocks // blocks_per_split)  # drop empty tail splits
     pages_per_split = blocks_per_split * pages_per_block
     padded = num_splits * pages_per_split
+    if window is not None:  # a block starts at any page < max_pages and reads ppb entries
+        padded = max(padded, max_pages + pages_per_block - 1)
     page_tables = page_tables.astype(jnp.int32)
     if padded != max_pages:  # so every pl.ds over the table stays in bounds
         page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
@@ -239,6 +261,7 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
         pages_per_split=pages_per_split,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
         flat_gather=bool(flat_gather),
+        window=window,
     )
     return page_tables, num_splits, static
 
@@ -254,6 +277,7 @@ def plan_decode(q, k_pages, v_pages, page_tables, lengths, *, sm_scale, pages_pe
         "num_stages",
         "flat_gather",
         "num_programs",
+        "window",
     ),
 )
 def decode_attention(
@@ -271,11 +295,14 @@ def decode_attention(
     num_stages: int = 3,
     flat_gather: bool = True,
     num_programs: int | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """Paged GQA attention of one query token per sequence.
 
     Sequence b attends to cache positions 0..lengths[b]-1 (the current token's
-    K/V are already in the cache); lengths[b] == 0 marks a padding row (zeros).
+    K/V are already in the cache), with a sliding `window` to the last `window`
+    of them only (pages before are never read); lengths[b] == 0 marks a padding
+    row (zeros).
 
     Tuning: `pages_per_block` pages are gathered per loop step (block of
     pages_per_block * page_size tokens; default 64 (fp32: 32)), `num_splits` splits
@@ -290,7 +317,8 @@ def decode_attention(
     batch, num_q_heads, head_dim = q.shape
     page_tables, num_splits, static = plan_decode(
         q, k_pages, v_pages, page_tables, lengths, sm_scale=sm_scale,
-        pages_per_block=pages_per_block, num_splits=num_splits, flat_gather=flat_gather)
+        pages_per_block=pages_per_block, num_splits=num_splits, flat_gather=flat_gather,
+        window=window)
     num_kv_heads = k_pages.shape[0]
     num_work = batch * num_kv_heads * num_splits
     if num_programs is not None and num_programs < num_work:
@@ -342,9 +370,11 @@ def decode_attention_reference(
     *,
     sm_scale: float,
     interpret: bool = False,
+    window: int | None = None,
     **unused_tuning,
 ) -> jax.Array:
-    """Pure-jnp reference: gather the pages, mask, softmax in fp32 (HIGHEST)."""
+    """Pure-jnp reference: gather the pages, mask (the last `window` positions only, when
+    given), softmax in fp32 (HIGHEST)."""
     del interpret, unused_tuning
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -357,6 +387,8 @@ def decode_attention_reference(
     qg = q.reshape(batch, num_kv_heads, group, head_dim).astype(f32)
     s = jnp.einsum("bhgd,hbld->bhgl", qg, k.astype(f32), precision=hi) * sm_scale
     valid = jnp.arange(max_len)[None, :] < lengths[:, None]  # [B, L]
+    if window is not None:
+        valid &= jnp.arange(max_len)[None, :] >= lengths[:, None] - window
     s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)

@@ -32,6 +32,11 @@ Kernel design (compute-bound, FlashAttention-2 style):
     with bf16 inputs and fp32 accumulation.
   * Masked-phase loads are masked by the KV length, so cache slots past the
     sequence are never read (NaN there cannot leak).
+  * A sliding `window` (static): row p sees keys p - window + 1 .. p. The loop
+    starts at the KV block of the first row's first key (earlier blocks are
+    never read), and blocks that reach below the last row's first key go
+    through the masked path like the diagonal ones, whose loads also skip the
+    keys below the first row's first key.
 
 Backend: Pallas Triton, for the same reasons as decode_attention.py (works in
 interpret mode on CPU and on JAX 0.11 with a deprecation warning; page gathers
@@ -77,6 +82,7 @@ def _prefill_kernel(
     precision,
     fast_exp2: bool,
     flat_gather: bool,
+    window: int | None,
 ):
     hq = pl.program_id(0)
     j = pl.program_id(1)
@@ -103,21 +109,36 @@ def _prefill_kernel(
     n_total = (jnp.maximum(kv_end, 0) + block_k - 1) // block_k
     # KV blocks wholly at or before pos0 are visible to every row: no mask.
     n_full = jnp.minimum(jnp.maximum(pos0 + 1, 0) // block_k, n_total)
+    # With a window: blocks from the one holding the first row's first key; of those, the
+    # ones below the last row's first key are masked ([first, first_full) masked, then
+    # [first_full, n_full) unmasked, then the diagonal [n_full, n_total) masked).
+    first = first_full = 0
+    if window is not None:
+        pos_last = pos0 + (row1 - row0) - 1
+        first = jnp.minimum(jnp.maximum(pos0 - window + 1, 0) // block_k, n_total)
+        first_full = (jnp.maximum(pos_last - window + 1, 0) + block_k - 1) // block_k
+        first_full = jnp.clip(first_full, first, n_total)
+        n_full = jnp.maximum(n_full, first_full)
 
     tok = jnp.arange(page_size)
     kv_iota = jnp.arange(block_k)
+    # Masked loads read keys kv_lo .. kv_end-1 only: with a window, none below the first
+    # row's first key (which no row sees).
+    kv_lo = None if window is None else pos0 - window + 1
+
+    def loadable(kv_pos):
+        return (kv_pos < kv_end) if kv_lo is None else (kv_pos < kv_end) & (kv_pos >= kv_lo)
 
     def load_kv(i, masked):
         if flat_gather:  # [BK, D] pointers built directly: no reshape before the dot
             pages = page_tables_ref[seq, i * pages_per_block + kv_iota // page_size]  # [BK]
             idx = (kvh, pages[:, None], (kv_iota % page_size)[:, None], d_idx[None, :])
-            valid = ((i * block_k + kv_iota) < kv_end)[:, None]  # [BK, 1]
+            valid = loadable(i * block_k + kv_iota)[:, None]  # [BK, 1]
         else:  # [ppb, page_size, D] gather, reshaped to [BK, D]
             pages = page_tables_ref[seq, pl.ds(i * pages_per_block, pages_per_block)]
             idx = (kvh, pages[:, None, None], tok[None, :, None], d_idx[None, None, :])
-            valid = (
+            valid = loadable(
                 i * block_k + (jnp.arange(pages_per_block)[:, None] * page_size + tok[None, :])
-                < kv_end
             )[:, :, None]
         if masked:
             k = _compat.load(k_ref.at[idx], mask=valid, other=0)
@@ -134,6 +155,8 @@ def _prefill_kernel(
         if masked:
             kv_pos = i * block_k + kv_iota
             ok = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos < kv_end)[None, :]
+            if window is not None:
+                ok &= kv_pos[None, :] > q_pos[:, None] - window
             s = jnp.where(ok, s, _MASK)
         # scale > 0, so max(s) * scale == max(s * scale); s * scale - m is one FMA.
         m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
@@ -148,8 +171,11 @@ def _prefill_kernel(
         jnp.full((block_q,), _MASK, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_total, functools.partial(step, masked=True), carry)
+    masked_step = functools.partial(step, masked=True)
+    if window is not None:
+        carry = lax.fori_loop(first, first_full, masked_step, carry)
+    carry = lax.fori_loop(first_full, n_full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(n_full, n_total, masked_step, carry)
     acc, _, l_i = carry
 
     out = jnp.where((l_i > 0)[:, None], acc / jnp.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
@@ -160,8 +186,10 @@ def _prefill_kernel(
     )
 
 
-def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
-    """[5, NB] int32 table (seq, row_start, row_end, pos0, kv_len), heaviest first.
+def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int,
+                      window: int | None = None):
+    """[5, NB] int32 table (seq, row_start, row_end, pos0, kv_len), heaviest first (the keys
+    a block reads: fewer under a sliding `window`).
 
     Pseudo-sequence S covers the padding rows query_start[S]:T (no keys, so the
     kernel writes zeros there).  NB = cdiv(T, block_q) + S is static and bounds
@@ -191,7 +219,10 @@ def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
     row0 = jnp.where(used, row0, 0)
     row1 = jnp.where(used, row1, 0)
     seq = jnp.minimum(sid, num_seqs - 1)
-    work = jnp.where(has_keys, jnp.minimum(kv, pos0 + row1 - row0), 0)
+    work = jnp.minimum(kv, pos0 + row1 - row0)
+    if window is not None:
+        work -= jnp.maximum(pos0 - window + 1, 0)
+    work = jnp.where(has_keys, work, 0)
     order = jnp.argsort(-work, stable=True)
     table = jnp.stack([seq, row0, row1, pos0, kv])[:, order]
     return table.astype(jnp.int32)
@@ -208,6 +239,7 @@ def build_block_table(query_start, seq_lens, num_tokens: int, block_q: int):
         "num_stages",
         "fast_exp2",
         "flat_gather",
+        "window",
     ),
 )
 def prefill_attention(
@@ -226,8 +258,10 @@ def prefill_attention(
     num_stages: int = 3,
     fast_exp2: bool = True,
     flat_gather: bool = True,
+    window: int | None = None,
 ) -> jax.Array:
-    """Causal attention of ragged prompt chunks against a paged KV cache.
+    """Causal attention of ragged prompt chunks against a paged KV cache; with a sliding
+    `window`, each row sees only the last `window` positions up to its own.
 
     Tuning: `block_q` query rows per program, `block_k` KV tokens per loop step
     (a multiple of page_size, raised to page_size if smaller; None: 64 for
@@ -243,6 +277,8 @@ def prefill_attention(
     check_paged_inputs(q, k_pages, v_pages, sm_scale)
     if query_start.shape != (num_seqs + 1,) or page_tables.shape[0] != num_seqs:
         raise ValueError("query_start / page_tables do not match seq_lens")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
     block_q = _compat.next_pow2(block_q)
     if block_k is None:  # 64 bf16 tokens; half that for fp32 (shared memory)
         block_k = 64 if q.dtype.itemsize <= 2 else 32
@@ -254,7 +290,7 @@ def prefill_attention(
     page_tables = page_tables.astype(jnp.int32)
     if padded != max_pages:
         page_tables = jnp.pad(page_tables, ((0, 0), (0, padded - max_pages)))
-    table = build_block_table(query_start, seq_lens, num_tokens, block_q)
+    table = build_block_table(query_start, seq_lens, num_tokens, block_q, window)
 
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
@@ -266,6 +302,7 @@ def prefill_attention(
         precision=precision,
         fast_exp2=bool(fast_exp2) and not interpret,
         flat_gather=bool(flat_gather),
+        window=window,
     )
     return pl.pallas_call(
         kernel,
@@ -287,9 +324,11 @@ def prefill_attention_reference(
     *,
     sm_scale: float,
     interpret: bool = False,
+    window: int | None = None,
     **unused_tuning,
 ) -> jax.Array:
-    """Pure-jnp reference: per sequence, gather its pages, causal softmax in fp32."""
+    """Pure-jnp reference: per sequence, gather its pages, causal softmax in fp32 (over the
+    last `window` positions only, when given)."""
     del interpret, unused_tuning
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
@@ -309,6 +348,8 @@ def prefill_attention_reference(
         mine = (t >= qs[s]) & (t < qs[s + 1])  # [T]
         pos = seq_lens[s] - (qs[s + 1] - qs[s]) + (t - qs[s])  # [T]
         ok = mine[:, None] & (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < seq_lens[s])
+        if window is not None:
+            ok &= kv_pos[None, :] > pos[:, None] - window
         logits = jnp.einsum("thgd,hld->thgl", qg, k, precision=hi) * sm_scale
         logits = jnp.where(ok[:, None, None, :], logits, -jnp.inf)
         m = jnp.max(logits, axis=-1, keepdims=True)
@@ -316,7 +357,11 @@ def prefill_attention_reference(
         p = jnp.where(ok[:, None, None, :], jnp.exp(logits - m), 0.0)
         denom = p.sum(axis=-1, keepdims=True)
         p = p / jnp.where(denom > 0, denom, 1.0)
-        v = jnp.where((kv_pos < seq_lens[s])[None, :, None], v, 0.0)
+        # Zero V where no row looks (past the end; below the first row's window): it may be NaN.
+        seen = kv_pos < seq_lens[s]
+        if window is not None:
+            seen &= kv_pos > seq_lens[s] - (qs[s + 1] - qs[s]) - window
+        v = jnp.where(seen[None, :, None], v, 0.0)
         o = jnp.einsum("thgl,hld->thgd", p, v, precision=hi)
         return out + jnp.where(mine[:, None, None, None], o, 0.0)
 

@@ -150,3 +150,70 @@ def test_reference_matches_dense_softmax():
             np.testing.assert_allclose(
                 ref[b, h], p @ vv[h // 2], rtol=1e-5, atol=1e-6, err_msg=f"seed={seed}"
             )
+
+
+def _poison_below_window(k, v, pt, lengths, window):
+    """NaN in every cache slot below each sequence's window: a kernel that reads one fails."""
+    k, v = np.array(k, np.float32), np.array(v, np.float32)
+    page_size = k.shape[2]
+    for b, n in enumerate(np.asarray(lengths)):
+        for pos in range(max(int(n) - window, 0)):
+            page = int(pt[b, pos // page_size])
+            k[:, page, pos % page_size] = np.nan
+            v[:, page, pos % page_size] = np.nan
+    return k, v
+
+
+WINDOW_CASES = [
+    # (window, page_size, pages_per_block, num_splits, flat_gather, num_programs)
+    (8, 16, 1, None, True, None),  # window inside a page
+    (20, 16, 2, 2, False, None),  # window over 2-3 pages, split-K, reshape gather
+    (13, 4, 2, 3, True, 5),  # persistent programs, window not a page multiple
+]
+
+
+@pytest.mark.parametrize("window,page_size,ppb,splits,flat,programs", WINDOW_CASES)
+def test_sliding_window_decode_matches_reference(window, page_size, ppb, splits, flat,
+                                                 programs):
+    """Contexts shorter than, equal to, one past and far past the window; keys below the
+    window are NaN, so reading one would show."""
+    seed = random_seed()
+    rng = np.random.default_rng(seed)
+    max_pages = -(-(3 * window + 7) // page_size)
+    lengths = [1, window, window + 1, 0, max_pages * page_size,
+               int(rng.integers(window + 2, max_pages * page_size + 1))]
+    q, k, v, pt, lens = _make(seed, batch=len(lengths), hq=4, hkv=1, d=32,
+                              page_size=page_size, max_pages=max_pages, lengths=lengths,
+                              dtype=jnp.float32)
+    k, v = (jnp.asarray(x) for x in _poison_below_window(k, v, pt, lens, window))
+    out = decode_attention(q, k, v, pt, lens, sm_scale=0.2, interpret=True,
+                           pages_per_block=ppb, num_splits=splits, flat_gather=flat,
+                           num_programs=programs, window=window)
+    ref = decode_attention_reference(q, k, v, pt, lens, sm_scale=0.2, window=window)
+    msg = f"seed={seed} lengths={lengths}"
+    assert np.isfinite(np.asarray(out)).all(), f"{msg}: read below the window"
+    assert (np.asarray(out)[3] == 0).all(), f"{msg}: padding row not zero"
+    err = rel_err(out, ref)
+    assert err < 1e-5, f"{msg}: rel err {err:.2e}"
+    full = decode_attention_reference(q, k, v, pt, lens, sm_scale=0.2)  # NaN past the window
+    assert np.isnan(np.asarray(full)[4]).any()
+
+
+def test_windowed_reference_matches_dense_softmax():
+    """The windowed reference vs a NumPy softmax over the last `window` keys, float64."""
+    seed = random_seed()
+    window, lengths = 6, [5, 13, 6, 7]
+    q, k, v, pt, lens = _make(seed, batch=4, hq=2, hkv=1, d=16, page_size=4, max_pages=4,
+                              lengths=lengths, dtype=jnp.float32)
+    ref = np.asarray(decode_attention_reference(q, k, v, pt, lens, sm_scale=0.25,
+                                                window=window))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    for b, n in enumerate(lengths):
+        keys = slice(max(n - window, 0), n)
+        kk = kn[0, np.asarray(pt[b])].reshape(-1, 16)[keys]
+        vv = vn[0, np.asarray(pt[b])].reshape(-1, 16)[keys]
+        for h in range(2):
+            s = kk @ qn[b, h] * 0.25
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(ref[b, h], p @ vv / p.sum(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"seed={seed}")

@@ -25,8 +25,10 @@ def _golden_prompts(name):
 
 @pytest.mark.parametrize("name, engine_args", [
     ("llama", dict(max_num_batched_tokens=128)),
-    ("qwen2", dict(max_num_batched_tokens=16, min_bucket=8)),  # every prompt is chunked
-    ("mistral", dict(max_num_batched_tokens=32, page_size=4, num_pages=32,  # preemption
+    # Every prompt is chunked; a sliding window of 16 on layer 1.
+    ("qwen2", dict(max_num_batched_tokens=16, min_bucket=8)),
+    # Preemption; a sliding window of 16 on every layer, which each generation crosses.
+    ("mistral", dict(max_num_batched_tokens=32, page_size=4, num_pages=32,
                      max_model_len=128)),
 ])
 def test_greedy_equals_hf_generate(name, engine_args):

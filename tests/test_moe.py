@@ -254,15 +254,12 @@ def test_param_count_counts_the_param_tree(preset):
     assert not np.allclose(experts[0], experts[1])
 
 
-def test_qwen2_moe_sparse_step_and_window_fields():
+def test_qwen2_moe_sparse_step():
     hf = _hf("qwen2_moe") | {"num_hidden_layers": 6, "decoder_sparse_step": 2,
                              "mlp_only_layers": [3]}
     cfg = ModelConfig.from_hf_dict(hf)
     # HF: layer i is sparse when (i + 1) % step == 0 and i is not in mlp_only_layers.
     assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
-    assert cfg.sliding_window is None  # use_sliding_window is false
-    windowed = ModelConfig.from_hf_dict(hf | {"use_sliding_window": True, "sliding_window": 99})
-    assert windowed.sliding_window == 99
 
 
 def test_bad_moe_configs_name_the_field():
@@ -297,18 +294,6 @@ def test_missing_or_misshaped_expert_is_named(tmp_path):
     qtensors[qwen_shared] = np.zeros((2, 64), np.float32)
     with pytest.raises(ValueError, match=r"shared_expert_gate\.weight.*\(2, 64\)"):
         nf.load_model(_checkpoint_copy(tmp_path / "b", "qwen2_moe", qtensors), dtype="float32")
-
-
-def test_sliding_window_shorter_than_max_model_len_is_refused_at_start_up(tmp_path):
-    path = _checkpoint_copy(tmp_path, "mistral", config_update={"sliding_window": 64})
-    assert nf.load_config(path).sliding_window == 64
-    with pytest.raises(ValueError, match="max_model_len=128.*sliding window \\(64\\)"):
-        LLM(path, dtype="float32", max_num_batched_tokens=16, max_model_len=128)
-    with pytest.raises(ValueError, match="sliding window"):
-        nf.load_model(path, dtype="float32").logits(np.arange(65))
-    # Within the window full attention is exact: the engine starts.
-    llm = LLM(path, dtype="float32", max_num_batched_tokens=16, max_model_len=64)
-    assert llm.engine.runner.max_model_len == 64
 
 
 def test_bench_moe_script_runs_on_the_cpu(tmp_path):

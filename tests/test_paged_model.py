@@ -2,7 +2,9 @@
 
 Prompts are prefilled in several chunks, interleaved with other sequences' chunks and decode
 steps; every sampled row is compared with the dense (no cache) forward of the same tokens.
+Some models get a sliding window (6 tokens, shorter than every sequence here).
 """
+import dataclasses
 import functools
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 import nanoflow_jax as nf
 from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
 from nanoflow_jax.kv_cache import PageAllocator, init_kv_cache
+from nanoflow_jax.model_loader import Model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from tests.helpers import rel_err
@@ -68,15 +71,26 @@ PLAN = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
-def test_paged_reference_matches_dense(preset):
+def _windowed(model, full_attention_layers=()):
+    config = dataclasses.replace(model.config, sliding_window=6,
+                                 full_attention_layers=full_attention_layers)
+    return Model(config, model.params)
+
+
+@pytest.mark.parametrize("preset, window", [("tiny-llama", False), ("tiny-qwen2", True)])
+def test_paged_reference_matches_dense(preset, window):
+    """tiny-qwen2: a window on layer 1, the whole context on layer 0 (Qwen2's
+    max_window_layers)."""
     model = nf.load_model(preset, dtype="float32", seed=2)
+    if window:
+        model = _windowed(model, full_attention_layers=(0,))
     shape = BatchShape(num_tokens=32, num_decode=4, num_prefill_seqs=3, max_pages=16)
     assert _run(model, "reference", PLAN, shape, np.random.default_rng()) == 16
 
 
 def test_paged_kernels_interpret_match_dense():
-    model = nf.load_model("tiny-mistral", dtype="float32", seed=4)
+    """The kernels with a sliding window on every layer (as Mistral-7B-v0.1 has)."""
+    model = _windowed(nf.load_model("tiny-mistral", dtype="float32", seed=4))
     shape = BatchShape(num_tokens=32, num_decode=4, num_prefill_seqs=3, max_pages=16)
     assert _run(model, "interpret", PLAN[:4], shape, np.random.default_rng()) == 11
 

@@ -148,3 +148,56 @@ def test_block_table_covers_every_row_once():
             elif row1[j] > row0[j]:  # padding rows: no keys
                 assert kv[j] == 0 and pos0[j] == -1, f"seed={seed}"
         assert (covered == 1).all(), f"seed={seed}: rows covered {covered}"
+
+
+@pytest.mark.parametrize("window,page_size,bq,bk,flat", [
+    (8, 16, 16, 16, True),  # window inside a page, shorter than a query block
+    (20, 16, 16, 32, False),  # two pages a KV block, reshape gather
+    (40, 4, 16, 16, True),  # window over several KV blocks: unmasked blocks between
+])
+def test_sliding_window_prefill_matches_reference(window, page_size, bq, bk, flat):
+    """Chunks with and without context longer than the window; every cache slot below a
+    chunk's first row's window is NaN, so reading one would show."""
+    seed = random_seed()
+    rng = np.random.default_rng(seed)
+    q_lens = [int(rng.integers(window + 1, 3 * window)), 9, 1, int(rng.integers(2, 50))]
+    ctx_lens = [0, 2 * window + 3, window, int(rng.integers(0, 3 * window))]
+    q, k, v, pt, qs, sl = _make(seed, q_lens=q_lens, ctx_lens=ctx_lens, pad=3, hq=4, hkv=1,
+                                d=32, page_size=page_size, dtype=jnp.float32)
+    k, v = np.array(k), np.array(v)
+    for s, first_row in enumerate(ctx_lens):  # slots below the first row's first key
+        for pos in range(max(first_row - window + 1, 0)):
+            page = int(pt[s, pos // page_size])
+            k[:, page, pos % page_size] = v[:, page, pos % page_size] = np.nan
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    out = prefill_attention(q, k, v, pt, qs, sl, sm_scale=0.2, interpret=True, block_q=bq,
+                            block_k=bk, flat_gather=flat, window=window)
+    ref = prefill_attention_reference(q, k, v, pt, qs, sl, sm_scale=0.2, window=window)
+    msg = f"seed={seed} q_lens={q_lens} ctx={ctx_lens}"
+    assert np.isfinite(np.asarray(out)).all(), f"{msg}: read below the window"
+    assert (np.asarray(out)[int(qs[-1]):] == 0).all(), f"{msg}: padding rows not zero"
+    err = rel_err(out, ref)
+    assert err < 1e-5, f"{msg}: rel err {err:.2e}"
+    # The window matters: the first chunk's rows past the window differ from full attention.
+    full = prefill_attention_reference(q, k, v, pt, qs, sl, sm_scale=0.2)
+    assert rel_err(full[window:q_lens[0]], ref[window:q_lens[0]]) > 1e-2
+
+
+def test_windowed_prefill_reference_matches_dense_softmax():
+    """The windowed reference vs a NumPy softmax over keys pos - window + 1 .. pos."""
+    seed = random_seed()
+    window, q_lens, ctx_lens = 5, [6, 4], [0, 9]
+    q, k, v, pt, qs, sl = _make(seed, q_lens=q_lens, ctx_lens=ctx_lens, pad=0, hq=1, hkv=1,
+                                d=8, page_size=4, dtype=jnp.float32)
+    ref = np.asarray(prefill_attention_reference(q, k, v, pt, qs, sl, sm_scale=0.5,
+                                                 window=window))
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    for s in range(2):
+        kk, vv = (x[0, np.asarray(pt[s])].reshape(-1, 8) for x in (kn, vn))
+        for i in range(q_lens[s]):
+            row, pos = int(qs[s]) + i, ctx_lens[s] + i
+            keys = slice(max(pos - window + 1, 0), pos + 1)
+            logits = kk[keys] @ qn[row, 0] * 0.5
+            p = np.exp(logits - logits.max())
+            np.testing.assert_allclose(ref[row, 0], p @ vv[keys] / p.sum(), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"seed={seed}")

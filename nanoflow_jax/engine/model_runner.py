@@ -136,10 +136,6 @@ class ModelRunner:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context "
                              f"({mc.max_position_embeddings}): lower --max_model_len")
-        if mc.sliding_window is not None and self.max_model_len > mc.sliding_window:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's sliding "
-                             f"window ({mc.sliding_window}), which the attention kernels do not "
-                             f"implement: lower --max_model_len to {mc.sliding_window} or less")
         self.max_pages = -(-self.max_model_len // config.page_size)
         self.kv_dtype = jnp.dtype(config.dtype)
         # Per device (a tensor-parallel device holds its shard of the weights and KV heads).

@@ -1,6 +1,7 @@
 """Attention over a flat token batch without a KV cache: the pure-jnp reference.
 
-Every token attends to the earlier tokens of its own sequence inside the same batch, so one
+Every token attends to the earlier tokens of its own sequence inside the same batch (with a
+sliding `window`: the last `window` of them, itself included, as HF's Mistral does), so one
 call can hold whole prompts of several sequences packed on the token axis. The paged-KV
 attention used by the engine lives beside the kernels and follows the same interface
 (`nanoflow_jax.models.llama.AttentionFn`).
@@ -34,10 +35,12 @@ def dense_metadata(seq_lens: list[int], pad_to: int | None = None) -> DenseMetad
     return DenseMetadata(seq_ids=seq_ids, positions=positions)
 
 
-def dense_attention(q, k, v, layer_cache, metadata: DenseMetadata):
+def dense_attention(q, k, v, layer_cache, metadata: DenseMetadata, window: int | None = None):
     """q [T, Hq, Dh], k/v [T, Hkv, Dh] -> ([T, Hq, Dh], layer_cache unchanged).
 
-    Causal inside each sequence; padding rows produce zeros. Softmax in fp32.
+    Causal inside each sequence; a key at position p is seen by queries at positions
+    p .. p + window - 1 only (`window` None: all later ones). Padding rows produce zeros.
+    Softmax in fp32.
     """
     t, hq, dh = q.shape
     hkv = k.shape[1]
@@ -45,6 +48,8 @@ def dense_attention(q, k, v, layer_cache, metadata: DenseMetadata):
     allowed = (
         (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None]) & (seq[:, None] >= 0)
     )  # [Tq, Tk]
+    if window is not None:
+        allowed &= pos[None, :] > pos[:, None] - window
     qg = q.reshape(t, hkv, hq // hkv, dh)  # query heads grouped by their KV head
     scores = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh**-0.5)

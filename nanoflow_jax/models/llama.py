@@ -34,6 +34,7 @@ interleave ops across layer boundaries.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -46,9 +47,16 @@ from nanoflow_jax.models import moe
 
 Params = dict[str, Any]
 
-# attention(q [T,Hq,Dh], k [T,Hkv,Dh], v [T,Hkv,Dh], layer_cache, metadata)
-#   -> (out [T,Hq,Dh], layer_cache).  q and k already carry RoPE.
+# attention(q [T,Hq,Dh], k [T,Hkv,Dh], v [T,Hkv,Dh], layer_cache, metadata, window=None)
+#   -> (out [T,Hq,Dh], layer_cache).  q and k already carry RoPE; `window` (static): the
+#   layer's sliding window, each query sees the last `window` positions up to its own.
 AttentionFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def layer_attention(attention: AttentionFn, config: ModelConfig, layer: int) -> AttentionFn:
+    """`attention` with layer `layer`'s sliding window bound (itself when the layer has none)."""
+    window = config.layer_window(layer)
+    return attention if window is None else functools.partial(attention, window=window)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -192,7 +200,7 @@ def run_layers(
     for i, layer in enumerate(layers):
         layer_cache = None if kv_cache is None else kv_cache[i]
         x, layer_cache = decoder_layer(layer, x, positions, layer_cache, attn_metadata, config,
-                                       attention)
+                                       layer_attention(attention, config, i))
         new_cache.append(layer_cache)
     return x, None if kv_cache is None else new_cache
 
@@ -225,7 +233,16 @@ def forward(
     indices whose logits are wanted (None: all T). `layers_fn` runs the layers (`run_layers`, the
     sequential schedule, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
     (fp32 logits [N, V], kv_cache).
+
+    A nano-batch schedule calls one attention function for every layer: it gets the model's
+    sliding window bound here, so it runs models whose layers share one window (or none).
     """
+    if layers_fn is not run_layers and config.sliding_window is not None:
+        if config.full_attention_layers:
+            raise ValueError(f"layers {list(config.full_attention_layers)} attend to the whole "
+                             f"context and the others through sliding_window="
+                             f"{config.sliding_window}: run them with --schedule=sequential")
+        attention = layer_attention(attention, config, 0)
     x = embed_tokens(params["embed"], token_ids, config)  # [T, D]
     x, kv_cache = layers_fn(params["layers"], x, positions, kv_cache, attn_metadata, config,
                             attention)

@@ -8,6 +8,11 @@ every key, old and new, from the pages. Only T is a compiled shape: nd varies fr
 
 `impl` picks the code: "pallas" (the GPU kernels), "interpret" (the same kernels in Pallas'
 interpreter, for CPU tests) or "reference" (pure jnp; what the CPU runs by default).
+
+A sliding `window` (the layer's `ModelConfig.layer_window`) limits every query to the last
+`window` positions up to its own, and the kernels read only those keys' pages. Pages wholly
+below every running sequence's window stay allocated until the sequence ends: freeing them
+(and so holding a long sequence in window-many pages) is what comes next.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ class PagedMetadata:
 
 
 def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
-                    write: bool = True, sm_share: float = 1.0):
+                    write: bool = True, sm_share: float = 1.0, window: int | None = None):
     """q [T, Hq, D], k/v [T, Hkv, D], layer_cache (k_pages, v_pages) -> ([T, Hq, D], cache).
 
     `write=False`: the rows' K/V are in the cache already (the pipeline writes them outside a
@@ -50,16 +55,21 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
     decode = decode_attention_reference if impl == "reference" else decode_attention
     if sm_share < 1 and impl != "reference":
         if supports(q.shape[1], k_pages.shape, q.dtype):
+            if window is not None:
+                raise ValueError(f"sliding_window={window}: the Mosaic GPU decode kernel (a "
+                                 f"schedule's attention on a share of the SMs) has none; "
+                                 f"choose a --schedule without an attention SM share")
             decode = decode_attention_mgpu
         decode = functools.partial(decode, num_programs=max(1, round(sm_share * num_sms())))
     prefill = prefill_attention_reference if impl == "reference" else prefill_attention
     # Rows before prefill_query_start[0] belong to no chunk: their values here are unspecified.
     out = prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,
-                  meta.prefill_seq_lens, sm_scale=scale, interpret=interpret)
+                  meta.prefill_seq_lens, sm_scale=scale, interpret=interpret, window=window)
     t, bd = q.shape[0], meta.decode_lengths.shape[0]
     if bd:  # static: a nano-batch past the decode rows has none
         decoded = decode(q[:bd], k_pages, v_pages, meta.decode_page_tables, meta.decode_lengths,
-                         sm_scale=scale, interpret=interpret)
+                         sm_scale=scale, interpret=interpret,
+                         **({} if window is None else {"window": window}))
         decoded = jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0)))
         is_decode = jnp.arange(t) < meta.prefill_query_start[0]
         out = jnp.where(is_decode[:, None, None], decoded, out)

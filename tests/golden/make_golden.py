@@ -24,12 +24,15 @@ MODELS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
     ),
+    # A sliding window shorter than the prompts (logits: 40 tokens; greedy: up to 70 + 16).
     "mistral": transformers.MistralConfig(
-        **{**COMMON, "num_key_value_heads": 1}, rope_theta=10000.0, sliding_window=None,
+        **{**COMMON, "num_key_value_heads": 1}, rope_theta=10000.0, sliding_window=16,
         tie_word_embeddings=False,
     ),
+    # The window on layer 1 only: Qwen2 windows the layers from max_window_layers on.
     "qwen2": transformers.Qwen2Config(
-        **COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=False,
+        **COMMON, rope_theta=1000000.0, tie_word_embeddings=True, use_sliding_window=True,
+        sliding_window=16, max_window_layers=1,
     ),
     # Top-2 of 4 experts, weights renormalised.
     "mixtral": transformers.MixtralConfig(
