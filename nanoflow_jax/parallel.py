@@ -18,10 +18,17 @@ per-shard `ModelConfig` (`local_config`). With fewer KV heads than shards (Hkv <
 multiple of Hkv) each shard keeps one KV head (Hkv' = 1), duplicated over the N/Hkv shards
 whose query heads use it, in its weights and in its KV cache.
 
-The residual stream is a partial sum over the shards and the ops that normalise it all-reduce
-it (`llama.reduce_residual`): one all-reduce after o_proj and one after down per layer, as in
-Megatron, emitted by `lax.psum` inside the shard_map. The Pallas attention kernels run per
-shard on the shard's heads, as on one device.
+The residual stream is a partial sum over the shards and is summed before every norm: one
+all-reduce after o_proj and one after down per layer, as in Megatron, each a `lax.psum`
+inside the shard_map. The sequential schedule fuses them into the norms
+(`llama.reduce_residual`); a nano-batch schedule issues them as its collective ops, one per
+nano-batch (`pipeline/schedule.py`, `docs/tensor_parallel.md`). The Pallas attention kernels
+run per shard on the shard's heads, as on one device.
+
+Weights reach their shards without any device holding the model: random leaves are drawn
+and orbax leaves restored in the natural layout already sharded (`natural_spec`), and
+`relayout` moves the fused leaves' columns; safetensors blocks are read per device
+(`load_hf_sharded`).
 
 With tensor_parallel_size 1 none of this is used: no mesh, no shard_map, unsharded params and
 cache, so the single-device step is the same program as without this module.

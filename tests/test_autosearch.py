@@ -242,7 +242,9 @@ def _tp_problem():
     """Two nano-batches of o -> ar -> u (GEMM, its all-reduce, the GEMM that reads it), u -> o
     of the next layer: one after the other 2·(1 + 0.8 + 1) = 5.6 ms, with each all-reduce
     under the other nano-batch's GEMM 4 ms (the GEMMs back to back)."""
-    gemm = lambda name: Op(name, "compute", ((0.5, 2.0), (1.0, 1.0)))  # noqa: E731
+    def gemm(name):
+        return Op(name, "compute", ((0.5, 2.0), (1.0, 1.0)))
+
     ops = [gemm("o0"), Op("ar0", solver.NETWORK, ((1.0, 0.8),)), gemm("u0"),
            gemm("o1"), Op("ar1", solver.NETWORK, ((1.0, 0.8),)), gemm("u1")]
     edges = [Edge(f"{a}{i}", f"{b}{i}") for i in (0, 1) for a, b in (("o", "ar"), ("ar", "u"))]
