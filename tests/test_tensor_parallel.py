@@ -190,8 +190,7 @@ def test_paged_step_equals_tp1(name, tp, schedule, impl):
 
 
 @eight_devices
-@pytest.mark.parametrize("schedule, per_layer", [("sequential", 2), ("nano2", 4),
-                                                 ("nano2-ar", 4)])
+@pytest.mark.parametrize("schedule, per_layer", [("sequential", 2), ("nano2", 4)])
 def test_sharded_step_has_megatron_collectives_only(schedule, per_layer):
     """Per layer and nano-batch one all-reduce after o_proj and one after down (fused into
     the norm that follows, or the schedule's collective ops), plus the final norm's; nothing
