@@ -18,10 +18,17 @@ per-shard `ModelConfig` (`local_config`). With fewer KV heads than shards (Hkv <
 multiple of Hkv) each shard keeps one KV head (Hkv' = 1), duplicated over the N/Hkv shards
 whose query heads use it, in its weights and in its KV cache.
 
-The residual stream is a partial sum over the shards and the ops that normalise it all-reduce
-it (`llama.reduce_residual`): one all-reduce after o_proj and one after down per layer, as in
-Megatron, emitted by `lax.psum` inside the shard_map. The Pallas attention kernels run per
-shard on the shard's heads, as on one device.
+The residual stream is a partial sum over the shards and is summed before every norm: one
+all-reduce after o_proj and one after down per layer, as in Megatron, each a `lax.psum`
+inside the shard_map. The sequential schedule fuses them into the norms
+(`llama.reduce_residual`); a nano-batch schedule issues them as its collective ops, one per
+nano-batch (`pipeline/schedule.py`, `docs/tensor_parallel.md`). The Pallas attention kernels
+run per shard on the shard's heads, as on one device.
+
+Weights reach their shards without any device holding the model: random leaves are drawn
+and orbax leaves restored in the natural layout already sharded (`natural_spec`), and
+`relayout` moves the fused leaves' columns; safetensors blocks are read per device
+(`load_hf_sharded`).
 
 With tensor_parallel_size 1 none of this is used: no mesh, no shard_map, unsharded params and
 cache, so the single-device step is the same program as without this module.
@@ -180,7 +187,8 @@ def kv_sharding(mesh: Mesh) -> NamedSharding:
 
 @functools.cache
 def _layout_program(mesh: Mesh, config: ModelConfig, name: str):
-    """jit(natural leaf -> its tp layout, in its shards), one per leaf kind."""
+    """jit(natural leaf -> its tp layout, in its shards), one per leaf kind; the input may be
+    anywhere (host, one device, or sharded by `natural_spec`)."""
     tp = mesh_size(mesh)
     return jax.jit(lambda natural: tp_layout(name, natural, config, tp),
                    out_shardings=NamedSharding(mesh, leaf_spec(name, config, tp)))
@@ -192,26 +200,58 @@ def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
         lambda path, x: _layout_program(mesh, config, _leaf_name(path))(x), params)
 
 
+def natural_spec(name: str, shape: tuple[int, ...], config: ModelConfig, tp: int) -> P:
+    """How a leaf in our natural layout is sharded on its way to the tp layout (random init,
+    orbax restore): the leaf's own spec where the natural layout is the tp layout; rows
+    for the fused 2-D leaves (`relayout` then moves the columns to their shards); whole for
+    the fused biases (a vector) and for rows that do not split."""
+    if fused_columns(config, tp, name) is None:
+        return leaf_spec(name, config, tp)
+    if len(shape) == 2 and shape[0] % tp == 0:  # [D, W]: each device D/tp rows
+        return P(TP_AXIS, None)
+    return P()
+
+
+def relayout(mesh: Mesh, config: ModelConfig, name: str, natural: jax.Array) -> jax.Array:
+    """A leaf in its natural layout, sharded by `natural_spec`, -> its tp layout in its
+    shards (the same array where the two layouts agree). From rows, XLA moves each row block's
+    columns to their shards: per device a few blocks of the leaf, never the whole of it."""
+    if fused_columns(config, mesh_size(mesh), name) is None:
+        return natural
+    return _layout_program(mesh, config, name)(natural)
+
+
+def natural_shardings(shapes: Params, config: ModelConfig, mesh: Mesh) -> Params:
+    """The `natural_spec` NamedSharding of every leaf of a shape tree (`weights.param_shapes`)."""
+    tp = mesh_size(mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, shape: NamedSharding(mesh, natural_spec(_leaf_name(path), shape, config,
+                                                             tp)),
+        shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, int) for n in x))
+
+
 @functools.cache
-def _random_program(mesh: Mesh, config: ModelConfig, name: str, shape, dtype, scale):
+def _random_program(sharding: NamedSharding, shape, dtype, scale):
     from nanoflow_jax import weights
 
-    tp = mesh_size(mesh)
-
     def run(key):
-        natural = (jnp.ones(shape, dtype) if scale is None
-                   else weights._random_leaf(key, shape, dtype, scale))
-        return tp_layout(name, natural, config, tp)
+        if scale is None:
+            return jnp.ones(shape, dtype)
+        return weights._random_leaf(key, shape, dtype, scale)
 
-    return jax.jit(run, out_shardings=NamedSharding(mesh, leaf_spec(name, config, tp)))
+    return jax.jit(run, out_shardings=sharding)
 
 
 def sharded_random_leaf(mesh: Mesh, config: ModelConfig, name: str, key, shape, dtype,
                         scale: float | None) -> jax.Array:
-    """`weights._random_leaf(key, shape, dtype, scale)` (ones for scale None) generated in
-    the tp layout by one program whose output is sharded. Threefry is partitionable, so the
-    values are the unsharded ones, and no device materialises more than the leaf."""
-    return _random_program(mesh, config, name, tuple(shape), jnp.dtype(dtype), scale)(key)
+    """`weights._random_leaf(key, shape, dtype, scale)` (ones for scale None) in its tp layout
+    and its shards: generated in the natural layout sharded by `natural_spec` (threefry is
+    partitionable: each device draws only its block, and the values are the unsharded ones),
+    then `relayout`."""
+    spec = natural_spec(name, tuple(shape), config, mesh_size(mesh))
+    natural = _random_program(NamedSharding(mesh, spec), tuple(shape), jnp.dtype(dtype),
+                              scale)(key)
+    return relayout(mesh, config, name, natural)
 
 
 def _runs(columns: np.ndarray, part_offsets: np.ndarray):
@@ -347,14 +387,21 @@ def forward_fn(mesh: Mesh | None):
 
 
 def compiler_options(mesh: Mesh | None, schedule) -> dict[str, str]:
-    """XLA options (GPU) for a tensor-parallel step: with a nano-batch schedule each nano-batch
-    has its own all-reduces, independent of the other nano-batches' GEMMs, but XLA's combiner
-    merges independent all-reduces into one (seen in the CPU HLO), which would make every
-    nano-batch wait for the last; threshold 0 keeps them apart. Nothing without a mesh or for
-    the sequential schedule."""
+    """XLA options (GPU) for a tensor-parallel step that runs a nano-batch schedule. Each
+    nano-batch has its own all-reduces (the schedule's collective ops), independent of the
+    other nano-batches' GEMMs; to overlap them with those GEMMs XLA needs
+
+      - its latency hiding scheduler, which issues an async all-reduce's start early and its
+        done late, with independent work (the other nano-batches' GEMMs) between, and
+      - no all-reduce combining: the combiner merges independent all-reduces into one (seen in
+        the CPU HLO), which would make every nano-batch wait for the last.
+
+    All-reduces are async by default (`xla_gpu_disable_async_collectives` empty). Nothing
+    without a mesh or for the sequential schedule, whose all-reduces have nothing to overlap."""
     if mesh is None or schedule.is_sequential:
         return {}
-    return {"xla_gpu_all_reduce_combine_threshold_bytes": "0"}
+    return {"xla_gpu_enable_latency_hiding_scheduler": "True",
+            "xla_gpu_all_reduce_combine_threshold_bytes": "0"}
 
 
 # ---- multi-host ------------------------------------------------------------------------------

@@ -294,24 +294,45 @@ def is_orbax_checkpoint(path: str) -> bool:
     return os.path.isdir(os.path.join(path, ORBAX_DIR))
 
 
+def _stored_shapes(ckpt, directory: str):
+    """The shape tree of an orbax param checkpoint, from its metadata (nothing is read)."""
+    meta = ckpt.metadata(directory)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    shapes = jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, "shape"))
+    layers = shapes.get("layers") if isinstance(shapes, dict) else None
+    if isinstance(layers, dict):  # some orbax versions give lists as dicts keyed "0", "1", ...
+        shapes["layers"] = [layers[str(i)] for i in range(len(layers))]
+    return shapes
+
+
 def restore_params(path: str, config: ModelConfig, dtype="bfloat16", mesh=None) -> Params:
-    """Restore a param tree written by `save_checkpoint`, cast to `dtype` (on `mesh`: then
-    laid out in its tensor-parallel shards, leaf by leaf)."""
+    """Restore a param tree written by `save_checkpoint`, cast to `dtype` as it is read.
+
+    On `mesh` each device reads only its block of every leaf (orbax restores onto the target
+    shardings `parallel.natural_shardings`), and `parallel.relayout` moves the fused leaves'
+    columns into their tensor-parallel shards: no device holds the model, nor a whole leaf
+    of it but for the norms and biases."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(os.path.abspath(path), ORBAX_DIR))
-    # Orbax restores lists as dicts keyed "0", "1", ... when no target is given.
-    layers = params["layers"]
-    if isinstance(layers, dict):
-        params["layers"] = [layers[str(i)] for i in range(len(layers))]
+    directory = os.path.join(os.path.abspath(path), ORBAX_DIR)
     expected = param_shapes(config)
-    got = jax.tree.map(lambda x: tuple(x.shape), params)
-    if got != expected:
-        raise ValueError(f"orbax checkpoint {path!r} does not match its config.json shapes")
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
-    if mesh is not None:
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, expected, is_leaf=_is_shape)
+    else:
         from nanoflow_jax import parallel
 
-        params = parallel.shard_params(params, config, mesh)
+        shardings = parallel.natural_shardings(expected, config, mesh)
+    target = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(
+        shape, jnp.dtype(dtype), sharding=sharding), expected, shardings, is_leaf=_is_shape)
+    with ocp.StandardCheckpointer() as ckpt:
+        if _stored_shapes(ckpt, directory) != expected:
+            raise ValueError(f"orbax checkpoint {path!r} does not match its config.json shapes")
+        params = ckpt.restore(directory, target)
+    if isinstance(params["layers"], dict):  # as _stored_shapes
+        params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
+    if mesh is not None:
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: parallel.relayout(mesh, config, p[-1].key, x), params)
     return params

@@ -1,11 +1,22 @@
 """Tensor parallelism on real devices: TP N's logits against TP 1's, the all-reduces in the
-compiled step, and the step's device time, for the sequential and a nano-batch schedule.
+compiled step and whether XLA overlaps them with GEMMs, and the step's device time, per
+schedule.
 
 A model preset with its real layer shapes, cut to --num_layers (so TP 1 fits one device),
 random bf16 weights, a mixed paged batch (decodes with context + prompt chunks), the paged
-attention kernels on a GPU. Prints one JSON line per schedule.
+attention kernels on a GPU. Prints one JSON line per schedule, then a table.
 
-    python3 profiling/tp_check.py --model=llama-3-70b --tensor_parallel_size=8
+Overlap of the schedule's collective ops (`ar_attn`, `ar_mlp`) with other nano-batches' GEMMs
+is read two ways:
+  - the compiled step (GPU: scheduled HLO): how many async all-reduces have a GEMM issued
+    between their start and their done (the latency hiding scheduler's placement);
+  - with --trace_dir, a profiler trace of --trace_steps steps on device 0: the NCCL kernels'
+    time per step and how much of it ran while a GEMM kernel ran (what the GPU did).
+A sequential schedule has nothing to put under its all-reduces; a nano-batch schedule's
+all-reduces should run under the other nano-batch's GEMMs.
+
+    PYTHONPATH=. python3 profiling/tp_check.py --model=llama-3-70b --tensor_parallel_size=8 \\
+        --trace_dir=/tmp/tp_traces
     # CPU, tiny:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
         python3 profiling/tp_check.py --model=tiny-llama --tensor_parallel_size=2 \\
@@ -14,7 +25,7 @@ attention kernels on a GPU. Prints one JSON line per schedule.
 import dataclasses
 import json
 import os
-import time
+import re
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off on these machines
 
@@ -25,10 +36,83 @@ flags.DEFINE_integer("tensor_parallel_size", 8, "Devices in the mesh.")
 flags.DEFINE_integer("num_layers", 2, "Layers kept (TP 1 must fit one device).")
 flags.DEFINE_integer("num_tokens", 1024, "Dense batch: tokens per step.")
 flags.DEFINE_integer("num_decode", 256, "Decode rows of the batch (the rest: prompt chunks).")
-flags.DEFINE_list("schedules", ["sequential", "nano2-pipe-nostreams", "nano2"],
+flags.DEFINE_list("schedules", ["sequential", "nano2", "nano2-ar", "nano2-pipe-nostreams-ar"],
                   "Schedules to run (a failing one prints its error and the rest still run).")
-flags.DEFINE_integer("repeats", 20, "Timed steps per schedule (median reported).")
+flags.DEFINE_integer("repeats", 20, "Timings per schedule, each of 5 steps back to back "
+                     "(median device ms per step reported).")
+flags.DEFINE_string("trace_dir", "", "Trace --trace_steps steps per schedule under this folder "
+                    "and report the NCCL kernels' overlap with GEMMs (default: $OUT/tp_traces "
+                    "when $OUT is set, else no trace).")
+flags.DEFINE_integer("trace_steps", 3, "Steps per trace.")
 FLAGS = flags.FLAGS
+
+GEMM_KERNELS = ("gemm", "xmma", "nvjet", "cutlass", "matmul")  # cuBLAS, XLA's Triton GEMMs
+
+
+def hlo_overlap(hlo: str) -> dict:
+    """Async all-reduces in the scheduled HLO and how many have a GEMM (a cuBLAS custom call or
+    a GEMM fusion) issued between their start and their done, in each computation's order."""
+    starts = under = 0
+    open_ = {}  # start name -> GEMMs issued since
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():  # a computation's header or its closing brace
+            open_.clear()
+            continue
+        code = line.split(", metadata=")[0]
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*\ball-reduce-start\(", code)
+        if m:
+            starts += 1
+            open_[m.group(1)] = 0
+            continue
+        m = (re.search(r"\ball-reduce-done\([^%]*%([\w.\-]+)", code)
+             or re.search(r"\ball-reduce-done\(([\w.\-]+)\)", code))
+        if m:
+            under += open_.pop(m.group(1), 0) > 0
+        elif " = " in code and any(k in code.lower() for k in GEMM_KERNELS):
+            for name in open_:
+                open_[name] += 1
+    return {"async_all_reduces": starts, "all_reduces_with_gemm_under": under}
+
+
+def _union(intervals):
+    out = []
+    for s, e in sorted(intervals):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def _length_of_both(a, b) -> float:
+    """Total time both unions of intervals cover."""
+    a, b, i, j, total = _union(a), _union(b), 0, 0, 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def trace_overlap(folder: str, steps: int) -> dict:
+    """NCCL kernel time per step on device 0, and how much of it a GEMM kernel ran beside."""
+    import glob
+
+    from jax.profiler import ProfileData
+    from trace_summary import kernel_events
+
+    path = max(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True),
+               key=os.path.getmtime)
+    events = kernel_events(ProfileData.from_file(path), "/device:GPU:0")
+    nccl = [(s, e) for name, s, e in events if "nccl" in name.lower()]
+    gemm = [(s, e) for name, s, e in events
+            if "nccl" not in name.lower() and any(k in name.lower() for k in GEMM_KERNELS)]
+    per = 1e-6 / steps  # ns -> ms per step
+    return {"nccl_ms": sum(e - s for s, e in _union(nccl)) * per,
+            "nccl_under_gemm_ms": _length_of_both(nccl, gemm) * per,
+            "nccl_kernels": len(nccl) / steps}
 
 
 def _batch(rng, config, num_tokens, num_decode, page, num_pages):
@@ -57,6 +141,7 @@ def main(_):
     import numpy as np
 
     from nanoflow_jax import parallel, weights
+    from nanoflow_jax.benchmarks.timing import device_ms_per_call
     from nanoflow_jax.config import get_preset
     from nanoflow_jax.kv_cache import init_kv_cache
     from nanoflow_jax.models import llama
@@ -100,15 +185,24 @@ def main(_):
         run = step_fn(schedule, mesh)
         hlo = run.lower(params, kv_tp, batch).compile().as_text()
         got = np.asarray(run(params, kv_tp, batch)[0], np.float32)[rows]
-        times = []
-        for _ in range(FLAGS.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(params, kv_tp, batch))
-            times.append(time.perf_counter() - t0)
-        step_ms = 1e3 * float(np.median(times))
-        return {"rel_err_vs_tp1": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
-                "all_reduce_ops": hlo.count("all-reduce-start(") + hlo.count("all-reduce("),
-                "step_ms_median": step_ms, "ms_per_layer": step_ms / config.num_layers}
+        step_ms = device_ms_per_call(run, params, kv_tp, batch, calls=5, repeats=FLAGS.repeats)
+        out = {"rel_err_vs_tp1": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+               "all_reduce_ops": hlo.count("all-reduce-start(") + hlo.count("all-reduce("),
+               **hlo_overlap(hlo), "step_ms": step_ms,
+               "ms_per_layer": step_ms / config.num_layers}
+        if trace_dir:
+            folder = os.path.join(trace_dir, re.sub(r"\W", "_", name))
+            with jax.profiler.trace(folder):
+                jax.block_until_ready([run(params, kv_tp, batch)
+                                       for _ in range(FLAGS.trace_steps)])
+            out.update(trace_overlap(folder, FLAGS.trace_steps))
+        return out
+
+    out_dir = os.environ.get("OUT")
+    trace_dir = FLAGS.trace_dir or (os.path.join(out_dir, "tp_traces") if out_dir else "")
+    if not on_gpu:
+        trace_dir = ""  # the trace's kernel lines are a GPU's
+    rows_out = []
 
     for name in FLAGS.schedules:
         row = {"model": FLAGS.model, "num_layers": config.num_layers,
@@ -119,6 +213,23 @@ def main(_):
         except Exception as e:  # noqa: BLE001  (one schedule failing is a result too)
             row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         print(json.dumps(row), flush=True)
+        rows_out.append(row)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "tp_check.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows_out)
+    print(f"\n{FLAGS.model}, {config.num_layers} layers, TP {tp}, T={t}, "
+          f"{jax.default_backend()}")
+    print("schedule | rel err vs TP 1 | ms/step | all-reduces (async) | with GEMM under (HLO) "
+          "| NCCL ms/step | NCCL under GEMM ms/step")
+    for r in rows_out:
+        if "error" in r:
+            print(f"{r['schedule']} | error: {r['error'][:100]}")
+            continue
+        print(f"{r['schedule']} | {r['rel_err_vs_tp1']:.2e} | {r['step_ms']:.3f} | "
+              f"{r['all_reduce_ops']} ({r['async_all_reduces']}) | "
+              f"{r['all_reduces_with_gemm_under']} | {r.get('nccl_ms', float('nan')):.3f} | "
+              f"{r.get('nccl_under_gemm_ms', float('nan')):.3f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Nano-batch schedules: validation, JSON, and the same outputs as the sequential schedule."""
+import dataclasses
 import functools
 import re
 
@@ -353,3 +354,83 @@ def test_side_stream_attention_body_has_no_xla_control_flow():
     prims = {e.primitive.name for e in jax.make_jaxpr(body)(q, k, v, cache, batch.attn).eqns}
     assert "pallas_call" in prims
     assert not prims & {"pjit", "jit", "while", "cond", "scan"}, prims
+
+
+def test_collective_ops_in_the_schedule_format():
+    """The all-reduces are ops of their own: both or neither, on stream 0, after their
+    producer; `-ar` families place them a tick after it, the executor's insertion just before
+    their consumer."""
+    s = named_schedule("nano2-ar", 64)
+    assert s.name == "nano2-ar" and s.has_collectives and not s.is_sequential
+    assert Schedule.from_json(s.to_json()) == s
+    # Tick by tick (nano-batch 0 first): nano-batch 1's ar_attn is issued with nano-batch 0's
+    # qkv GEMM, nano-batch 0's ar_mlp with nano-batch 1's o_proj GEMM.
+    ops = [(o.op, o.start) for o in s.ops]
+    assert ops[:6] == [("ar_attn", 0), ("qkv", 0), ("ar_attn", 32), ("attn", 0), ("qkv", 32),
+                       ("o_proj", 0)]
+    i = ops.index(("ar_mlp", 0))
+    assert ops[i + 1] == ("o_proj", 32)
+    assert all(o.stream == 0 and o.group == 0 for o in s.ops if o.op.startswith("ar_"))
+    dropped = s.without_collectives()  # a valid schedule: nano2's ops, another order
+    assert sorted(dropped.ops, key=repr) == sorted(named_schedule("nano2", 64).ops, key=repr)
+    # Inserted before each consumer: a valid schedule, the same once dropped again.
+    inserted = named_schedule("nano2-pipe", 64).with_collectives()
+    kinds = [o.op for o in inserted.ops]
+    assert kinds.count("ar_attn") == kinds.count("ar_mlp") == 2
+    assert kinds[kinds.index("ar_mlp") + 1] == "up_gate"
+    assert inserted.without_collectives() == named_schedule("nano2-pipe", 64)
+    assert sequential(64).with_collectives().is_sequential
+    pipe = named_schedule("nano2-pipe-nostreams-ar-min128+graph", 256)
+    assert pipe.name == "nano2-pipe-nostreams-ar-min128+graph" and pipe.has_collectives
+    spec = ScheduleSpec.parse("nano3-grouped-ar")
+    assert spec.collectives and spec.alias == "nano3-grouped-ar"
+    with pytest.raises(ValueError, match="collectives applies to kind nano or pipe"):
+        ScheduleSpec("sequential", collectives=True)
+    with pytest.raises(ValueError, match="runs on stream 0"):
+        NanoOp("ar_mlp", 0, 8, stream=1)
+    seq = [NanoOp(k, 0, 32) for k in ("ar_attn", "qkv", "attn", "o_proj", "ar_mlp", "up_gate",
+                                      "down")]
+    assert Schedule("tp", 32, tuple(seq)).is_sequential
+    with pytest.raises(ValueError, match="both collectives or neither"):
+        Schedule("bad", 32, tuple(o for o in seq if o.op != "ar_attn"))
+    with pytest.raises(ValueError, match="ar_mlp.* runs before its tokens' o_proj"):
+        Schedule("bad", 32, tuple(seq[:3] + [seq[4], seq[3]] + seq[5:]))
+
+
+def test_nano_batch_all_reduces_do_not_wait_for_the_other_nano_batch_gemms():
+    """Traced with a tensor-parallel axis: every all-reduce of a nano-batch schedule has GEMMs
+    that neither feed it nor read it (XLA may run it under them); the sequential schedule's
+    all-reduces have none. Nothing here needs several devices."""
+    from jax.extend import core as jcore
+
+    from nanoflow_jax.pipeline.executor import inline_nested_jits
+
+    model = nf.load_model("tiny-llama", dtype="float32", seed=1)
+    cfg = dataclasses.replace(model.config, tp_axis="tp")  # as a shard sees it
+    batch = jax.device_put(_batch("mixed", np.random.default_rng(0), cfg.vocab_size))
+    kv = init_kv_cache(cfg, 200, PAGE, jnp.float32)
+    x = jnp.zeros((T, cfg.hidden_size))
+    free = {}
+    for name in ("sequential", "nano2-ar"):
+        run = make_layers_fn(named_schedule(name, T))
+
+        def layers(x, kv, batch, run=run):
+            return run(model.params["layers"], x, batch.positions, kv, batch.attn, cfg,
+                       attention_fn("reference"))
+
+        eqns = jax.make_jaxpr(inline_nested_jits(layers), axis_env=[("tp", 2)])(
+            x, kv, batch).jaxpr.eqns
+        producer, before = {}, []  # before[i]: every equation equation i depends on
+        for i, e in enumerate(eqns):
+            deps = set()
+            for v in e.invars:
+                if not isinstance(v, jcore.Literal) and v in producer:
+                    deps |= before[producer[v]] | {producer[v]}
+            before.append(deps)
+            producer.update((v, i) for v in e.outvars)
+        psums = [i for i, e in enumerate(eqns) if e.primitive.name == "psum"]
+        dots = [i for i, e in enumerate(eqns) if e.primitive.name == "dot_general"]
+        assert len(psums) == 2 * len(model.params["layers"]) * (2 if "nano" in name else 1)
+        free[name] = [sum(d not in before[p] and p not in before[d] for d in dots)
+                      for p in psums]
+    assert all(free["nano2-ar"]) and not any(free["sequential"])

@@ -11,6 +11,12 @@ at no cost to the pipelines NanoFlow uses. Durations come from the profile for t
 dense batch's first `num_decode` rows are decodes of `decode_context` tokens, the rest one
 prompt chunk, so a nano-batch's attention is its decode rows plus its slice of the chunk.
 
+Under tensor parallelism (a profile with all-reduce times) a layer is 7N nano-ops: each
+nano-batch also has its two all-reduces (category "network", holding no SMs), ar_attn_i
+before qkv_i and ar_mlp_i between o_proj_i and up_gate_i, with the chain's edges through
+them (down_i -> ar_attn_i of the next layer); the MILP places them beside GEMMs and attention
+of other nano-batches, and the schedule keeps them as collective ops at their solved place.
+
 The nano-batch counts and sizes (multiples of `granularity`) are enumerated outside the MILP:
 stage 1 (`solver.order`) runs on each split, the best few per count go on to stage 2
 (`solver.assign_shares`), every plan is replayed (`replay.check`), and the fastest wins unless
@@ -34,11 +40,9 @@ import time
 
 from nanoflow_jax.pipeline import replay, solver
 from nanoflow_jax.pipeline.profile import Profile
-from nanoflow_jax.pipeline.schedule import OPS, NanoOp, Schedule, sequential
+from nanoflow_jax.pipeline.schedule import CHAIN_TP, COLLECTIVES, OPS, NanoOp, Schedule, sequential
 
 log = logging.getLogger("nanoflow_jax")
-
-CHAIN = ("qkv", "attn", "o_proj", "up_gate", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,28 +120,39 @@ def build_problem(profile: Profile, sizes, workload: Workload):
     """The cyclic op graph of one layer cut into `sizes`; -> (Problem, {op name: (op, start,
     end)})."""
     bounds = list(itertools.accumulate(sizes, initial=0))
+    chain = _chain(profile)
     ops, edges, rows = [], [], {}
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        for kind in CHAIN:
+        for kind in chain:
             name = f"{kind}{i}"
             rows[name] = (kind, s, e)
             if kind == "attn":
                 ms = [(p, attention_ms(profile, workload, s, e, p)) for p in profile.shares]
                 ops.append(solver.Op(name, "memory", tuple(ms)))
+            elif kind in COLLECTIVES:
+                ops.append(solver.Op(name, solver.NETWORK,
+                                     ((1.0, profile.all_reduce_ms(e - s)),)))
             else:
                 ms = [(p, profile.gemm_ms(kind, e - s, p)) for p in profile.shares]
                 ops.append(solver.Op(name, "compute", tuple(ms)))
-        edges += [solver.Edge(f"{a}{i}", f"{b}{i}") for a, b in zip(CHAIN, CHAIN[1:])]
-        edges.append(solver.Edge(f"down{i}", f"qkv{i}", distance=1))
+        edges += [solver.Edge(f"{a}{i}", f"{b}{i}") for a, b in zip(chain, chain[1:])]
+        edges.append(solver.Edge(f"down{i}", f"{chain[0]}{i}", distance=1))
         if i:  # attention in token order (data); the GEMMs too (it breaks symmetry)
-            edges += [solver.Edge(f"{kind}{i - 1}", f"{kind}{i}") for kind in CHAIN]
+            edges += [solver.Edge(f"{kind}{i - 1}", f"{kind}{i}") for kind in chain]
     return solver.Problem(tuple(ops), tuple(edges)), rows
 
 
+def _chain(profile: Profile) -> tuple[str, ...]:
+    """A nano-batch's ops in a layer: with the all-reduces when the profile has them."""
+    return OPS if profile.all_reduce is None else CHAIN_TP
+
+
 def sequential_period(profile: Profile, num_tokens: int, workload: Workload) -> float:
-    """ms per layer of the sequential schedule: every op over the whole batch on all SMs."""
+    """ms per layer of the sequential schedule: every op over the whole batch on all SMs (and
+    under tensor parallelism its two all-reduces, with nothing beside them)."""
+    collectives = 0.0 if profile.all_reduce is None else 2 * profile.all_reduce_ms(num_tokens)
     return (sum(profile.gemm_ms(k, num_tokens) for k in ("qkv", "o_proj", "up_gate", "down"))
-            + attention_ms(profile, workload, 0, num_tokens, 1.0))
+            + attention_ms(profile, workload, 0, num_tokens, 1.0) + collectives)
 
 
 def candidate_splits(num_tokens: int, num_nano: int, granularity: int,
@@ -166,7 +181,7 @@ def plan_to_schedule(plan: solver.Plan, rows: dict, num_tokens: int,
         late = two_windows and t.start >= p - tol
         position = t.start - p if late else t.start
         placed.append((position, t, 0 if late or not two_windows else 1))
-    placed.sort(key=lambda x: (x[0], OPS.index(rows[x[1].name][0])))
+    placed.sort(key=lambda x: (x[0], CHAIN_TP.index(rows[x[1].name][0])))
     overlaps = _has_overlap(plan)
     use_streams = options.streams and overlaps
     ops, tick = [], 0
@@ -174,19 +189,24 @@ def plan_to_schedule(plan: solver.Plan, rows: dict, num_tokens: int,
         kind, start, end = rows[t.name]
         if t.category == "memory":
             tick += 1
+        if kind in COLLECTIVES:  # XLA's async collective, outside the stream calls
+            ops.append(NanoOp(kind, start, end, layer=layer))
+            continue
         stream = (2 if kind == "attn" else 1) if use_streams else 0
         ops.append(NanoOp(kind, start, end, stream, t.share, tick if use_streams else 0, layer))
-    sizes = "-".join(str(rows[f"qkv{i}"][2] - rows[f"qkv{i}"][1])
-                     for i in range(len(rows) // len(CHAIN)))
-    name = f"auto-nano{len(rows) // len(CHAIN)}-{sizes}" + ("+graph" if options.concurrent
-                                                              else "")
+    num_nano = sum(kind == "qkv" for kind, _, _ in rows.values())
+    sizes = "-".join(str(rows[f"qkv{i}"][2] - rows[f"qkv{i}"][1]) for i in range(num_nano))
+    name = f"auto-nano{num_nano}-{sizes}" + ("+graph" if options.concurrent else "")
     return Schedule(name, num_tokens, tuple(ops), min_tokens=num_tokens,
                     concurrent=options.concurrent)
 
 
 def _has_overlap(plan: solver.Plan) -> bool:
+    """Whether ops of the two SM-sharing categories overlap (then streams pay); collectives
+    overlap through XLA's async collectives without them."""
     p = plan.period
-    return any(a.category != b.category and a.start < b.end + k * p - 1e-9
+    return any(a.category != b.category and solver.NETWORK not in (a.category, b.category)
+               and a.start < b.end + k * p - 1e-9
                and b.start + k * p < a.end - 1e-9
                for a in plan.ops for b in plan.ops for k in (-1, 0, 1))
 
@@ -231,7 +251,7 @@ def search(profile: Profile, num_layers: int, workload: Workload | None = None,
             best = (plan, sizes, rows)
     solve_s = time.perf_counter() - t0
     if best is None or best[0].period > (1 - options.min_gain) * seq:
-        schedule = sequential(num_tokens, options.concurrent)
+        schedule = sequential(num_tokens, options.concurrent)  # collectives: the executor's
         return SearchResult(schedule, seq, seq, num_layers, (num_tokens,), None, solve_s,
                             tuple(candidates))
     plan, sizes, rows = best
@@ -258,36 +278,46 @@ def default_profile_options(num_tokens: int) -> dict:
 
 
 def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 16,
-                    directory: str | None = None, **profile_kwargs) -> Profile:
-    """The cached profile of this device, model, dtype and dense batch; profiled (and cached)
-    on a miss with `default_profile_options` updated by `profile_kwargs`."""
+                    directory: str | None = None, tensor_parallel_size: int = 1,
+                    **profile_kwargs) -> Profile:
+    """The cached profile of this device, model, dtype, dense batch and tensor-parallel size;
+    profiled (and cached) on a miss with `default_profile_options` updated by
+    `profile_kwargs`."""
     from nanoflow_jax.pipeline import profile as prof
 
-    path = prof.cache_path(prof.profile_key(model_config, num_tokens, dtype, page_size),
-                           directory)
+    path = prof.cache_path(prof.profile_key(model_config, num_tokens, dtype, page_size,
+                                            tensor_parallel_size), directory)
     if os.path.isfile(path):
         log.info("autosearch: op profile %s", path)
         return Profile.load(path)
     log.info("autosearch: profiling the ops (once per device, model and dense batch) -> %s",
              path)
     kwargs = {**default_profile_options(num_tokens), **profile_kwargs}
-    result = prof.profile_ops(model_config, num_tokens, dtype, page_size=page_size, **kwargs)
+    result = prof.profile_ops(model_config, num_tokens, dtype, page_size=page_size,
+                              tensor_parallel_size=tensor_parallel_size, **kwargs)
     result.save(path)
     return result
 
 
 def auto_schedule(model_config, num_tokens: int, dtype: str = "bfloat16",
                   profile_path: str | None = None, workload: Workload | None = None,
-                  options: SearchOptions | None = None) -> SearchResult:
+                  options: SearchOptions | None = None,
+                  tensor_parallel_size: int | None = None) -> SearchResult:
     """`schedule="auto"`: the profile (from `profile_path`, else the cache, else measured
-    now), the search, and a log line with the chosen schedule and its predicted time."""
+    now), the search, and a log line with the chosen schedule and its predicted time.
+    `tensor_parallel_size`: the profile's (None: a given profile's own, else 1)."""
     options = options or SearchOptions(granularity=granularity(num_tokens))
     from nanoflow_jax.pipeline.profile import model_key
 
     if profile_path:
         profile = Profile.load(profile_path)
     else:
-        profile = load_or_profile(model_config, num_tokens, dtype)
+        profile = load_or_profile(model_config, num_tokens, dtype,
+                                  tensor_parallel_size=tensor_parallel_size or 1)
+    if tensor_parallel_size not in (None, profile.tensor_parallel_size):
+        raise ValueError(f"schedule auto: the profile {profile_path} is of "
+                         f"tensor_parallel_size {profile.tensor_parallel_size}, not "
+                         f"{tensor_parallel_size}")
     if profile.key["model"] != model_key(model_config):
         raise ValueError(f"schedule auto: the profile {profile_path} is of model shapes "
                          f"{profile.key['model']}, not this model's {model_key(model_config)}")

@@ -7,6 +7,8 @@ their arrays,
     q, k, v  [e-s, H·, Dh]    written by qkv (after RoPE), one per layer
     attn     [e-s, Hq, Dh]    written by attn, which also writes the rows' K/V into the cache
     gate_up  [e-s, 2F]        written by up_gate
+    x_attn   [e-s, D]         under tensor parallelism: the residual stream summed over the
+    x_mlp    [e-s, D]         shards by ar_attn / ar_mlp, read by qkv / up_gate, one per layer
 
 An op reads its rows (the piece itself when the ranges match, a concatenation otherwise) and
 writes a new piece, so nano-batches copy no whole-batch buffers and their chains of ops stay
@@ -19,9 +21,18 @@ stream); consecutive ops with the same stream and group are one such call, so a 
 costs one join. Ops of one group (per window) form one XLA scheduling group. Everywhere else
 streams are ignored and the schedule only orders the work, which is how the CPU tests compare
 it with the sequential schedule.
+
+Tensor parallelism: inside `parallel.sharded_forward` (a config with `tp_axis`) the schedule
+runs with its collective ops (`Schedule.with_collectives` adds them where it has none); each
+is one `lax.psum` of its rows of the partial residual stream, issued on the main stream
+outside every stream call, and the GEMM ops then read the summed rows instead of summing
+inside their norm. Nano-batch i's all-reduce thus depends on nano-batch i's producer only,
+and XLA's async collectives run it under the GEMMs of the other nano-batches. On one device
+the collective ops are dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,7 +42,7 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.kv_cache import write_kv
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import slice_metadata
-from nanoflow_jax.pipeline.schedule import Schedule
+from nanoflow_jax.pipeline.schedule import COLLECTIVES, REDUCES_FOR, Schedule
 
 
 def inline_nested_jits(fn):
@@ -87,9 +98,17 @@ def on_stream(fn, stream: int):
 
 
 READS = {"qkv": ("x",), "attn": ("q", "k", "v"), "o_proj": ("attn", "x"),
-         "up_gate": ("x",), "down": ("gate_up", "x")}
+         "up_gate": ("x",), "down": ("gate_up", "x"), "ar_attn": ("x",), "ar_mlp": ("x",)}
 WRITES = {"qkv": ("q", "k", "v"), "attn": ("attn",), "o_proj": ("x",), "up_gate": ("gate_up",),
-          "down": ("x",)}
+          "down": ("x",), "ar_attn": ("x_attn",), "ar_mlp": ("x_mlp",)}
+SUMMED = {"ar_attn": "x_attn", "ar_mlp": "x_mlp"}
+
+
+def reads(kind: str, collectives: bool) -> tuple[str, ...]:
+    """The tensors op `kind` reads: with collective ops, qkv and up_gate read the summed rows."""
+    if collectives and kind in REDUCES_FOR:
+        return (SUMMED[REDUCES_FOR[kind]],)
+    return READS[kind]
 
 
 def _key(name: str, layer: int) -> tuple[str, int]:
@@ -129,8 +148,12 @@ class _Pieces:
 class _State:
     """Pieces of every tensor, the KV cache of every layer, and the step's constants."""
 
-    def __init__(self, pieces, caches, consts, prewritten=frozenset(), gemm_on=None):
+    def __init__(self, pieces, caches, consts, prewritten=frozenset(), gemm_on=None,
+                 tp_axis=None, collectives=False):
         self.gemm_on = gemm_on  # share of the SMs -> matmul on that share (None: jnp.matmul)
+        # The mesh axis the collective ops sum over (None: one device), and whether the
+        # schedule has them (then qkv and up_gate read their output and sum nothing).
+        self.tp_axis, self.collectives = tp_axis, collectives
         self.pieces: dict[tuple[str, int], _Pieces] = pieces
         self.caches: dict[int, object] = caches
         self.consts = consts  # {"layer": {l: params}, "pos": {(s, e): [e-s]}, "meta": {(s, e): ·}}
@@ -158,8 +181,12 @@ class _State:
         mm = {} if op.sm_share == 1 or self.gemm_on is None else {
             "matmul": self.gemm_on(op.sm_share)}
         read = lambda name: self.pieces[_key(name, layer)].read(s, e)  # noqa: E731
-        if op.op == "qkv":
-            outs = llama.split_rope(llama.qkv_proj(w, read("x"), config, **mm),
+        x_in = lambda: read(reads(op.op, self.collectives)[0])
+        if op.op in COLLECTIVES:
+            x = read("x")  # [e-s, D], this shard's partial sum
+            outs = (x if self.tp_axis is None else jax.lax.psum(x, self.tp_axis),)
+        elif op.op == "qkv":
+            outs = llama.split_rope(llama.qkv_proj(w, x_in(), config, **mm),
                                     self.consts["pos"][s, e], config)
         elif op.op == "attn":
             kwargs = {} if op.sm_share == 1 else {"sm_share": op.sm_share}
@@ -175,7 +202,7 @@ class _State:
         elif op.op == "o_proj":
             outs = (llama.o_proj(w, read("attn"), read("x"), **mm),)
         elif op.op == "up_gate":
-            outs = (llama.up_gate_proj(w, read("x"), config, **mm),)
+            outs = (llama.up_gate_proj(w, x_in(), config, **mm),)
         else:
             outs = (llama.down_proj(w, read("gate_up"), read("x"), **mm),)
         for name, out in zip(WRITES[op.op], outs):
@@ -213,7 +240,7 @@ def _call_inputs(state: _State, ops):
     used, caches = set(), []
     for w, op in ops:
         layer = w + op.layer
-        for name in READS[op.op]:
+        for name in reads(op.op, state.collectives):
             for _, _, origin in layout[_key(name, layer)].overlapping(op.start, op.end):
                 if origin is not None:  # None: rows written earlier in this call
                     used.add((_key(name, layer),) + origin.range)
@@ -253,13 +280,18 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
     def run_layers(layers, x, positions, kv_cache, meta, config: ModelConfig, attention):
         t, num_layers = x.shape[0], len(layers)
         sched = schedule.for_tokens(t)
+        tp_axis = config.tp_axis
+        sched = sched.with_collectives() if tp_axis else sched.without_collectives()
+        if tp_axis:  # the collective ops sum the residual: the GEMM ops' norms must not
+            config = dataclasses.replace(config, tp_axis=None)
         flat = sched.flatten(num_layers)
         ranges = {(o.start, o.end) for o in sched.ops}
         consts = {"layer": dict(enumerate(layers)),
                   "pos": {(s, e): positions[s:e] for s, e in ranges},
                   "meta": {(s, e): slice_metadata(meta, s, e) for s, e in ranges}}
         caches = dict(enumerate(kv_cache or [None] * num_layers))
-        state = _State({_key("x", 0): _Pieces([(0, t, x)])}, caches, consts, gemm_on=gemm_on)
+        state = _State({_key("x", 0): _Pieces([(0, t, x)])}, caches, consts, gemm_on=gemm_on,
+                       tp_axis=tp_axis, collectives=sched.has_collectives)
         groups = 1 + max(o.group for o in sched.ops)
         for key, ops in _calls(flat, use_streams):
             if key is None:
@@ -289,7 +321,8 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
                 for (k, s, e), a in inputs.items():
                     parts.setdefault(k, []).append((s, e, a))
                 local = _State({k: _Pieces(p) for k, p in parts.items()}, dict(caches),
-                               call_consts, prewritten, gemm_on)
+                               call_consts, prewritten, gemm_on, tp_axis,
+                               sched.has_collectives)
                 for w_, op in ops:
                     local.run(op, w_ + op.layer, config, attention)
                 given = {id(a) for a in inputs.values()}

@@ -12,6 +12,13 @@ each of the executor's ops run alone (`executor._State.run`, the very code a sch
     prefill_attn[i]           ms of prefill attention of one prompt chunk of tokens[i] tokens
                               (no prior context), on all SMs (the kernel has no SM knob)
     kv_write[i]               ms of writing tokens[i] rows' K and V into the paged cache
+    all_reduce[i]             tensor parallelism only (None at tensor_parallel_size 1): ms of
+                              one all-reduce of tokens[i] rows of the residual stream [·, D]
+                              over the mesh, the schedule's collective op
+
+Under tensor parallelism (`key["tensor_parallel_size"]` > 1) the GEMMs and attention are timed
+at one shard's shapes (`parallel.local_config`: its heads and FFN columns) on one device,
+the all-reduce over the first tensor_parallel_size devices.
 
 A share below 1 runs the kernel the executor runs at that share: the persistent Mosaic GPU GEMM
 on round(share·SMs) CTAs (`executor.persistent_gemm`), and decode attention persistent on as
@@ -21,7 +28,8 @@ CPU every share runs the same jnp code: the profile is correct there, only meani
 Lookups interpolate linearly between profiled token counts: a GEMM below the smallest count
 costs what the smallest does (its weights are read all the same), attention and the KV write
 scale down to 0 rows; decode attention is linear in the context between and beyond the
-profiled contexts.
+profiled contexts; an all-reduce below the smallest count costs what the smallest does (its
+latency).
 
 `scripts/autosearch.py --steps=profile` profiles on the local device and writes the JSON to the
 cache (`cache_path`), where `schedule="auto"` finds it.
@@ -60,10 +68,15 @@ def device_key() -> dict:
             "num_sms": num_sms()}
 
 
-def profile_key(config, num_tokens: int, dtype: str, page_size: int) -> dict:
-    """What a profile is valid for: device, JAX version, model shapes, dtype, dense batch."""
-    return {**device_key(), "model": model_key(config), "dtype": str(dtype),
-            "num_tokens": num_tokens, "page_size": page_size}
+def profile_key(config, num_tokens: int, dtype: str, page_size: int,
+                tensor_parallel_size: int = 1) -> dict:
+    """What a profile is valid for: device, JAX version, model shapes, dtype, dense batch (and
+    the tensor-parallel size, when above 1)."""
+    key = {**device_key(), "model": model_key(config), "dtype": str(dtype),
+           "num_tokens": num_tokens, "page_size": page_size}
+    if tensor_parallel_size > 1:
+        key["tensor_parallel_size"] = tensor_parallel_size
+    return key
 
 
 def cache_dir() -> str:
@@ -89,6 +102,7 @@ class Profile:
     decode_attn: list  # [tokens][contexts][shares] ms
     prefill_attn: list  # [tokens] ms
     kv_write: list  # [tokens] ms
+    all_reduce: list | None = None  # [tokens] ms; None: one device (nothing to reduce)
 
     def __post_init__(self):
         t, s, c = len(self.tokens), len(self.shares), len(self.contexts)
@@ -99,9 +113,17 @@ class Profile:
         shape_ok = (set(self.gemm) == set(GEMM_OPS)
                     and all(np.shape(self.gemm[o]) == (t, s) for o in GEMM_OPS)
                     and np.shape(self.decode_attn) == (t, c, s)
-                    and np.shape(self.prefill_attn) == (t,) and np.shape(self.kv_write) == (t,))
+                    and np.shape(self.prefill_attn) == (t,) and np.shape(self.kv_write) == (t,)
+                    and (self.all_reduce is None or np.shape(self.all_reduce) == (t,)))
         if not shape_ok:
             raise ValueError("profile tables do not match its tokens, contexts and shares")
+        if (self.all_reduce is None) != (self.tensor_parallel_size == 1):
+            raise ValueError(f"a profile has all-reduce times exactly when its "
+                             f"tensor_parallel_size ({self.tensor_parallel_size}) is above 1")
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.key.get("tensor_parallel_size", 1)
 
     # ---- lookups (ms) -----------------------------------------------------------------------
 
@@ -128,6 +150,11 @@ class Profile:
     def kv_write_ms(self, tokens: int) -> float:
         return _interp(self.tokens, self.kv_write, tokens)
 
+    def all_reduce_ms(self, tokens: int) -> float:
+        if self.all_reduce is None:
+            raise ValueError("this profile is of one device: it has no all-reduce times")
+        return _interp(self.tokens, self.all_reduce, tokens, floor=True)
+
     # ---- JSON --------------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -139,7 +166,8 @@ class Profile:
         if d.pop("format", None) != FORMAT:
             raise ValueError(f"not a profile of format {FORMAT}")
         return cls(d["key"], tuple(d["tokens"]), tuple(d["shares"]), tuple(d["contexts"]),
-                   d["gemm"], d["decode_attn"], d["prefill_attn"], d["kv_write"])
+                   d["gemm"], d["decode_attn"], d["prefill_attn"], d["kv_write"],
+                   d.get("all_reduce"))
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -187,11 +215,19 @@ def attention_speed(share: float) -> float:
 
 def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
                       shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, peak_tflops=700.0,
-                      hbm_tbps=4.0, page_size: int = 16) -> Profile:
+                      hbm_tbps=4.0, page_size: int = 16, tensor_parallel_size: int = 1,
+                      link_gbps: float = 300.0, collective_latency_ms: float = 0.02) -> Profile:
     """A roofline profile: GEMMs at `peak_tflops` scaled by their share of the SMs (or bound
     by reading their weights), decode attention bound by reading the KV cache at `hbm_tbps`
-    times `attention_speed(share)`, prefill attention at the peak. No device is touched."""
+    times `attention_speed(share)`, prefill attention at the peak. Under tensor parallelism
+    the ops have one shard's shapes and a ring all-reduce moves 2·(N-1)/N of its rows' bytes
+    at `link_gbps` after `collective_latency_ms`. No device is touched."""
     item = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
+    tp, full_config = tensor_parallel_size, config
+    if tp > 1:
+        from nanoflow_jax.parallel import local_config
+
+        config = dataclasses.replace(local_config(config, tp), tp_axis=None)
     tokens = token_counts(num_tokens, token_step)
     d, f, qkv = config.hidden_size, config.intermediate_size, config.q_size + 2 * config.kv_size
     dims = {"qkv": (d, qkv), "o_proj": (config.q_size, d), "up_gate": (d, 2 * f),
@@ -208,11 +244,16 @@ def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_st
                for c in contexts] for n in tokens]
     prefill = [launch + 2 * n * n * config.q_size / peak for n in tokens]  # causal QK^T + PV
     kv_write = [launch + 2 * n * kv_bytes / hbm for n in tokens]
+    all_reduce = None if tp == 1 else [
+        collective_latency_ms + 2 * (tp - 1) / tp * n * config.hidden_size * item
+        / (link_gbps * 1e6) for n in tokens]
     key = {"device": "synthetic", "platform": "none", "jax": "-", "num_sms": 132,
-           "model": model_key(config), "dtype": str(dtype), "num_tokens": num_tokens,
+           "model": model_key(full_config), "dtype": str(dtype), "num_tokens": num_tokens,
            "page_size": page_size}
+    if tp > 1:
+        key["tensor_parallel_size"] = tp
     return Profile(key, tokens, tuple(shares), tuple(contexts), table, decode, prefill,
-                   kv_write)
+                   kv_write, all_reduce)
 
 
 # ---- the profiler -----------------------------------------------------------------------------
@@ -247,8 +288,10 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                 shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, page_size: int = 16,
                 attention_impl: str = "auto", calls: int = 5, repeats: int = 5,
                 layers: int | None = None, kv_pool_bytes: int | None = None,
-                progress: bool = True) -> Profile:
-    """Times every op alone on the local device over token counts, contexts and SM shares.
+                progress: bool = True, tensor_parallel_size: int = 1) -> Profile:
+    """Times every op alone on the local device over token counts, contexts and SM shares;
+    with `tensor_parallel_size` > 1 at one shard's shapes, plus the all-reduce of the residual
+    stream's rows over that many devices (`all_reduce_ms`).
 
     An op runs as the layers of a step run it: `layers` instances (None: 4 on a GPU, 2
     elsewhere) back to back in ONE program, each on its own weights (or its own queries: no
@@ -272,6 +315,11 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
 
     shares, contexts = tuple(shares), tuple(contexts)
     tokens = token_counts(num_tokens, token_step)
+    tp, full_config = tensor_parallel_size, config
+    if tp > 1:  # one shard's ops, summing nothing (the all-reduce is timed on its own)
+        from nanoflow_jax.parallel import local_config
+
+        config = dataclasses.replace(local_config(config, tp), tp_axis=None)
     time_call = _device_ms_per_call()
     on_gpu = jax.default_backend() == "gpu"
     gemm_on = executor.persistent_gemm if on_gpu else None
@@ -280,8 +328,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     one_layer = dataclasses.replace(config, num_layers=1, vocab_size=16, tie_word_embeddings=True)
     weights = random_params(dataclasses.replace(one_layer, num_layers=reps), dtype)["layers"]
     jdtype = jnp.dtype(dtype)
-    bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2),
-                   progress)
+    bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2
+                                  + (tp > 1)), progress)
     rng = np.random.default_rng(0)
 
     def rand(*shape):
@@ -376,5 +424,30 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         kv_write[i] = time_ops(write_once)
         bar.step(f"kv write {n} tokens")
         del cache, held
-    return Profile(profile_key(config, num_tokens, dtype, page_size), tokens, shares, contexts,
-                   gemm, decode, prefill, kv_write)
+    all_reduce = None
+    if tp > 1:
+        all_reduce = [0.0] * len(tokens)
+        for i, n in enumerate(tokens):
+            call, x = all_reduce_call(tp, n, config.hidden_size, jdtype)
+            all_reduce[i] = time_call(call, x, calls=calls, repeats=repeats)
+            bar.step(f"all-reduce {n} tokens")
+    return Profile(profile_key(full_config, num_tokens, dtype, page_size, tp), tokens, shares,
+                   contexts, gemm, decode, prefill, kv_write, all_reduce)
+
+
+def all_reduce_call(tp: int, rows: int, hidden_size: int, dtype):
+    """The schedule's collective op alone: (jitted psum over a mesh of `tp` devices, its input
+    [tp·rows, D], each device's [rows, D] block its partial sum)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from nanoflow_jax import parallel
+
+    mesh = parallel.make_mesh(tp)
+    spec = P(parallel.TP_AXIS)
+    x = jax.device_put(jnp.ones((tp * rows, hidden_size), dtype), NamedSharding(mesh, spec))
+    call = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, parallel.TP_AXIS), mesh=mesh,
+                                 in_specs=spec, out_specs=spec, check_vma=False))
+    return call, x

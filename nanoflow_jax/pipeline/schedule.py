@@ -8,6 +8,19 @@ A nano-op applies one of the layer's ops to the tokens [start, end) of the dense
     up_gate   pre-MLP norm + the fused gate/up GEMM
     down      SwiGLU + the down GEMM + residual
 
+and under tensor parallelism the two all-reduces of Megatron's layout, ops of their own so
+that one nano-batch's collective can run while another nano-batch's GEMMs do:
+
+    ar_attn   the residual stream of those rows summed over the shards, as qkv's norm reads it
+              (after the previous layer's down, or the embedding)
+    ar_mlp    likewise after o_proj, as up_gate's norm reads it
+
+A schedule has both collective ops or neither. The executor adds them to a schedule without
+them when it runs on a mesh (each just before the op that reads it: `with_collectives`) and
+drops them on one device (nothing to reduce), so every schedule runs on both. Collectives
+always go on stream 0 with all SMs: XLA issues them as async collectives on its own
+communication stream, and its latency hiding scheduler runs them under independent work.
+
 `stream` names the GPU stream the op is issued on (0 = XLA's default; ops on different
 non-zero streams may run concurrently when nothing orders them), `sm_share` the fraction of
 SMs a kernel may use, on a GPU: decode attention then runs that share of the SMs' worth of
@@ -35,6 +48,9 @@ import dataclasses
 import json
 
 OPS = ("qkv", "attn", "o_proj", "up_gate", "down")  # data-flow order within a token
+COLLECTIVES = ("ar_attn", "ar_mlp")  # under tensor parallelism, before qkv and up_gate
+CHAIN_TP = ("ar_attn", "qkv", "attn", "o_proj", "ar_mlp", "up_gate", "down")
+REDUCES_FOR = {"qkv": "ar_attn", "up_gate": "ar_mlp"}  # an op -> the collective it reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +66,8 @@ class NanoOp:
     layer: int = 0  # 0: the window's layer; 1: the next layer (a pipeline across layers)
 
     def __post_init__(self):
-        if self.op not in OPS:
-            raise ValueError(f"unknown nano-op {self.op!r}; ops: {', '.join(OPS)}")
+        if self.op not in CHAIN_TP:
+            raise ValueError(f"unknown nano-op {self.op!r}; ops: {', '.join(CHAIN_TP)}")
         if not 0 <= self.start < self.end:
             raise ValueError(f"nano-op {self.op} has an empty or negative range "
                              f"[{self.start}, {self.end})")
@@ -61,6 +77,10 @@ class NanoOp:
             raise ValueError(f"group must be >= 0, got {self.group}")
         if self.layer not in (0, 1):
             raise ValueError(f"layer must be 0 (this window's) or 1 (the next), got {self.layer}")
+        if self.op in COLLECTIVES and (self.stream != 0 or self.sm_share != 1):
+            raise ValueError(f"collective {self.op} runs on stream 0 with sm_share 1 (XLA's "
+                             f"async collectives), got stream {self.stream}, sm_share "
+                             f"{self.sm_share}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +92,13 @@ class Schedule:
     concurrent: bool = False  # XLA may run independent kernels at once (see the module doc)
 
     def __post_init__(self):
+        collectives = {o.op for o in self.ops} & set(COLLECTIVES)
+        if collectives and collectives != set(COLLECTIVES):
+            missing = sorted(set(COLLECTIVES) - collectives)
+            raise ValueError(f"schedule {self.name!r} has {', '.join(sorted(collectives))} "
+                             f"but not {', '.join(missing)}: both collectives or neither")
         # Every op kind covers [0, num_tokens) exactly once, and a token's ops come in order.
-        for kind in OPS:
+        for kind in self.chain:
             ranges = sorted((o.start, o.end) for o in self.ops if o.op == kind)
             covered = 0
             for s, e in ranges:
@@ -87,10 +112,38 @@ class Schedule:
         _check_order(self)
 
     @property
+    def has_collectives(self) -> bool:
+        return any(o.op in COLLECTIVES for o in self.ops)
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The op kinds of one token's layer, in data-flow order."""
+        return CHAIN_TP if self.has_collectives else OPS
+
+    @property
     def is_sequential(self) -> bool:
         """One op of each kind over the whole batch, in order: no splitting, no streams."""
-        return len(self.ops) == len(OPS) and all(o.layer == 0 and o.stream == 0
-                                                 for o in self.ops)
+        return len(self.ops) == len(self.chain) and all(o.layer == 0 and o.stream == 0
+                                                        for o in self.ops)
+
+    def with_collectives(self) -> Schedule:
+        """The schedule with its all-reduces as ops: itself when it has them, else each just
+        before the op that reads it (same rows, same layer)."""
+        if self.has_collectives:
+            return self
+        ops = []
+        for o in self.ops:
+            if o.op in REDUCES_FOR:
+                ops.append(NanoOp(REDUCES_FOR[o.op], o.start, o.end, layer=o.layer))
+            ops.append(o)
+        return dataclasses.replace(self, ops=tuple(ops))
+
+    def without_collectives(self) -> Schedule:
+        """The schedule for one device: its collective ops dropped."""
+        if not self.has_collectives:
+            return self
+        return dataclasses.replace(self, ops=tuple(o for o in self.ops
+                                                   if o.op not in COLLECTIVES))
 
     @property
     def windows(self) -> int:
@@ -143,21 +196,22 @@ def _check_order(schedule: Schedule) -> None:
     """Replays the schedule over a few layers and checks that every token's ops come in
     data-flow order (layer by layer), and that within a layer attention runs in increasing
     token order: a prompt chunk cut by a boundary needs its earlier rows' K/V in the cache."""
+    chain = schedule.chain
     bounds = sorted({b for o in schedule.ops for b in (o.start, o.end)})
     segments = list(zip(bounds[:-1], bounds[1:]))
     done = {seg: (0, 0) for seg in segments}  # next (layer, op index) each segment must run
     num_layers = schedule.windows + 3
     last_attn = {}
     for w, o in schedule.flatten(num_layers):
-        layer, k = w + o.layer, OPS.index(o.op)
+        layer, k = w + o.layer, chain.index(o.op)
         for seg in segments:
             if o.start <= seg[0] and seg[1] <= o.end and done[seg] != (layer, k):
                 want_layer, want_k = done[seg]
                 raise ValueError(
                     f"schedule {schedule.name!r}: {o.op}[{o.start}:{o.end}] of layer {layer} "
-                    f"runs before its tokens' {OPS[want_k]} of layer {want_layer}")
+                    f"runs before its tokens' {chain[want_k]} of layer {want_layer}")
             if o.start <= seg[0] and seg[1] <= o.end:
-                done[seg] = (layer + (k + 1) // len(OPS), (k + 1) % len(OPS))
+                done[seg] = (layer + (k + 1) // len(chain), (k + 1) % len(chain))
         if o.op == "attn":
             if o.start < last_attn.get(layer, 0):
                 raise ValueError(f"schedule {schedule.name!r}: attention of tokens {o.start}.. "
@@ -174,7 +228,7 @@ def sequential(num_tokens: int, concurrent: bool = False) -> Schedule:
 
 
 def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
-                 grouped: bool = False) -> Schedule:
+                 grouped: bool = False, collectives: bool = False) -> Schedule:
     """`num_nano` equal nano-batches, software-pipelined one op apart.
 
     Nano-batch i's attention is issued between nano-batch i+1's qkv and o_proj GEMMs, and
@@ -185,6 +239,9 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
     cost of splitting alone (the paper's "nano-batch only" ablation). With `grouped=True`
     attention goes to stream 2 and the ops issued in one tick form one XLA scheduling group
     (the variant that overlapped best in `benchmarks/overlap_micro.py`).
+    With `collectives` the two all-reduces are stages of their own (ar_attn before qkv,
+    ar_mlp between o_proj and up_gate): nano-batch i's all-reduce is issued in the tick of
+    nano-batch i+1's GEMM, on which it does not depend, so the two can run at once.
     """
     if grouped and not overlap:
         raise ValueError("a grouped schedule overlaps: grouped needs overlap=True")
@@ -193,14 +250,18 @@ def nano_batched(num_tokens: int, num_nano: int, overlap: bool = True,
     ops = []
     # Stage k of nano-batch i runs in "tick" i + k: ticks interleave the nano-batches.
     stages = [("qkv", gemm), ("attn", attn), ("o_proj", gemm), ("up_gate", gemm), ("down", gemm)]
+    if collectives:
+        stages = stages[:3] + [("ar_mlp", 0)] + stages[3:]
+        stages.insert(0, ("ar_attn", 0))
     for tick in range(num_nano + len(stages) - 1):
         for i in range(num_nano):
             k = tick - i
             if 0 <= k < len(stages):
                 op, stream = stages[k]
                 ops.append(NanoOp(op, bounds[i], bounds[i + 1], stream,
-                                  group=tick + 1 if grouped else 0))
-    name = f"nano{num_nano}" + ("-grouped" if grouped else "" if overlap else "-nooverlap")
+                                  group=tick + 1 if grouped and stream else 0))
+    name = (f"nano{num_nano}" + ("-grouped" if grouped else "" if overlap else "-nooverlap")
+            + ("-ar" if collectives else ""))
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano)
 
 
@@ -212,7 +273,7 @@ def _bounds(num_tokens: int, num_nano: int) -> list[int]:
 
 def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
                    concurrent: bool = False, attn_sm_share: float = 1.0,
-                   gemm_sm_share: float = 1.0) -> Schedule:
+                   gemm_sm_share: float = 1.0, collectives: bool = False) -> Schedule:
     """`num_nano` nano-batches pipelined across layers, NanoFlow's overlap for LLaMA-3-8B.
 
     Each layer runs `num_nano` ticks; in tick i nano-batch i's attention runs beside the
@@ -226,7 +287,9 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
     `gemm_sm_share` < 1 partitions the other way round: the GEMMs run persistent on that share
     of the SMs and are issued first in each tick, so the attention issued after them finds the
     remaining SMs free; with both shares each half is persistent on its own SMs (docs/overlap.md
-    has what each measured).
+    has what each measured). With `collectives` the chain holds the all-reduces (o_proj,
+    ar_mlp, up_gate, down, ar_attn, qkv), each on stream 0 between the chain's stream calls,
+    beside the tick's attention.
     """
     bounds = _bounds(num_tokens, num_nano)
     gemm, attn = (1, 2) if streams else (0, 0)
@@ -237,12 +300,16 @@ def nano_pipelined(num_tokens: int, num_nano: int, streams: bool = True,
         group = tick if streams else 0
         attention = [NanoOp("attn", *rows(tick % num_nano), attn, attn_sm_share, group=group,
                             layer=int(tick == num_nano))]
-        chain = [NanoOp(op, *rows(tick - 1), gemm, gemm_sm_share, group=group,
-                        layer=int(op == "qkv")) for op in ("o_proj", "up_gate", "down", "qkv")]
+        kinds = (("o_proj", "ar_mlp", "up_gate", "down", "ar_attn", "qkv") if collectives
+                 else ("o_proj", "up_gate", "down", "qkv"))
+        chain = [NanoOp(op, *rows(tick - 1), layer=int(op in ("ar_attn", "qkv")),
+                        **({} if op in COLLECTIVES else
+                           {"stream": gemm, "sm_share": gemm_sm_share, "group": group}))
+                 for op in kinds]
         ops += chain + attention if gemm_sm_share < 1 else attention + chain
     name = (f"nano{num_nano}-pipe" + ("" if streams else "-nostreams")
             + (f"-sm{round(100 * attn_sm_share)}" if attn_sm_share < 1 else "")
             + (f"-gemm{round(100 * gemm_sm_share)}" if gemm_sm_share < 1 else "")
-            + ("+graph" if concurrent else ""))
+            + ("-ar" if collectives else "") + ("+graph" if concurrent else ""))
     return Schedule(name, num_tokens, tuple(ops), min_tokens=64 * num_nano,
                     concurrent=concurrent)

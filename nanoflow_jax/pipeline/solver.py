@@ -2,7 +2,11 @@
 cyclic op graph.
 
 A `Problem` is one layer's nano-ops: each has a resource category (ops of one category share
-one stream and never overlap: "compute" GEMMs, "memory" attention) and a duration per SM share.
+one stream and never overlap: "compute" GEMMs, "memory" attention, and under tensor
+parallelism "network" collectives, NanoFlow's three) and a duration per SM share. Network ops
+run on the interconnect (XLA's async collectives on their own stream, NCCL's few CTAs, which
+no knob partitions): they hold no SM share, take their profiled time, and overlap compute
+and memory ops freely; the SM capacity binds the other two categories only.
 Edges are dependencies, `distance` layers apart (down of layer l -> qkv of layer l + 1 is
 distance 1). Every layer repeats the same timeline shifted by the period P, so P is the
 steady-state time per layer: op i of layer l runs over [l·P + s_i, l·P + e_i). Each op lasts at
@@ -40,6 +44,8 @@ import time
 import numpy as np
 
 log = logging.getLogger("nanoflow_jax")
+
+NETWORK = "network"  # the category of collectives: no SM share (module doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +88,22 @@ class Problem:
                 raise ValueError(f"edge {e.before} -> {e.after} names an unknown op")
             if e.distance not in (-1, 0, 1):
                 raise ValueError(f"edge {e.before} -> {e.after}: distance must be -1, 0 or 1")
-        if len(self.categories) > 2:
-            raise ValueError(f"the capacity rows are exact for two categories; got "
-                             f"{', '.join(self.categories)}")
+        if len(self.sm_categories) > 2:
+            raise ValueError(f"the capacity rows are exact for two categories sharing the "
+                             f"SMs (besides {NETWORK}); got {', '.join(self.sm_categories)}")
+        for o in self.ops:
+            if o.category == NETWORK and [p for p, _ in o.durations] != [1.0]:
+                raise ValueError(f"network op {o.name} holds no SM share: give its duration "
+                                 f"at share 1.0 only")
 
     @property
     def categories(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(o.category for o in self.ops))
+
+    @property
+    def sm_categories(self) -> tuple[str, ...]:
+        """The categories whose ops share the SMs (all but network)."""
+        return tuple(c for c in self.categories if c != NETWORK)
 
     def index(self, name: str) -> int:
         return [o.name for o in self.ops].index(name)
@@ -198,8 +213,9 @@ def _add_layer_bounds(rows: _Rows, problem: Problem, period, duration) -> None:
 
 def _add_period_bounds(rows: _Rows, problem: Problem, period, duration, share_time) -> None:
     """Valid rows that tighten the relaxation: each category's ops fit in one period (they
-    never overlap), and so does the SM-time of all ops (the shares of running ops sum to <= 1
-    at every instant). `share_time(i)`: coefficients of share·duration (None: skip)."""
+    never overlap), and so does the SM-time of the SM-sharing ops (the shares of running ops
+    sum to <= 1 at every instant). `share_time(i)`: coefficients of share·duration (None:
+    skip)."""
     for cat in problem.categories:
         coefs, const = {}, 0.0
         for i, o in enumerate(problem.ops):
@@ -210,8 +226,9 @@ def _add_period_bounds(rows: _Rows, problem: Problem, period, duration, share_ti
         rows.add({**coefs, period: -1}, hi=-const)
     if share_time is not None:
         coefs = {}
-        for i in range(len(problem.ops)):
-            coefs.update(share_time(i))
+        for i, o in enumerate(problem.ops):
+            if o.category != NETWORK:
+                coefs.update(share_time(i))
         rows.add({**coefs, period: -1}, hi=0)
 
 
@@ -262,8 +279,8 @@ def order_edges(problem: Problem, stage1: Plan) -> list[Edge]:
 
 def assign_shares(problem: Problem, stage1: Plan, time_limit: float = 30.0) -> Plan:
     """Stage 2: stage 1's per-category order kept; each op's SM share, and which ops of the
-    two categories overlap (at shifts -P, 0, +P), chosen to minimise the period under the SM
-    capacity."""
+    two SM-sharing categories overlap (at shifts -P, 0, +P), chosen to minimise the period
+    under the SM capacity (network ops keep stage 1's order and their profiled time)."""
     n = len(problem.ops)
     shares = [tuple(p for p, _ in o.durations) for o in problem.ops]
     horizon = problem.horizon()
@@ -275,7 +292,7 @@ def assign_shares(problem: Problem, stage1: Plan, time_limit: float = 30.0) -> P
     for i in range(n):
         x_index.append(list(range(k, k + len(shares[i]))))
         k += len(shares[i])
-    cats = problem.categories
+    cats = problem.sm_categories
     kept = order_edges(problem, stage1)
     dist = _min_distance(problem, kept)
     cross = [(i, j, shift) for i in range(n) for j in range(n) for shift in (-1, 0, 1)
@@ -323,11 +340,11 @@ def assign_shares(problem: Problem, stage1: Plan, time_limit: float = 30.0) -> P
 
 
 def _all_sms_when_alone(problem: Problem, plan: Plan) -> Plan:
-    """An op that overlaps no op of another category (at any shift) gets all SMs back, when
-    that is no slower: its start stays, its end only moves earlier."""
+    """An op that overlaps no op of another SM-sharing category (at any shift) gets all SMs
+    back, when that is no slower: its start stays, its end only moves earlier."""
     p, ops = plan.period, list(plan.ops)
     for i, t in enumerate(ops):
-        alone = all(u.category == t.category or u.end + k * p <= t.start + 1e-7
+        alone = all(u.category in (t.category, NETWORK) or u.end + k * p <= t.start + 1e-7
                     or t.end <= u.start + k * p + 1e-7 for u in ops for k in (-1, 0, 1))
         full = problem.ops[problem.index(t.name)].ms(1.0)
         if alone and t.share < 1 and full <= t.end - t.start:

@@ -23,6 +23,12 @@ string that parses into a spec. This table is the one place the forms are docume
                                                               P % of the SMs
     nanoN-pipe[...]-gemmP    gemm_sm_share=P/100              GEMMs persistent on P % of the
                              (after -smP when both)           SMs, issued before attention
+    nanoN[...]-ar,           collectives=True                 under tensor parallelism the
+    nanoN-pipe[...]-ar       (after the family's suffixes)    all-reduces are placed by the
+                                                              family: nano, a tick after
+                                                              their producer, beside the next
+                                                              nano-batch's GEMM; pipe, in the
+                                                              GEMM chain, beside attention
     any nanoN form + -minM   min_tokens=M                     buckets under M tokens run
                                                               sequentially (default 64·N)
     any form + "+graph"      concurrent=True                  XLA may run independent kernels
@@ -37,6 +43,13 @@ string that parses into a spec. This table is the one place the forms are docume
 Example: `nano2-pipe-nostreams-sm33-gemm67-min1024+graph` is
 `ScheduleSpec(kind="pipe", num_nano=2, streams=False, attention_sm_share=0.33,
 gemm_sm_share=0.67, min_tokens=1024, concurrent=True)`. Suffixes come in the table's order.
+
+Collectives. Under tensor parallelism every form runs with Megatron's two all-reduces per layer
+and nano-batch as ops of the schedule (`ar_attn`, `ar_mlp`: `schedule.py`): a form without
+`-ar` gets each just before the op that reads it, `-ar` forms and searched or JSON schedules
+place them themselves. On one device the collective ops are dropped, so `-ar` changes nothing
+there. XLA runs each as an async all-reduce, and the latency hiding scheduler
+(`parallel.compiler_options`) puts independent GEMMs of other nano-batches under it.
 """
 from __future__ import annotations
 
@@ -48,9 +61,10 @@ import re
 from nanoflow_jax.pipeline.schedule import Schedule, nano_batched, nano_pipelined, sequential
 
 KINDS = ("sequential", "nano", "pipe")
-VALID_FORMS = ("sequential, nanoN, nanoN-nooverlap, nanoN-grouped, "
-               "nanoN-pipe[-nostreams][-smP][-gemmP], any nanoN form with -minM, any form with "
-               "+graph, PATH.json (a Schedule or a ScheduleSpec), auto or auto:PROFILE.json")
+VALID_FORMS = ("sequential, nanoN[-nooverlap|-grouped][-ar], "
+               "nanoN-pipe[-nostreams][-smP][-gemmP][-ar], any nanoN form with -minM, any form "
+               "with +graph, PATH.json (a Schedule or a ScheduleSpec), auto or "
+               "auto:PROFILE.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +80,7 @@ class ScheduleSpec:
     gemm_sm_share: float = 1.0  # pipe: GEMMs persistent on this share of the SMs
     min_tokens: int = 0  # buckets under this run sequentially (0: the family's 64·num_nano)
     concurrent: bool = False  # XLA may run independent kernels at once (the "+graph" suffix)
+    collectives: bool = False  # nano, pipe: the family places the all-reduces (the "-ar")
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -73,7 +88,8 @@ class ScheduleSpec:
                              f"got {self.kind!r}")
         only = {"num_nano": ("nano", "pipe"), "overlap": ("nano",), "grouped": ("nano",),
                 "streams": ("pipe",), "attention_sm_share": ("pipe",),
-                "gemm_sm_share": ("pipe",), "min_tokens": ("nano", "pipe")}
+                "gemm_sm_share": ("pipe",), "min_tokens": ("nano", "pipe"),
+                "collectives": ("nano", "pipe")}
         default = ScheduleSpec.__dataclass_fields__
         for name, kinds in only.items():
             if self.kind not in kinds and getattr(self, name) != default[name].default:
@@ -104,6 +120,8 @@ class ScheduleSpec:
                     + (f"-sm{_percent(self.attention_sm_share)}"
                        if self.attention_sm_share < 1 else "")
                     + (f"-gemm{_percent(self.gemm_sm_share)}" if self.gemm_sm_share < 1 else ""))
+        if self.collectives:
+            name += "-ar"
         if self.min_tokens:
             name += f"-min{self.min_tokens}"
         return name + ("+graph" if self.concurrent else "")
@@ -113,11 +131,12 @@ class ScheduleSpec:
         if self.kind == "sequential":
             return sequential(num_tokens, self.concurrent)
         if self.kind == "nano":
-            s = nano_batched(num_tokens, self.num_nano, self.overlap, self.grouped)
+            s = nano_batched(num_tokens, self.num_nano, self.overlap, self.grouped,
+                             self.collectives)
             s = dataclasses.replace(s, concurrent=self.concurrent)
         else:
             s = nano_pipelined(num_tokens, self.num_nano, self.streams, self.concurrent,
-                               self.attention_sm_share, self.gemm_sm_share)
+                               self.attention_sm_share, self.gemm_sm_share, self.collectives)
         return dataclasses.replace(s, name=self.alias,
                                    min_tokens=max(s.min_tokens, self.min_tokens))
 
@@ -145,7 +164,7 @@ class ScheduleSpec:
         if m["seq"]:
             return cls("sequential", concurrent=concurrent)
         kw = {"num_nano": int(m["n"]), "min_tokens": int(m["min"] or 0),
-              "concurrent": concurrent}
+              "concurrent": concurrent, "collectives": bool(m["ar"])}
         if m["pipe"]:
             return cls("pipe", streams=not m["nostreams"], attention_sm_share=shares[0],
                        gemm_sm_share=shares[1], **kw)
@@ -160,7 +179,7 @@ def _percent(share: float) -> int:
 _ALIAS = re.compile(
     r"(?:(?P<seq>sequential)|nano(?P<n>\d+)(?:(?P<pipe>-pipe(?P<nostreams>-nostreams)?"
     r"(?:-sm(?P<sm>\d+))?(?:-gemm(?P<gemm>\d+))?)|(?P<variant>-nooverlap|-grouped))?"
-    r"(?:-min(?P<min>\d+))?)(?P<graph>\+graph)?")
+    r"(?P<ar>-ar)?(?:-min(?P<min>\d+))?)(?P<graph>\+graph)?")
 
 
 def load_schedule_json(path: str, num_tokens: int) -> Schedule:
@@ -196,11 +215,12 @@ def check_schedule_name(name, num_tokens: int) -> None:
 
 
 def named_schedule(name, num_tokens: int, model_config=None, dtype: str = "bfloat16",
-                   workload=None) -> Schedule:
+                   workload=None, tensor_parallel_size: int | None = None) -> Schedule:
     """The `Schedule` for the dense batch `num_tokens` from any form of the module doc's
     table, or from a `ScheduleSpec` / `Schedule` object. `auto` needs `model_config` (and
-    takes `dtype` and an `autosearch.Workload`): it profiles the ops once per device, model
-    and dense batch (cached on disk) and searches."""
+    takes `dtype`, an `autosearch.Workload` and the tensor-parallel size, None: that of an
+    `auto:PROFILE.json`, else 1): it profiles the ops once per device, model, dense batch and
+    tensor-parallel size (cached on disk) and searches."""
     if isinstance(name, Schedule):
         return name.for_tokens(num_tokens)
     if isinstance(name, ScheduleSpec):
@@ -213,7 +233,8 @@ def named_schedule(name, num_tokens: int, model_config=None, dtype: str = "bfloa
 
         return autosearch.auto_schedule(model_config, num_tokens, dtype,
                                         profile_path=name.partition(":")[2] or None,
-                                        workload=workload).schedule
+                                        workload=workload,
+                                        tensor_parallel_size=tensor_parallel_size).schedule
     if name.endswith(".json"):
         return load_schedule_json(name, num_tokens)
     return ScheduleSpec.parse(name).build(num_tokens)
