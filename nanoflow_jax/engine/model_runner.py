@@ -152,7 +152,8 @@ class ModelRunner:
         self.buckets = config.token_buckets()
         # Before the KV cache: `auto` may profile the ops on the device first.
         self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens,
-                                       model_config=mc, dtype=config.dtype)
+                                       model_config=mc, dtype=config.dtype,
+                                       tensor_parallel_size=config.tensor_parallel_size)
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"
