@@ -85,10 +85,11 @@ def _tiny_windowed(full_attention_layers=()):
     return model.params, config
 
 
-def test_nano_batch_schedule_with_a_window_matches_sequential():
-    """The executor calls one attention function for every layer: the model's window reaches
-    it (decodes with up to 40 tokens of context, chunks with prior context)."""
-    params, config = _tiny_windowed()
+@pytest.mark.parametrize("full_attention_layers", [(), (0,)])
+def test_nano_batch_schedule_with_windows_matches_sequential(full_attention_layers):
+    """The executor binds each layer's own window (every layer's, or layer 0 attending to the
+    whole context): decodes with up to 40 tokens of context, chunks with prior context."""
+    params, config = _tiny_windowed(full_attention_layers)
     rng = np.random.default_rng()
     batch = jax.device_put(_batch("mixed", rng, config.vocab_size))
     kv = _prefill_context(Model(config, params),
@@ -100,15 +101,6 @@ def test_nano_batch_schedule_with_a_window_matches_sequential():
                                      wrap_call=_as_calls))
     rows = np.asarray(batch.attn.slots) >= 0
     assert rel_err(np.asarray(got)[rows], np.asarray(want)[rows]) < 1e-5
-
-
-def test_per_layer_windows_need_the_sequential_schedule():
-    params, config = _tiny_windowed(full_attention_layers=(0,))
-    ids = jnp.zeros((8,), jnp.int32)
-    with pytest.raises(ValueError, match=r"layers \[0\] attend to the whole context.*"
-                                         r"--schedule=sequential"):
-        llama.forward(params, config, ids, ids, None, None, None, None,
-                      layers_fn=lambda *args: args[1:2] + (None,))
 
 
 def test_mosaic_gpu_decode_on_an_sm_share_refuses_a_window():

@@ -234,15 +234,8 @@ def forward(
     sequential schedule, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
     (fp32 logits [N, V], kv_cache).
 
-    A nano-batch schedule calls one attention function for every layer: it gets the model's
-    sliding window bound here, so it runs models whose layers share one window (or none).
+    `layers_fn` binds each layer's sliding window to `attention` (`layer_attention`).
     """
-    if layers_fn is not run_layers and config.sliding_window is not None:
-        if config.full_attention_layers:
-            raise ValueError(f"layers {list(config.full_attention_layers)} attend to the whole "
-                             f"context and the others through sliding_window="
-                             f"{config.sliding_window}: run them with --schedule=sequential")
-        attention = layer_attention(attention, config, 0)
     x = embed_tokens(params["embed"], token_ids, config)  # [T, D]
     x, kv_cache = layers_fn(params["layers"], x, positions, kv_cache, attn_metadata, config,
                             attention)

@@ -194,8 +194,9 @@ class _State:
             if not writes:
                 kwargs["write"] = False
             cache = self.cache_to_write(layer) if writes else self.caches[layer]
-            out, cache = attention(read("q"), read("k"), read("v"), cache,
-                                   self.consts["meta"][s, e], **kwargs)
+            # The layer's own sliding window (None: the whole context).
+            out, cache = llama.layer_attention(attention, config, layer)(
+                read("q"), read("k"), read("v"), cache, self.consts["meta"][s, e], **kwargs)
             if writes:
                 self.caches[layer] = cache
             outs = (out,)
