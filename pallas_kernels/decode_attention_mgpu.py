@@ -230,6 +230,14 @@ class _Ops:
 
         return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
+    def mma_on_slot(self, ready, free, a, b, shape, **transposed):
+        """`mma` once the ring slot's data is there (`ready`), releasing it (`free`) when the
+        WGMMA is done."""
+        plgpu.barrier_wait(ready)
+        out = self.mma(a, b, shape, **transposed)
+        plgpu.barrier_arrive(free)
+        return out
+
 
 def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem,
                  table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
@@ -265,19 +273,17 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
                 acc, m_i, l_i = carry
                 j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                s = ops.mma(q_mine, k_smem.at[slot], (_WGMMA_M, block_kv), b_t=True)
-                plgpu.barrier_arrive(k_free.at[slot])
+                s = ops.mma_on_slot(k_bar.at[slot], k_free.at[slot], q_mine, k_smem.at[slot],
+                                    (_WGMMA_M, block_kv), b_t=True)
                 col = ops.iota((_WGMMA_M, block_kv), 1)
                 s = jnp.where(j * block_kv + col < length, s * plan.scale_log2, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - bcast(m_new, s))
                 l_i = l_i * alpha + p.sum(axis=1)
-                plgpu.barrier_wait(v_bar.at[slot])
-                pv_block = ops.mma(p.astype(v_smem.dtype), v_smem.at[slot],
-                                   (_WGMMA_M, head_dim))
-                plgpu.barrier_arrive(v_free.at[slot])
+                pv_block = ops.mma_on_slot(v_bar.at[slot], v_free.at[slot],
+                                           p.astype(v_smem.dtype), v_smem.at[slot],
+                                           (_WGMMA_M, head_dim))
                 acc = acc * bcast(alpha, acc) + pv_block
                 return acc, m_new, l_i
 
@@ -372,9 +378,8 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
                 acc, m_i, l_part = carry
                 j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
-                plgpu.barrier_wait(k_bar.at[slot])
-                s = ops.mma(k_smem.at[slot], q_now, s_shape, b_t=True)  # S^T = K Q^T
-                plgpu.barrier_arrive(k_free.at[slot])
+                s = ops.mma_on_slot(k_bar.at[slot], k_free.at[slot], k_smem.at[slot], q_now,
+                                    s_shape, b_t=True)  # S^T = K Q^T
                 token = ops.iota(s_shape, 0)
                 s = jnp.where(j * block_kv + token < length, s * plan.scale_log2, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=0))  # the block has a token: finite
@@ -383,10 +388,8 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
                 l_part = l_part * bcast(alpha, s_shape) + p
                 ops.store_t(p_mine, p.astype(p_mine.dtype))  # P [8, block_kv]
                 plgpu.commit_smem()  # the stores before WGMMA reads them
-                plgpu.barrier_wait(v_bar.at[slot])
-                o = ops.mma(v_smem.at[slot], p_mine, acc_shape, a_t=True,
-                            b_t=True)  # this block's V^T P^T
-                plgpu.barrier_arrive(v_free.at[slot])
+                o = ops.mma_on_slot(v_bar.at[slot], v_free.at[slot], v_smem.at[slot], p_mine,
+                                    acc_shape, a_t=True, b_t=True)  # this block's V^T P^T
                 return acc * bcast(alpha, acc_shape) + o, m_new, l_part
 
             acc, m_i, l_part = lax.fori_loop(0, mine, one_block, (acc, m_i, l_part))

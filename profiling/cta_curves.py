@@ -68,7 +68,7 @@ flags.DEFINE_list("tokens", ["256", "512", "1024"], "GEMM rows (nano-batch sizes
 flags.DEFINE_list("gemms", ["qkv", "o", "gate_up", "down"], "which layer GEMMs")
 flags.DEFINE_integer("calls", 10, "calls per timing, enqueued back to back")
 flags.DEFINE_integer("repeats", 3, "timings per point; the median is kept")
-flags.DEFINE_float("budget_s", 360.0, "seconds for the points; each part gets an equal "
+flags.DEFINE_float("budget_s", 330.0, "seconds for the points; each part gets an equal "
                    "share of what is left when it starts, and starts no point after it")
 flags.DEFINE_bool("trace", True, "device time from a jax.profiler trace (else back to back)")
 flags.DEFINE_bool("keep_trace", False, "keep the traces under $OUT (else removed once read)")
