@@ -1,9 +1,11 @@
 """Mosaic GPU paged decode attention (Mosaic GPU's CPU interpreter) vs the jnp reference.
 
-The interpreter runs the kernel's TMA page ring, barriers, paging, masking and online softmax;
-it has no transposed WGMMA operands, so there the two products are plain dots (the GPU run of
-`profiling/overlap_micro.py --mgpu_attention_programs=...` checks the WGMMA path against the
-Triton kernel).
+The interpreter runs the kernel's TMA page ring, barriers, paging, masking, online softmax and
+the consumers' merge, for both consumer forms; it has no transposed WGMMA operands, so there
+the two products are plain dots (`profiling/cta_curves.py` checks the WGMMA path on a GPU
+against the jnp reference). The interpreter runs each warpgroup's body as one XLA CPU call and
+runs as many at once as the CPU has cores, so a kernel of more warpgroups than cores can stall
+there (two consumers and the producer are the most a 2-core CI machine runs reliably).
 """
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,8 @@ from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
 from tests.helpers import random_seed
 
 
-@pytest.mark.parametrize("consumers", [1, 2])
-def test_matches_reference_over_ragged_lengths(consumers):
+@pytest.mark.parametrize("consumer,consumers", [("rows", 1), ("rows", 2), ("swap_ab", 2)])
+def test_matches_reference_over_ragged_lengths(consumer, consumers):
     seed = random_seed()
     rng = np.random.default_rng(seed)
     batch, hq, hkv, d, page_size, max_pages = 3, 8, 2, 64, 16, 9
@@ -32,11 +34,13 @@ def test_matches_reference_over_ragged_lengths(consumers):
     k, v = (jnp.asarray(x, jnp.bfloat16) for x in (k, v))
     tables, lengths = jnp.asarray(tables, jnp.int32), jnp.asarray(lengths)
     # one token; two 64-token blocks and a partial one; no tokens (a padding row: zeros)
-    # 2 CTAs over 6 (sequence, KV head) items: each CTA runs 3 items through one ring of 2.
-    # With two consumers, each takes every other block of the ring, so an item's blocks are
-    # split between them (or all land on one) and consumer 0 merges the two softmaxes.
+    # 2 CTAs over 6 (sequence, KV head) items: each CTA runs 3 items through one ring of 2
+    # (and, in swap_ab, its consumers' double-buffered Q). With two consumers, each takes every
+    # other block of the ring, so an item's blocks are split between them (or all land on
+    # one) and consumer 0 merges the two softmaxes.
     got = decode_attention_mgpu(q, k, v, tables, lengths, sm_scale=d**-0.5, num_programs=2,
-                                stages=2, consumers=consumers, interpret=True)
+                                stages=2, consumers=consumers, consumer=consumer,
+                                interpret=True)
     want = decode_attention_reference(q, k, v, tables, lengths, sm_scale=d**-0.5)
     assert got.shape == want.shape and got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
@@ -54,3 +58,11 @@ def test_supports_and_rejects():
     with pytest.raises(ValueError, match="bf16"):
         decode_attention_mgpu(q, cache, cache, jnp.zeros((1, 4), jnp.int32),
                               jnp.ones((1,), jnp.int32), sm_scale=1.0, interpret=True)
+    q, cache = q.astype(jnp.bfloat16), cache.astype(jnp.bfloat16)
+    args = (q, cache, cache, jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32))
+    for knobs, name in (({"consumer": "cols"}, "consumer"),
+                        ({"consumer": "rows", "consumers": 3, "stages": 6}, "consumers"),
+                        ({"consumer": "swap_ab", "consumers": 3, "stages": 4}, "consumers"),
+                        ({"pages_per_block": 2}, "pages_per_block")):
+        with pytest.raises(ValueError, match=name):
+            decode_attention_mgpu(*args, sm_scale=1.0, interpret=True, **knobs)
