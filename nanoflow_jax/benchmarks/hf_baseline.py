@@ -75,11 +75,8 @@ def hf_config_from(config):
     import transformers
 
     arch = config.architecture
+    # Sliding window included: to_hf_dict writes the window and each layer's type.
     hf = {k: v for k, v in config.to_hf_dict().items() if k != "architectures"}
-    if arch == "MistralForCausalLM":
-        hf["sliding_window"] = None  # MistralConfig defaults to 4096; ours attends to all
-    if arch == "Qwen2ForCausalLM":
-        hf["use_sliding_window"] = False
     hf_config = getattr(transformers, _HF_CONFIGS[arch])(**hf)
     hf_config.architectures = [arch]
     return hf_config
