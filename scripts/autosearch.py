@@ -35,6 +35,8 @@ from nanoflow_jax.pipeline import profile as prof  # noqa: E402
 flags.DEFINE_string("model", "tiny-llama", "preset name or checkpoint directory")
 flags.DEFINE_string("dtype", "bfloat16", "weights, activations and KV cache dtype")
 flags.DEFINE_integer("num_tokens", 1024, "the dense batch (tokens per step) to search for")
+flags.DEFINE_integer("tensor_parallel_size", 1, "devices per model: the profile times one "
+                     "shard's ops and the all-reduce over this many devices")
 flags.DEFINE_list("steps", ["profile", "search", "measure"], "profile, search, measure")
 flags.DEFINE_string("profile", "", "profile JSON (default: this device's cache file); "
                     "written by the profile step, read by search")
@@ -73,7 +75,8 @@ def main(argv):
                                    F.decode_context)
     granularity = F.granularity or autosearch.granularity(t)
     step = F.token_step or granularity
-    path = F.profile or prof.cache_path(prof.profile_key(config, t, F.dtype, F.page_size))
+    tp = F.tensor_parallel_size
+    path = F.profile or prof.cache_path(prof.profile_key(config, t, F.dtype, F.page_size, tp))
     out = F.out or path.removesuffix(".json") + ".schedule.json"
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {F.model} {F.dtype}, dense "
           f"batch {t}, {workload.num_decode} decodes @{workload.decode_context}")
@@ -81,7 +84,8 @@ def main(argv):
         profile = prof.profile_ops(config, t, F.dtype, token_step=step,
                                    shares=tuple(float(s) for s in F.shares),
                                    contexts=tuple(int(c) for c in F.contexts),
-                                   page_size=F.page_size, calls=F.calls, repeats=F.repeats)
+                                   page_size=F.page_size, calls=F.calls, repeats=F.repeats,
+                                   tensor_parallel_size=tp)
         profile.save(path)
         print(f"profile: {path}")
     result = None
@@ -131,7 +135,8 @@ def measure(config, schedule: str, workload: autosearch.Workload) -> float:
     runner = ModelRunner(EngineConfig(
         model=F.model, dtype=F.dtype, max_num_batched_tokens=t, max_num_seqs=max(nd, 1),
         min_bucket=t, page_size=F.page_size, num_pages=F.measure_pages,
-        max_model_len=min(config.max_position_embeddings, max(ctx + 2, t)), schedule=schedule))
+        max_model_len=min(config.max_position_embeddings, max(ctx + 2, t)), schedule=schedule,
+        tensor_parallel_size=F.tensor_parallel_size))
     page = F.page_size
     pages_per = -(-(ctx + 1) // page)
     rng = np.random.default_rng(0)

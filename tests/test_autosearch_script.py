@@ -24,3 +24,23 @@ def test_autosearch_script_profiles_searches_and_measures(tmp_path):
     assert written["num_tokens"] == 64 and written["prediction"]["step_ms"] > 0
     assert "search: " in run.stdout and "chose" in run.stdout
     assert "measured sequential:" in run.stdout and "predicted gain" in run.stdout
+
+
+def test_autosearch_script_profiles_a_tensor_parallel_shard(tmp_path):
+    """--tensor_parallel_size=2 on two host devices: the profile (keyed by the TP size) has the
+    all-reduce's times, and the search runs on it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "NANOFLOW_JAX_CACHE": str(tmp_path),
+           "PYTHONPATH": ROOT, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    profile, out = tmp_path / "tp2.json", tmp_path / "schedule.json"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "autosearch.py"), "--model=tiny-llama",
+           "--dtype=float32", "--num_tokens=64", "--token_step=32", "--shares=1.0",
+           "--contexts=48", "--calls=1", "--repeats=1", "--num_decode=16",
+           "--decode_context=40", "--num_nano=2", "--time_limit=10", "--page_size=4",
+           "--tensor_parallel_size=2", "--steps=profile,search", f"--profile={profile}",
+           f"--out={out}"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads(profile.read_text())
+    assert saved["key"]["tensor_parallel_size"] == 2
+    assert len(saved["all_reduce"]) == 2 and all(ms > 0 for ms in saved["all_reduce"])
+    assert json.loads(out.read_text())["num_tokens"] == 64
