@@ -59,6 +59,14 @@ def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype,
                         spec)
 
 
+def slot_pages(slots: jax.Array, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+    """slots [T] (-1 = padding) -> (page [T], offset [T]) for a scatter into pages. Padding row
+    t gets page num_pages + t: out of range, so mode="drop" skips it, and unlike any other
+    row's, so the indices stay unique."""
+    rows = jnp.arange(slots.shape[0], dtype=slots.dtype)
+    return jnp.where(slots >= 0, slots // page_size, num_pages + rows), slots % page_size
+
+
 def write_kv(
     k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array, *,
     unique: bool = True,
@@ -72,12 +80,7 @@ def write_kv(
     element an atomic store, for bf16 a compare-and-swap loop on its 32-bit word;
     `profiling/kv_write_check.py` times both and the other ways to write.
     """
-    num_pages, page_size = k_pages.shape[1], k_pages.shape[2]
-    # Padding row t gets page num_pages + t: out of range, so mode="drop" skips it, and
-    # unlike any other row's.
-    rows = jnp.arange(slots.shape[0], dtype=slots.dtype)
-    page = jnp.where(slots >= 0, slots // page_size, num_pages + rows)
-    offset = slots % page_size
+    page, offset = slot_pages(slots, k_pages.shape[1], k_pages.shape[2])
 
     def put(pages, x):  # x [T, Hkv, D] -> [Hkv, T, D], the layout of pages[:, page, offset]
         return pages.at[:, page, offset].set(jnp.swapaxes(x, 0, 1), mode="drop",

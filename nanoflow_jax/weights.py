@@ -299,11 +299,17 @@ def _stored_shapes(ckpt, directory: str):
     meta = ckpt.metadata(directory)
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    shapes = jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, "shape"))
-    layers = shapes.get("layers") if isinstance(shapes, dict) else None
-    if isinstance(layers, dict):  # some orbax versions give lists as dicts keyed "0", "1", ...
-        shapes["layers"] = [layers[str(i)] for i in range(len(layers))]
-    return shapes
+    return _layers_as_list(
+        jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, "shape")))
+
+
+def _layers_as_list(tree):
+    """A restored tree with its "layers" as a list: some orbax versions give lists back as
+    dicts keyed "0", "1", ..."""
+    layers = tree.get("layers") if isinstance(tree, dict) else None
+    if isinstance(layers, dict):
+        tree["layers"] = [layers[str(i)] for i in range(len(layers))]
+    return tree
 
 
 def restore_params(path: str, config: ModelConfig, dtype="bfloat16", mesh=None) -> Params:
@@ -329,9 +335,7 @@ def restore_params(path: str, config: ModelConfig, dtype="bfloat16", mesh=None) 
     with ocp.StandardCheckpointer() as ckpt:
         if _stored_shapes(ckpt, directory) != expected:
             raise ValueError(f"orbax checkpoint {path!r} does not match its config.json shapes")
-        params = ckpt.restore(directory, target)
-    if isinstance(params["layers"], dict):  # as _stored_shapes
-        params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
+        params = _layers_as_list(ckpt.restore(directory, target))
     if mesh is not None:
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: parallel.relayout(mesh, config, p[-1].key, x), params)

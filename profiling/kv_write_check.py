@@ -64,7 +64,7 @@ from jax import lax
 
 from nanoflow_jax.benchmarks.timing import device_ms_per_call
 from nanoflow_jax.config import get_preset
-from nanoflow_jax.kv_cache import write_kv
+from nanoflow_jax.kv_cache import slot_pages, write_kv
 from nanoflow_jax.models.llama import apply_rope, rope_inv_freq
 from pallas_kernels.experimental.kv_write import write_kv_pallas
 from profiling.trace_summary import kernel_events, summarize
@@ -100,11 +100,8 @@ STACKED = lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_win
 
 
 def distinct_pages(slots: jax.Array, num_pages: int, page_size: int) -> jax.Array:
-    """[T, 2] (page, offset) per row; padding row t (slot -1) gets page num_pages + t: out of
-    range, so the scatter drops it, and unlike every other row, so indices stay unique."""
-    rows = jnp.arange(slots.shape[0], dtype=slots.dtype)
-    page = jnp.where(slots >= 0, slots // page_size, num_pages + rows)
-    return jnp.stack([page, slots % page_size], axis=-1)
+    """[T, 2] (page, offset) per row, as `write_kv` computes them (`kv_cache.slot_pages`)."""
+    return jnp.stack(slot_pages(slots, num_pages, page_size), axis=-1)
 
 
 def write_natural(k_pages, v_pages, k, v, slots, *, unique: bool = True):

@@ -93,7 +93,7 @@ def mosaic_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     """`grouped_matmul` by JAX's persistent Hopper kernel (TMA + WGMMA, one CTA per SM,
     `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, the same in JAX 0.10.2 and 0.11).
     K must be a multiple of block_k and N of block_n. Shared memory at the default tiles:
-    `steps` = 4 pipeline steps × (128×64 + 64×128) × 2 B + a 32 KiB epilogue = 160 KiB of 227."""
+    `steps` (4) pipeline steps × (128×64 + 64×128) × 2 B + a 32 KiB epilogue = 160 KiB of 227."""
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     m, n = x.shape[0], w.shape[2]

@@ -207,6 +207,16 @@ def token_counts(num_tokens: int, step: int) -> tuple[int, ...]:
 # ---- the synthetic profile (tests, and a prior where nothing was measured) ------------------
 
 
+def _shard_config(config, tensor_parallel_size: int):
+    """The config of one tensor-parallel shard's ops, summing nothing (the all-reduce is an op
+    of its own); the config itself at size 1."""
+    if tensor_parallel_size == 1:
+        return config
+    from nanoflow_jax.parallel import local_config
+
+    return dataclasses.replace(local_config(config, tensor_parallel_size), tp_axis=None)
+
+
 def attention_speed(share: float) -> float:
     """NanoFlow's measured fraction of decode attention's speed kept at an SM share."""
     return float(np.interp(share, [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
@@ -224,10 +234,7 @@ def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_st
     at `link_gbps` after `collective_latency_ms`. No device is touched."""
     item = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
     tp, full_config = tensor_parallel_size, config
-    if tp > 1:
-        from nanoflow_jax.parallel import local_config
-
-        config = dataclasses.replace(local_config(config, tp), tp_axis=None)
+    config = _shard_config(config, tp)
     tokens = token_counts(num_tokens, token_step)
     d, f, qkv = config.hidden_size, config.intermediate_size, config.q_size + 2 * config.kv_size
     dims = {"qkv": (d, qkv), "o_proj": (config.q_size, d), "up_gate": (d, 2 * f),
@@ -316,10 +323,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     shares, contexts = tuple(shares), tuple(contexts)
     tokens = token_counts(num_tokens, token_step)
     tp, full_config = tensor_parallel_size, config
-    if tp > 1:  # one shard's ops, summing nothing (the all-reduce is timed on its own)
-        from nanoflow_jax.parallel import local_config
-
-        config = dataclasses.replace(local_config(config, tp), tp_axis=None)
+    config = _shard_config(config, tp)
     time_call = _device_ms_per_call()
     on_gpu = jax.default_backend() == "gpu"
     gemm_on = executor.persistent_gemm if on_gpu else None
