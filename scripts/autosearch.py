@@ -76,6 +76,8 @@ def main(argv):
     granularity = F.granularity or autosearch.granularity(t)
     step = F.token_step or granularity
     tp = F.tensor_parallel_size
+    if tp < 1:
+        raise app.UsageError(f"--tensor_parallel_size must be >= 1, got {tp}")
     path = F.profile or prof.cache_path(prof.profile_key(config, t, F.dtype, F.page_size, tp))
     out = F.out or path.removesuffix(".json") + ".schedule.json"
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {F.model} {F.dtype}, dense "
