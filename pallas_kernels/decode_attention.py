@@ -191,7 +191,10 @@ def _decode_program(
     masked_body = functools.partial(body, masked=True)
     n_head = 0
     if window is not None:
-        n_head = jnp.minimum(jnp.where((split == 0) & (lo % page_size != 0), 1, 0), n_blocks)
+        # 1 when split 0's first page starts below the window, else 0. Integer arithmetic,
+        # not a boolean select: Triton lowers the select to an i1 loop bound.
+        starts_inside = jnp.minimum(lo % page_size, 1) * (1 - jnp.minimum(split, 1))
+        n_head = jnp.minimum(starts_inside, n_blocks)
         n_full = jnp.maximum(n_full, n_head)
         carry = lax.fori_loop(0, n_head, masked_body, carry)
     carry = lax.fori_loop(n_head, n_full, functools.partial(body, masked=False), carry)
