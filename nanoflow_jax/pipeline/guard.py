@@ -113,15 +113,14 @@ def layer_timer(layer_params: list, model_config, workload, num_tokens: int, dty
 
 def engine_timer(config, params, model_config) -> Measure | None:
     """The guard's `measure` for an engine (`EngineConfig` resolved for its backend) whose
-    schedule is searched at start-up; None when `schedule_guard` (None: on a GPU) leaves it
+    schedule is searched at start-up; None when `schedule_guard` ("auto": on a GPU) leaves it
     off, the schedule is not searched, or the model is split over devices."""
     import jax
 
     from nanoflow_jax.pipeline.autosearch import Workload
 
-    on = config.schedule_guard
-    if on is None:
-        on = jax.default_backend() == "gpu"
+    on = config.schedule_guard == "on" or (config.schedule_guard == "auto"
+                                           and jax.default_backend() == "gpu")
     searched = isinstance(config.schedule, str) and config.schedule.split(":")[0] == "auto"
     if not on or not searched:
         return None
