@@ -409,6 +409,10 @@ class EngineConfig:
                                       "parallelism on a mesh axis 'tp': attention heads, KV "
                                       "cache, FFN and vocab sharded; 1 runs the unsharded "
                                       "single-device program)")
+    schedule_guard: str = _knob("auto", "schedule auto: time the searched schedule and "
+                                "sequential at start-up (a few steps of a few layers at the "
+                                "dense batch) and keep the searched one only if it measures "
+                                "faster by the search's min_gain: on | off | auto (on a GPU)")
 
     def __post_init__(self):
         checks = [
@@ -426,6 +430,8 @@ class EngineConfig:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"),
              "dtype must be auto, float32, bfloat16 or float16"),
             (self.tensor_parallel_size >= 1, "tensor_parallel_size must be >= 1"),
+            (self.schedule_guard in ("auto", "on", "off"),
+             "schedule_guard must be on, off or auto (on a GPU)"),
         ]
         for ok, message in checks:
             if not ok:

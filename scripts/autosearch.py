@@ -1,20 +1,25 @@
-"""Profile the ops, search a nano-batch schedule, and compare its predicted and measured step.
+"""Profile the ops, search a nano-batch schedule, and compare predicted and measured times.
 
     PYTHONPATH=. python3 scripts/autosearch.py --model=llama-3-8b --num_tokens=1024
 
 Steps (`--steps`, in this order):
-  profile  times every op alone on this device (`pipeline/profile.py`) and writes the profile
-           to `--profile` (default: the cache file `schedule="auto"` reads, under
-           $NANOFLOW_JAX_CACHE or ~/.cache/nanoflow_jax)
+  profile  times every op alone on this device, and GEMMs beside attention (the co-run table,
+           `--corun_tokens`), `pipeline/profile.py`; writes the profile to `--profile`
+           (default: the cache file `schedule="auto"` reads, under $NANOFLOW_JAX_CACHE or
+           ~/.cache/nanoflow_jax)
   search   the two-stage MILP over nano-batch splits (`pipeline/autosearch.py`); writes the
            schedule JSON, with its prediction, to `--out` (`--schedule=PATH` runs it)
-  measure  the device time of one step of the searched schedule and of the sequential one, at
-           the workload's shapes (calls enqueued back to back, as benchmarks/step_profile.py
-           times them), printed beside the predictions
+  measure  the device time of the decoder layers of one step (`--num_layers` of them) for
+           sequential, the `--hand_written` schedule and the searched one, at the workload's
+           shapes (`guard.layer_timer`: calls enqueued back to back), in a table beside their
+           predictions with the error, and the guard's choice (`guard.choose`). Under tensor
+           parallelism a whole engine step is timed instead (embedding, LM head and sampling
+           included, the same for every schedule: compare the differences)
 
-The prediction covers the decoder layers only; the measured step adds the embedding, the LM
-head and sampling, which are the same for both schedules: compare the differences.
+`--num_layers` runs the model with fewer layers (search and measure alike; the profile is per
+layer): the pipelined schedules compile in a fraction of the time.
 """
+import dataclasses
 import gc
 import json
 import logging
@@ -59,6 +64,15 @@ flags.DEFINE_integer("max_splits", 16, "splits per count through stage 1")
 flags.DEFINE_integer("keep", 2, "splits per count through stage 2")
 flags.DEFINE_bool("streams", True, "GEMMs on stream 1, attention on stream 2")
 flags.DEFINE_bool("concurrent", False, "XLA may run independent kernels at once (+graph)")
+flags.DEFINE_list("corun_tokens", ["auto"], "row counts of the co-run table (GEMM beside "
+                  "attention); auto: a quarter and half of the dense batch; empty: none")
+flags.DEFINE_integer("corun_context", 0, "decode context of the co-run attention (0: the "
+                     "workload's --decode_context)")
+flags.DEFINE_integer("num_layers", 0, "decoder layers searched and measured (0: the model's)")
+flags.DEFINE_string("hand_written", "nano2-pipe-nostreams", "the hand-written schedule "
+                    "measured beside sequential and the searched one ('' : none)")
+flags.DEFINE_float("min_gain", 0.02, "the searched schedule must predict (search) and "
+                   "measure (guard) this fraction faster than sequential")
 flags.DEFINE_integer("measure_repeats", 10, "steps enqueued back to back per timing")
 flags.DEFINE_integer("measure_pages", 25000, "KV pages of the measuring engine (decodes "
                      "share pages round robin beyond)")
@@ -70,6 +84,8 @@ def main(argv):
     logging.getLogger("nanoflow_jax").setLevel(logging.INFO)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     config = load_config(F.model)
+    if F.num_layers:
+        config = dataclasses.replace(config, num_layers=F.num_layers)
     t = F.num_tokens
     workload = autosearch.Workload(F.num_decode if F.num_decode >= 0 else t * 300 // 1024,
                                    F.decode_context)
@@ -78,16 +94,22 @@ def main(argv):
     tp = F.tensor_parallel_size
     if tp < 1:
         raise app.UsageError(f"--tensor_parallel_size must be >= 1, got {tp}")
+    if tp > 1 and F.num_layers and "measure" in F.steps:
+        raise app.UsageError("--num_layers: the measure step runs the model's own layers "
+                             "under tensor parallelism")
     path = F.profile or prof.cache_path(prof.profile_key(config, t, F.dtype, F.page_size, tp))
     out = F.out or path.removesuffix(".json") + ".schedule.json"
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: {F.model} {F.dtype}, dense "
           f"batch {t}, {workload.num_decode} decodes @{workload.decode_context}")
     if "profile" in F.steps:
+        corun = (autosearch.default_corun_tokens(t) if F.corun_tokens == ["auto"]
+                 else tuple(int(n) for n in F.corun_tokens))
         profile = prof.profile_ops(config, t, F.dtype, token_step=step,
                                    shares=tuple(float(s) for s in F.shares),
                                    contexts=tuple(int(c) for c in F.contexts),
                                    page_size=F.page_size, calls=F.calls, repeats=F.repeats,
-                                   tensor_parallel_size=tp)
+                                   tensor_parallel_size=tp, corun_tokens=corun,
+                                   corun_context=F.corun_context or workload.decode_context)
         profile.save(path)
         print(f"profile: {path}")
     result = None
@@ -95,7 +117,7 @@ def main(argv):
         options = autosearch.SearchOptions(
             num_nano=tuple(int(n) for n in F.num_nano), granularity=granularity,
             max_splits=F.max_splits, keep=F.keep, time_limit_s=F.time_limit,
-            streams=F.streams, concurrent=F.concurrent)
+            min_gain=F.min_gain, streams=F.streams, concurrent=F.concurrent)
         result = autosearch.search(prof.Profile.load(path), config.num_layers, workload,
                                    options)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -105,28 +127,67 @@ def main(argv):
               f"{result.predicted_step_ms:.3f} ms of layers per step, sequential "
               f"{result.sequential_step_ms:.3f} ms ({result.period_ms:.4f} vs "
               f"{result.sequential_period_ms:.4f} ms per layer); written to {out}")
-        for sizes, first, second in result.candidates:
+        for sizes, first, second, penalised in result.candidates:
             print(f"  split {sizes}: stage 1 {first:.4f} ms/layer, stage 2 "
-                  + ("-" if second is None else f"{second:.4f} ms/layer"))
+                  + ("-" if second is None else f"{second:.4f} ms/layer, "
+                     f"{penalised:.4f} with the overlap penalty"))
     if "measure" in F.steps:
-        with open(out) as f:
-            predicted = json.load(f)["prediction"]
-        rows = [("searched", out, predicted["step_ms"]),
-                ("sequential", "sequential", predicted["sequential_step_ms"])]
-        measured = {"sequential": measure(config, "sequential", workload)}
+        compare(config, prof.Profile.load(path), out, workload)
+
+
+def compare(config, profile, out: str, workload: autosearch.Workload) -> None:
+    """The table of predicted and measured ms of the decoder layers per step, and the guard's
+    choice between the searched schedule and sequential."""
+    from nanoflow_jax.pipeline import guard, predict
+    from nanoflow_jax.pipeline.spec import named_schedule
+
+    t, layers = F.num_tokens, config.num_layers
+    with open(out) as f:
+        predicted = json.load(f)["prediction"]
+    rows = [("sequential", "sequential", predicted["sequential_period_ms"] * layers)]
+    if F.hand_written:
+        hand = named_schedule(F.hand_written, t)
+        rows.append(("hand-written", F.hand_written,
+                     predict.schedule_ms(profile, hand, workload, layers)))
+    searched = named_schedule(out, t)
+    rows.append(("searched", searched.name, predicted["period_ms"] * layers))
+    timer = (timer_for(config, workload) if F.tensor_parallel_size == 1 else
+             lambda schedule: measure_step(config, schedule, workload))
+    measured = {}
+    for label, name, _ in rows:
+        if label == "searched" and searched.is_sequential:
+            measured[label] = measured["sequential"]  # the search chose sequential
+            continue
+        measured[label] = timer(searched if label == "searched" else named_schedule(name, t))
+        print(f"measured {name}: {measured[label]:.3f} ms")
         gc.collect()
-        measured["searched"] = (measured["sequential"] if predicted["sizes"] == [t]
-                                else measure(config, out, workload))  # sequential was chosen
-        print("schedule | predicted ms (layers) | measured ms (step) | measured - predicted")
-        for label, schedule, ms in rows:
-            print(f"{label} ({schedule}) | {ms:.3f} | {measured[label]:.3f} | "
-                  f"{measured[label] - ms:.3f}")
-        print(f"predicted gain {rows[1][2] - rows[0][2]:.3f} ms, measured gain "
-              f"{measured['sequential'] - measured['searched']:.3f} ms")
+    what = "layers" if F.tensor_parallel_size == 1 else "layers; measured: whole step"
+    print(f"\n{layers} layers, ms per step ({what})")
+    print("schedule | predicted ms | measured ms | error %")
+    for label, name, ms in rows:
+        print(f"{label} ({name}) | {ms:.3f} | {measured[label]:.3f} | "
+              f"{100 * (ms - measured[label]) / measured[label]:+.1f}")
+    seq_ms, searched_ms = measured["sequential"], measured["searched"]
+    kept = searched if searched.is_sequential else guard.choose(
+        searched, rows[-1][2], rows[0][2],
+        lambda s: seq_ms if s.is_sequential else searched_ms, F.min_gain).schedule
+    print(f"predicted gain {rows[0][2] - rows[-1][2]:.3f} ms, measured gain "
+          f"{seq_ms - searched_ms:.3f} ms; guard keeps {kept.name}")
 
 
-def measure(config, schedule: str, workload: autosearch.Workload) -> float:
-    """Device ms per step of `schedule` on the workload's batch: D decodes, one prompt chunk."""
+def timer_for(config, workload: autosearch.Workload):
+    """`guard.layer_timer` over every layer of `config` (random weights)."""
+    from nanoflow_jax.pipeline import guard
+    from nanoflow_jax.weights import random_params
+
+    params = random_params(config, F.dtype)["layers"]
+    return guard.layer_timer(params, config, workload, F.num_tokens, F.dtype, F.page_size,
+                             layers=config.num_layers, steps=F.measure_repeats)
+
+
+def measure_step(config, schedule, workload: autosearch.Workload) -> float:
+    """Device ms per engine step of `schedule` on the workload's batch: D decodes, one prompt
+    chunk (under tensor parallelism, where `guard.layer_timer` does not run)."""
     from nanoflow_jax.batch import SeqChunk, build_batch
     from nanoflow_jax.benchmarks.timing import device_ms_per_call
     from nanoflow_jax.engine.model_runner import ModelRunner
@@ -154,10 +215,8 @@ def measure(config, schedule: str, workload: autosearch.Workload) -> float:
     sampling = jax.device_put(sampling_tensors(params, [0] * shape.num_logits,
                                                [0] * shape.num_logits))
     mode = SampleMode.of(params)
-    ms = device_ms_per_call(lambda: runner.run_step(batch, sampling, mode),
-                            calls=F.measure_repeats, repeats=3)
-    print(f"measured {runner.schedule.name}: {ms:.3f} ms per step")
-    return ms
+    return device_ms_per_call(lambda: runner.run_step(batch, sampling, mode),
+                              calls=F.measure_repeats, repeats=3)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,24 @@ def test_autosearch_script_profiles_searches_and_measures(tmp_path):
            "--dtype=float32", "--num_tokens=64", "--token_step=32", "--shares=0.5,1.0",
            "--contexts=48", "--calls=1", "--repeats=1", "--num_decode=16",
            "--decode_context=40", "--num_nano=2", "--time_limit=10", "--measure_repeats=1",
-           "--measure_pages=100", "--page_size=4", f"--out={out}"]
+           "--measure_pages=100", "--page_size=4", "--corun_tokens=32", "--num_layers=1",
+           f"--out={out}"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     profiles = os.listdir(tmp_path / "profiles")  # the cache file `schedule="auto"` reads
     assert len(profiles) == 1 and profiles[0].startswith("cpu-float32-T64-")
+    corun = json.loads((tmp_path / "profiles" / profiles[0]).read_text())["corun"]
+    assert corun["tokens"] == [32] and corun["shares"] == [0.5, 1.0]
     written = json.loads(out.read_text())
     assert written["num_tokens"] == 64 and written["prediction"]["step_ms"] > 0
     assert "search: " in run.stdout and "chose" in run.stdout
-    assert "measured sequential:" in run.stdout and "predicted gain" in run.stdout
+    # The table: predicted and measured for sequential, the hand-written and the searched.
+    table = run.stdout[run.stdout.index("schedule | predicted ms"):].splitlines()
+    assert [row.split(" (")[0] for row in table[1:4]] == ["sequential", "hand-written",
+                                                          "searched"]
+    assert "nano2-pipe-nostreams" in table[2]
+    assert all(float(row.split(" | ")[2]) > 0 for row in table[1:4])
+    assert "predicted gain" in run.stdout and "guard keeps" in run.stdout
 
 
 def test_autosearch_script_profiles_a_tensor_parallel_shard(tmp_path):

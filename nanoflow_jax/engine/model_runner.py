@@ -38,6 +38,7 @@ from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
+from nanoflow_jax.pipeline.guard import engine_timer
 from nanoflow_jax.pipeline.spec import named_schedule
 from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
@@ -153,7 +154,8 @@ class ModelRunner:
         # Before the KV cache: `auto` may profile the ops on the device first.
         self.schedule = named_schedule(config.schedule, config.max_num_batched_tokens,
                                        model_config=mc, dtype=config.dtype,
-                                       tensor_parallel_size=config.tensor_parallel_size)
+                                       tensor_parallel_size=config.tensor_parallel_size,
+                                       measure=engine_timer(config, self.params, mc))
         layers_fn = (llama.run_layers if self.schedule.is_sequential
                      else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"

@@ -19,8 +19,10 @@ of other nano-batches, and the schedule keeps them as collective ops at their so
 
 The nano-batch counts and sizes (multiples of `granularity`) are enumerated outside the MILP:
 stage 1 (`solver.order`) runs on each split, the best few per count go on to stage 2
-(`solver.assign_shares`), every plan is replayed (`replay.check`), and the fastest wins unless
-it predicts less than `min_gain` over the sequential schedule, which is then returned.
+(`solver.assign_shares`), every plan is replayed (`replay.check`) and predicted with the
+measured interference of its overlapping pairs (`predict.plan_period`: the profile's co-run
+table), and the fastest prediction wins unless it saves less than `min_gain` over the
+sequential schedule, which is then returned.
 
 The timeline maps onto the executor's window: an op that starts in the first period runs in
 the window before its layer's (`layer=1`), one in the second period in its layer's own window
@@ -39,6 +41,7 @@ import os
 import time
 
 from nanoflow_jax.pipeline import replay, solver
+from nanoflow_jax.pipeline.predict import attention_ms, plan_period
 from nanoflow_jax.pipeline.profile import Profile
 from nanoflow_jax.pipeline.schedule import CHAIN_TP, COLLECTIVES, OPS, NanoOp, Schedule, sequential
 
@@ -74,13 +77,15 @@ class SearchOptions:
 @dataclasses.dataclass(frozen=True)
 class SearchResult:
     schedule: Schedule
-    period_ms: float  # predicted steady-state ms per layer of the chosen schedule
+    period_ms: float  # predicted steady-state ms per layer of the chosen schedule (with the
+    # overlap penalty of its pairs: predict.py)
     sequential_period_ms: float
     num_layers: int
     sizes: tuple[int, ...]  # the chosen nano-batch sizes ((T,): sequential)
     plan: solver.Plan | None  # the solved timeline (None: sequential)
     solve_s: float  # the whole search
-    candidates: tuple[tuple[tuple[int, ...], float, float | None], ...]  # sizes, stage 1, 2
+    # sizes, stage 1's period, stage 2's, stage 2's with the overlap penalty (ms per layer)
+    candidates: tuple[tuple[tuple[int, ...], float, float | None, float | None], ...]
 
     @property
     def predicted_step_ms(self) -> float:
@@ -97,23 +102,11 @@ class SearchResult:
         d["prediction"] = {
             "step_ms": self.predicted_step_ms, "sequential_step_ms": self.sequential_step_ms,
             "period_ms": self.period_ms, "sequential_period_ms": self.sequential_period_ms,
+            "solver_period_ms": None if self.plan is None else self.plan.period,
             "num_layers": self.num_layers, "sizes": list(self.sizes), "solve_s": self.solve_s,
             "timeline": None if self.plan is None else [dataclasses.asdict(t)
                                                         for t in self.plan.ops]}
         return json.dumps(d, indent=1)
-
-
-def attention_ms(profile: Profile, workload: Workload, start: int, end: int,
-                 share: float) -> float:
-    """The attention op over rows [start, end): its decode rows, its slice of the chunk, and
-    the KV write of all its rows."""
-    decode_rows = max(0, min(end, workload.num_decode) - start)
-    chunk = (max(start, workload.num_decode) - workload.num_decode,
-             max(end, workload.num_decode) - workload.num_decode)
-    prefill = profile.prefill_ms(chunk[1]) - profile.prefill_ms(chunk[0]) if chunk[1] > chunk[0] \
-        else 0.0
-    return (profile.decode_ms(decode_rows, workload.decode_context, share) + max(prefill, 0.0)
-            + profile.kv_write_ms(end - start))
 
 
 def build_problem(profile: Profile, sizes, workload: Workload):
@@ -241,22 +234,24 @@ def search(profile: Profile, num_layers: int, workload: Workload | None = None,
             plan = solver.assign_shares(problem, first, max(left / (len(finalists) - k), 0.5))
         except RuntimeError as e:
             log.info("autosearch: split %s: %s", sizes, e)
-            candidates.append((sizes, period1, None))
+            candidates.append((sizes, period1, None, None))
             continue
         replay.check(problem, plan)
-        candidates.append((sizes, period1, plan.period))
-        log.info("autosearch: split %s: stage 1 %.4f ms, stage 2 %.4f ms per layer%s", sizes,
-                 period1, plan.period, "" if plan.optimal else " (time limit: incumbent)")
-        if best is None or plan.period < best[0].period:
-            best = (plan, sizes, rows)
+        predicted = plan_period(profile, plan, rows)
+        candidates.append((sizes, period1, plan.period, predicted))
+        log.info("autosearch: split %s: stage 1 %.4f ms, stage 2 %.4f ms per layer%s, "
+                 "%.4f ms with the overlap penalty", sizes, period1, plan.period,
+                 "" if plan.optimal else " (time limit: incumbent)", predicted)
+        if best is None or predicted < best[3]:
+            best = (plan, sizes, rows, predicted)
     solve_s = time.perf_counter() - t0
-    if best is None or best[0].period > (1 - options.min_gain) * seq:
+    if best is None or best[3] > (1 - options.min_gain) * seq:
         schedule = sequential(num_tokens, options.concurrent)  # collectives: the executor's
         return SearchResult(schedule, seq, seq, num_layers, (num_tokens,), None, solve_s,
                             tuple(candidates))
-    plan, sizes, rows = best
+    plan, sizes, rows, predicted = best
     schedule = plan_to_schedule(plan, rows, num_tokens, options)
-    return SearchResult(schedule, plan.period, seq, num_layers, tuple(sizes), plan, solve_s,
+    return SearchResult(schedule, predicted, seq, num_layers, tuple(sizes), plan, solve_s,
                         tuple(candidates))
 
 
@@ -268,13 +263,21 @@ def granularity(num_tokens: int) -> int:
 
 def default_profile_options(num_tokens: int) -> dict:
     """What `schedule="auto"` profiles: token counts in steps of `granularity`; SM shares of a
-    quarter (on a GPU; elsewhere a half and all: shares change nothing there); two contexts."""
+    quarter (on a GPU; elsewhere a half and all: shares change nothing there); two contexts;
+    on a GPU the co-run table at a quarter and half of the dense batch."""
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
     return {"token_step": granularity(num_tokens),
             "shares": (0.25, 0.5, 0.75, 1.0) if on_gpu else (0.5, 1.0),
-            "contexts": (512, 2048) if on_gpu else (512,)}
+            "contexts": (512, 2048) if on_gpu else (512,),
+            "corun_tokens": default_corun_tokens(num_tokens) if on_gpu else ()}
+
+
+def default_corun_tokens(num_tokens: int) -> tuple[int, ...]:
+    """Row counts of the co-run table: a quarter and a half of the dense batch (multiples of
+    16), the sizes nano-batches of 2 to 4 have."""
+    return tuple(sorted({max(16, num_tokens // d // 16 * 16) for d in (4, 2)}))
 
 
 def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 16,
@@ -302,10 +305,13 @@ def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 
 def auto_schedule(model_config, num_tokens: int, dtype: str = "bfloat16",
                   profile_path: str | None = None, workload: Workload | None = None,
                   options: SearchOptions | None = None,
-                  tensor_parallel_size: int | None = None) -> SearchResult:
+                  tensor_parallel_size: int | None = None,
+                  measure=None) -> SearchResult:
     """`schedule="auto"`: the profile (from `profile_path`, else the cache, else measured
     now), the search, and a log line with the chosen schedule and its predicted time.
-    `tensor_parallel_size`: the profile's (None: a given profile's own, else 1)."""
+    `tensor_parallel_size`: the profile's (None: a given profile's own, else 1). With
+    `measure` (`guard.Measure`) a searched schedule is timed beside sequential and kept only
+    when it measures `min_gain` faster (`guard.choose`)."""
     options = options or SearchOptions(granularity=granularity(num_tokens))
     from nanoflow_jax.pipeline.profile import model_key
 
@@ -334,4 +340,14 @@ def auto_schedule(model_config, num_tokens: int, dtype: str = "bfloat16",
     log.info("autosearch: chose %s in %.1f s: predicted %.3f ms per step of layers "
              "(sequential %.3f ms); written to %s", result.schedule.name, result.solve_s,
              result.predicted_step_ms, result.sequential_step_ms, path)
-    return result
+    if measure is None or result.schedule.is_sequential:
+        return result
+    from nanoflow_jax.pipeline import guard
+
+    verdict = guard.choose(result.schedule, result.predicted_step_ms,
+                           result.sequential_step_ms, measure, options.min_gain)
+    if verdict.kept_searched:
+        return result
+    return dataclasses.replace(result, schedule=verdict.schedule,
+                               period_ms=result.sequential_period_ms, sizes=(num_tokens,),
+                               plan=None)

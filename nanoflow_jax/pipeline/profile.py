@@ -15,6 +15,10 @@ each of the executor's ops run alone (`executor._State.run`, the very code a sch
     all_reduce[i]             tensor parallelism only (None at tensor_parallel_size 1): ms of
                               one all-reduce of tokens[i] rows of the residual stream [·, D]
                               over the mesh, the schedule's collective op
+    corun                     optional: ms of GEMM ops beside decode attention, run as the
+                              executor overlaps them, and the overlap efficiency read from
+                              them (`corun.py`); None: ops beside each other keep their solo
+                              speed at their share (the solver's assumption)
 
 Under tensor parallelism (`key["tensor_parallel_size"]` > 1) the GEMMs and attention are timed
 at one shard's shapes (`parallel.local_config`: its heads and FFN columns) on one device,
@@ -44,6 +48,8 @@ import sys
 import time
 
 import numpy as np
+
+from nanoflow_jax.pipeline import corun
 
 GEMM_OPS = ("qkv", "o_proj", "up_gate", "down")
 FORMAT = 1
@@ -103,6 +109,7 @@ class Profile:
     prefill_attn: list  # [tokens] ms
     kv_write: list  # [tokens] ms
     all_reduce: list | None = None  # [tokens] ms; None: one device (nothing to reduce)
+    corun: dict | None = None  # the co-run table (corun.py); None: none measured
 
     def __post_init__(self):
         t, s, c = len(self.tokens), len(self.shares), len(self.contexts)
@@ -117,6 +124,8 @@ class Profile:
                     and (self.all_reduce is None or np.shape(self.all_reduce) == (t,)))
         if not shape_ok:
             raise ValueError("profile tables do not match its tokens, contexts and shares")
+        if self.corun is not None:
+            corun.check(self.corun, GEMM_OPS, self.shares)
         if (self.all_reduce is None) != (self.tensor_parallel_size == 1):
             raise ValueError(f"a profile has all-reduce times exactly when its "
                              f"tensor_parallel_size ({self.tensor_parallel_size}) is above 1")
@@ -155,6 +164,12 @@ class Profile:
             raise ValueError("this profile is of one device: it has no all-reduce times")
         return _interp(self.tokens, self.all_reduce, tokens, floor=True)
 
+    def overlap_efficiency(self, op: str, gemm_rows: int, attn_rows: int,
+                           gemm_share: float = 1.0) -> float:
+        """GEMM `op` beside attention: 1 the pair takes the longer one's time, 0 the sum of
+        both (`corun.efficiency`); 1 without a co-run table."""
+        return corun.efficiency(self, op, gemm_rows, attn_rows, gemm_share)
+
     # ---- JSON --------------------------------------------------------------------------------
 
     def to_json(self) -> str:
@@ -167,7 +182,7 @@ class Profile:
             raise ValueError(f"not a profile of format {FORMAT}")
         return cls(d["key"], tuple(d["tokens"]), tuple(d["shares"]), tuple(d["contexts"]),
                    d["gemm"], d["decode_attn"], d["prefill_attn"], d["kv_write"],
-                   d.get("all_reduce"))
+                   d.get("all_reduce"), d.get("corun"))
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -226,12 +241,15 @@ def attention_speed(share: float) -> float:
 def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
                       shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, peak_tflops=700.0,
                       hbm_tbps=4.0, page_size: int = 16, tensor_parallel_size: int = 1,
-                      link_gbps: float = 300.0, collective_latency_ms: float = 0.02) -> Profile:
+                      link_gbps: float = 300.0, collective_latency_ms: float = 0.02,
+                      overlap_efficiency: float | None = None) -> Profile:
     """A roofline profile: GEMMs at `peak_tflops` scaled by their share of the SMs (or bound
     by reading their weights), decode attention bound by reading the KV cache at `hbm_tbps`
     times `attention_speed(share)`, prefill attention at the peak. Under tensor parallelism
     the ops have one shard's shapes and a ring all-reduce moves 2·(N-1)/N of its rows' bytes
-    at `link_gbps` after `collective_latency_ms`. No device is touched."""
+    at `link_gbps` after `collective_latency_ms`. With `overlap_efficiency` a co-run table
+    over every token count at the last context gives every pair that efficiency. No device is
+    touched."""
     item = np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
     tp, full_config = tensor_parallel_size, config
     config = _shard_config(config, tp)
@@ -259,8 +277,18 @@ def synthetic_profile(config, num_tokens: int, dtype: str = "bfloat16", token_st
            "page_size": page_size}
     if tp > 1:
         key["tensor_parallel_size"] = tp
-    return Profile(key, tokens, tuple(shares), tuple(contexts), table, decode, prefill,
+    prof = Profile(key, tokens, tuple(shares), tuple(contexts), table, decode, prefill,
                    kv_write, all_reduce)
+    if overlap_efficiency is None:
+        return prof
+    pairs = corun.synthetic_table(prof, tokens, contexts[-1], corun_shares(shares),
+                                  overlap_efficiency)
+    return dataclasses.replace(prof, corun=pairs)
+
+
+def corun_shares(shares) -> tuple[float, ...]:
+    """The GEMM shares whose co-run pairs fit the profiled shares (module doc of corun.py)."""
+    return tuple(p for p in shares if corun.attention_share(p) in shares)
 
 
 # ---- the profiler -----------------------------------------------------------------------------
@@ -291,11 +319,29 @@ def _device_ms_per_call():
     return device_ms_per_call
 
 
+def run_op(op, layer_weights, inputs: dict, cache, pos, meta, config, attention,
+           prewritten=frozenset(), gemm_on=None) -> list:
+    """`op` (a NanoOp over rows [0, n)) alone, as the executor runs it: `inputs` {tensor name:
+    [n, ·]}, `cache` one layer's KV cache (attention), `pos` [n] positions (qkv), `meta` the
+    rows' attention metadata -> the tensors it writes."""
+    from nanoflow_jax.pipeline import executor
+
+    n = op.end
+    pieces = {executor._key(name, 0): executor._Pieces([(0, n, a)])
+              for name, a in inputs.items()}
+    state = executor._State(pieces, {0: cache}, {"layer": {0: layer_weights},
+                                                 "pos": {(0, n): pos}, "meta": {(0, n): meta}},
+                            prewritten, gemm_on)
+    state.run(op, 0, config, attention)
+    return [state.pieces[executor._key(w, 0)].read(0, n) for w in executor.WRITES[op.op]]
+
+
 def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: int = 128,
                 shares=DEFAULT_SHARES, contexts=DEFAULT_CONTEXTS, page_size: int = 16,
                 attention_impl: str = "auto", calls: int = 5, repeats: int = 5,
                 layers: int | None = None, kv_pool_bytes: int | None = None,
-                progress: bool = True, tensor_parallel_size: int = 1) -> Profile:
+                progress: bool = True, tensor_parallel_size: int = 1,
+                corun_tokens=(), corun_context: int | None = None) -> Profile:
     """Times every op alone on the local device over token counts, contexts and SM shares;
     with `tensor_parallel_size` > 1 at one shard's shapes, plus the all-reduce of the residual
     stream's rows over that many devices (`all_reduce_ms`).
@@ -309,7 +355,13 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
 
     Decode rows read distinct pages from a pool of `kv_pool_bytes` (None: 4 GiB on a GPU,
     64 MiB elsewhere), reused round robin when rows x context exceed it: far larger than the
-    L2, so reuse does not flatter the time."""
+    L2, so reuse does not flatter the time.
+
+    With `corun_tokens` it also times the co-run table (`corun.py`): every GEMM op over each
+    of those row counts beside decode attention over each of them at `corun_context` (None:
+    the last context), at each share whose complement is profiled, issued on two streams in
+    one scheduling group on a GPU (elsewhere one after the other: meaningless, like the
+    shares)."""
     import jax
     import jax.numpy as jnp
 
@@ -332,8 +384,10 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     one_layer = dataclasses.replace(config, num_layers=1, vocab_size=16, tie_word_embeddings=True)
     weights = random_params(dataclasses.replace(one_layer, num_layers=reps), dtype)["layers"]
     jdtype = jnp.dtype(dtype)
+    corun_tokens, pair_shares = tuple(corun_tokens), corun_shares(shares)
     bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2
-                                  + (tp > 1)), progress)
+                                  + (tp > 1))
+                   + len(GEMM_OPS) * len(corun_tokens) ** 2 * len(pair_shares), progress)
     rng = np.random.default_rng(0)
 
     def rand(*shape):
@@ -348,19 +402,26 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     def op_call(kind, n, share, prewritten=frozenset()):
         """One program: the op on each (layer weights, inputs) pair of its arguments."""
         op = NanoOp(kind, 0, n, sm_share=share)
-
-        def run(layer, inputs, cache, pos, meta):
-            pieces = {executor._key(name, 0): executor._Pieces([(0, n, a)])
-                      for name, a in inputs.items()}
-            state = executor._State(pieces, {0: cache}, {"layer": {0: layer},
-                                                         "pos": {(0, n): pos},
-                                                         "meta": {(0, n): meta}},
-                                    prewritten, gemm_on)
-            state.run(op, 0, config, attention)
-            return [state.pieces[executor._key(w, 0)].read(0, n) for w in executor.WRITES[kind]]
-
         return jax.jit(lambda weight_sets, input_sets, cache, pos, meta: [
-            run(w, x, cache, pos, meta) for w, x in zip(weight_sets, input_sets)])
+            run_op(op, w, x, cache, pos, meta, config, attention, prewritten, gemm_on)
+            for w, x in zip(weight_sets, input_sets)])
+
+    def gemm_inputs(n):
+        x = rand(n, config.hidden_size)
+        return {"qkv": {"x": x}, "up_gate": {"x": x},
+                "o_proj": {"attn": rand(n, config.num_heads, config.head_dim), "x": x},
+                "down": {"gate_up": rand(n, 2 * config.intermediate_size), "x": x}}
+
+    def decode_batch(n, ctx, num_pages):
+        """n decode rows of `ctx` tokens of context over distinct pages (round robin)."""
+        pages_per = -(-(ctx + 1) // page_size)
+        decodes = [SeqChunk([0], ctx, [(r * pages_per + j) % num_pages
+                                       for j in range(pages_per)]) for r in range(n)]
+        return build_batch(decodes, [], BatchShape(n, n, 1, pages_per), page_size)
+
+    def decode_pages(ctx, rows):
+        pages_per = -(-(ctx + 1) // page_size)
+        return max(pages_per, min(rows * pages_per, pool // per_page))
 
     def time_ops(fn, *args):
         """ms of one instance of the op: the program's device time over its instances."""
@@ -368,10 +429,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
 
     gemm = {op: [[0.0] * len(shares) for _ in tokens] for op in GEMM_OPS}
     for i, n in enumerate(tokens):
-        x = rand(n, config.hidden_size)
-        inputs = {"qkv": {"x": x}, "up_gate": {"x": x},
-                  "o_proj": {"attn": rand(n, config.num_heads, config.head_dim), "x": x},
-                  "down": {"gate_up": rand(n, 2 * config.intermediate_size), "x": x}}
+        inputs = gemm_inputs(n)
         pos = jnp.arange(n, dtype=jnp.int32)
         for op in GEMM_OPS:
             for k, share in enumerate(shares):
@@ -384,13 +442,10 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     decode = [[[0.0] * len(shares) for _ in contexts] for _ in tokens]
     prefill, kv_write = [0.0] * len(tokens), [0.0] * len(tokens)
     for c, ctx in enumerate(contexts):
-        pages_per = -(-(ctx + 1) // page_size)
-        num_pages = max(pages_per, min(tokens[-1] * pages_per, pool // per_page))
+        num_pages = decode_pages(ctx, tokens[-1])
         cache = init_kv_cache(one_layer, num_pages, page_size, jdtype)[0]
         for i, n in enumerate(tokens):
-            decodes = [SeqChunk([0], ctx, [(r * pages_per + j) % num_pages
-                                           for j in range(pages_per)]) for r in range(n)]
-            batch = build_batch(decodes, [], BatchShape(n, n, 1, pages_per), page_size)
+            batch = decode_batch(n, ctx, num_pages)
             meta = jax.device_put(batch.attn)
             qkv = attention_inputs(n)
             pos = jnp.asarray(batch.positions)
@@ -428,6 +483,28 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         kv_write[i] = time_ops(write_once)
         bar.step(f"kv write {n} tokens")
         del cache, held
+    pairs = None
+    if corun_tokens:
+        ctx = corun_context or contexts[-1]
+        num_pages = decode_pages(ctx, corun_tokens[-1])
+        cache = init_kv_cache(one_layer, num_pages, page_size, jdtype)[0]
+        ms = {op: [[[0.0] * len(pair_shares) for _ in corun_tokens] for _ in corun_tokens]
+              for op in GEMM_OPS}
+        for i, n_g in enumerate(corun_tokens):
+            inputs, pos = gemm_inputs(n_g), jnp.arange(n_g, dtype=jnp.int32)
+            for j, n_a in enumerate(corun_tokens):
+                meta = jax.device_put(decode_batch(n_a, ctx, num_pages).attn)
+                qkv = attention_inputs(n_a)
+                for op in GEMM_OPS:
+                    for k, p in enumerate(pair_shares):
+                        fn = corun.pair_call(op, n_g, n_a, p, config, attention, gemm_on,
+                                             streams=on_gpu)
+                        ms[op][i][j][k] = time_ops(fn, weights, [inputs[op]] * reps, qkv,
+                                                   cache, pos, meta)
+                        bar.step(f"{op} {n_g} beside attention {n_a}, share {p:g}")
+        del cache
+        pairs = {"tokens": list(corun_tokens), "context": ctx, "shares": list(pair_shares),
+                 "ms": ms}
     all_reduce = None
     if tp > 1:
         all_reduce = [0.0] * len(tokens)
@@ -436,7 +513,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
             all_reduce[i] = time_call(call, x, calls=calls, repeats=repeats)
             bar.step(f"all-reduce {n} tokens")
     return Profile(profile_key(full_config, num_tokens, dtype, page_size, tp), tokens, shares,
-                   contexts, gemm, decode, prefill, kv_write, all_reduce)
+                   contexts, gemm, decode, prefill, kv_write, all_reduce, pairs)
 
 
 def all_reduce_call(tp: int, rows: int, hidden_size: int, dtype):

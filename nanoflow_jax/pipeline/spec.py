@@ -215,12 +215,14 @@ def check_schedule_name(name, num_tokens: int) -> None:
 
 
 def named_schedule(name, num_tokens: int, model_config=None, dtype: str = "bfloat16",
-                   workload=None, tensor_parallel_size: int | None = None) -> Schedule:
+                   workload=None, tensor_parallel_size: int | None = None,
+                   measure=None) -> Schedule:
     """The `Schedule` for the dense batch `num_tokens` from any form of the module doc's
     table, or from a `ScheduleSpec` / `Schedule` object. `auto` needs `model_config` (and
     takes `dtype`, an `autosearch.Workload` and the tensor-parallel size, None: that of an
     `auto:PROFILE.json`, else 1): it profiles the ops once per device, model, dense batch and
-    tensor-parallel size (cached on disk) and searches."""
+    tensor-parallel size (cached on disk) and searches; with `measure` (`guard.Measure`) the
+    searched schedule is kept only when it measures faster than sequential."""
     if isinstance(name, Schedule):
         return name.for_tokens(num_tokens)
     if isinstance(name, ScheduleSpec):
@@ -234,7 +236,8 @@ def named_schedule(name, num_tokens: int, model_config=None, dtype: str = "bfloa
         return autosearch.auto_schedule(model_config, num_tokens, dtype,
                                         profile_path=name.partition(":")[2] or None,
                                         workload=workload,
-                                        tensor_parallel_size=tensor_parallel_size).schedule
+                                        tensor_parallel_size=tensor_parallel_size,
+                                        measure=measure).schedule
     if name.endswith(".json"):
         return load_schedule_json(name, num_tokens)
     return ScheduleSpec.parse(name).build(num_tokens)
