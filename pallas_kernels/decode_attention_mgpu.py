@@ -462,6 +462,16 @@ def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype) -> bool:
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
+def few_cta_tuning() -> dict:
+    """The keyword arguments for a run on a share of the SMs: `swap_ab` with 2 consumers and 6
+    stages, 1.5x the rows form from 8-44 CTAs on an H200 (BENCHMARKS.md, "CTA curves"), where
+    this JAX lowers it for the GPU (0.11's warpgroup lowering); the rows form elsewhere."""
+    major_minor = tuple(int(x) for x in jax.__version__.split(".")[:2])
+    if major_minor >= (0, 11):
+        return {"consumer": "swap_ab", "consumers": 2, "stages": 6}
+    return {"consumer": "rows", "consumers": 2, "stages": 4}
+
+
 def _check_knobs(consumer: str, consumers: int, stages: int, block_kv: int) -> None:
     if consumer not in CONSUMERS:
         raise ValueError(f"consumer must be one of {CONSUMERS}, got {consumer!r}")

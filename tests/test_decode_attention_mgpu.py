@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
+from pallas_kernels.decode_attention_mgpu import (_check_knobs, decode_attention_mgpu,
+                                                  few_cta_tuning, supports)
 from tests.helpers import random_seed
 
 
@@ -66,3 +67,12 @@ def test_supports_and_rejects():
                         ({"pages_per_block": 2}, "pages_per_block")):
         with pytest.raises(ValueError, match=name):
             decode_attention_mgpu(*args, sm_scale=1.0, interpret=True, **knobs)
+
+
+@pytest.mark.parametrize("version,consumer", [("0.10.2", "rows"), ("0.11.2", "swap_ab")])
+def test_few_cta_tuning_is_a_valid_tuning_for_the_jax_version(monkeypatch, version, consumer):
+    # swap_ab lowers for the GPU only under 0.11's warpgroup lowering: older JAX gets rows.
+    monkeypatch.setattr("jax.__version__", version)
+    tuning = few_cta_tuning()
+    assert tuning["consumer"] == consumer
+    _check_knobs(tuning["consumer"], tuning["consumers"], tuning["stages"], 64)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from nanoflow_jax.kv_cache import write_kv
 from pallas_kernels._compat import num_sms
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
-from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, supports
+from pallas_kernels.decode_attention_mgpu import (decode_attention_mgpu, few_cta_tuning,
+                                                  supports)
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 
@@ -46,8 +47,8 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
     `write=False`: the rows' K/V are in the cache already (the pipeline writes them outside a
     side-stream call, which then only reads the cache). `sm_share` < 1 runs the decode kernel
     persistent on that share of the SMs, leaving the rest to the GEMMs beside it: the Mosaic
-    GPU kernel (a TMA page ring, fast from few SMs) where it supports the shapes and dtype,
-    else the Triton kernel's persistent variant.
+    GPU kernel (a TMA page ring, fast from few SMs; its `few_cta_tuning`) where it supports
+    the shapes and dtype, else the Triton kernel's persistent variant.
     """
     k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots) if write else layer_cache
     scale = q.shape[-1] ** -0.5
@@ -59,7 +60,7 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
                 raise ValueError(f"sliding_window={window}: the Mosaic GPU decode kernel (a "
                                  f"schedule's attention on a share of the SMs) has none; "
                                  f"choose a --schedule without an attention SM share")
-            decode = decode_attention_mgpu
+            decode = functools.partial(decode_attention_mgpu, **few_cta_tuning())
         decode = functools.partial(decode, num_programs=max(1, round(sm_share * num_sms())))
     prefill = prefill_attention_reference if impl == "reference" else prefill_attention
     # Rows before prefill_query_start[0] belong to no chunk: their values here are unspecified.
