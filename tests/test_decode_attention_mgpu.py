@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference
-from pallas_kernels.decode_attention_mgpu import (_check_knobs, decode_attention_mgpu,
-                                                  few_cta_tuning, supports)
+from pallas_kernels.decode_attention_mgpu import (
+    _check_knobs,
+    decode_attention_mgpu,
+    few_cta_tuning,
+    supports,
+)
 from tests.helpers import random_seed
 
 

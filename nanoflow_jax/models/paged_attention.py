@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from nanoflow_jax.kv_cache import write_kv
 from pallas_kernels._compat import num_sms
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
-from pallas_kernels.decode_attention_mgpu import (decode_attention_mgpu, few_cta_tuning,
-                                                  supports)
+from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu, few_cta_tuning, supports
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 
 
