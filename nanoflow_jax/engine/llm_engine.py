@@ -89,8 +89,8 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
-        self.scheduler = Scheduler(config, self.allocator,
-                                   max_running=self.runner.max_num_seqs)
+        self.scheduler = Scheduler(config, self.allocator, max_running=self.runner.max_num_seqs,
+                                   max_pages=self.runner.max_pages)
         self.runner.warmup()
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
@@ -195,7 +195,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         self.stats.schedule_s += time.perf_counter() - t0
-        dispatched = None if sched.is_empty else self.runner.dispatch(sched)
+        dispatched = None if sched.is_empty else self.runner.dispatch(sched, self.scheduler.page_table)
         if dispatched is not None:
             self._count_full_batch(sched.num_tokens)
             self.stats.steps += 1
