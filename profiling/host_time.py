@@ -9,12 +9,15 @@
 are not timed unless `--warmup_steps` says how many to skip; then `--steps` steps are: with
 as many requests as running sequences they are decode-only; with more, finished requests make
 room for prefills (a mixed batch). `--stream` returns every request's text each step (the
-server); else only finished requests (offline `LLM`). Prints ms/step of each host part: the
-scheduler, the batch build (and `build_batch` in it), the launch, the processing of the
-previous step's tokens, their sum without the launch (the engine's own host work), and the
-wait for the device. JSON goes to $OUT/host_time.json when OUT is set.
+server); else only finished requests (offline `LLM`). Prints the median and mean ms/step of
+each host part: the scheduler, the batch build (and `build_batch` in it), the launch, the
+processing of the previous step's tokens, their sum without the launch (`host`: the engine's
+own host work, EngineStats.host_s), and the wait for the device. `--serial` (the default on
+the CPU, where the device's threads share the host's cores) blocks on each step as it is
+launched. JSON goes to $OUT/host_time.json when OUT is set.
 """
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -26,7 +29,8 @@ from absl import app, flags
 
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine import llm_engine, model_runner
-from nanoflow_jax.sampling_params import SamplingParams
+from nanoflow_jax.engine.sampler import SampleOutput
+from nanoflow_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 flags.DEFINE_string("model", "tiny-llama", "preset or checkpoint")
 flags.DEFINE_integer("num_requests", 1000, "requests, all arriving at the start")
@@ -44,9 +48,12 @@ flags.DEFINE_integer("warmup_steps", -1, "steps before the timed ones (-1: until
                      "admitted request has been prefilled and the queue is empty or stuck)")
 flags.DEFINE_bool("stream", True, "stream outputs (every request each step) as the server does")
 flags.DEFINE_string("dtype", "auto", "weights and KV cache")
-flags.DEFINE_bool("serial", None, "wait for the step in flight before each step, so the host "
-                  "parts are timed without the device's threads competing for the same cores "
-                  "(default: on the CPU backend)")
+flags.DEFINE_bool("serial", None, "block on each step as it is launched, so the host parts "
+                  "are timed without the device's threads competing for the same cores (default: "
+                  "on the CPU backend, where the device is the host)")
+flags.DEFINE_bool("skip_device", False, "replace the model step by random letters: the host "
+                  "work alone, quickly (on the CPU the model step takes most of a second and "
+                  "evicts the host's caches)")
 flags.DEFINE_integer("cprofile", 0, "also print the N functions with the most cumulative time "
                      "in the timed steps (cProfile; it slows them)")
 F = flags.FLAGS
@@ -75,6 +82,16 @@ def _snapshot(engine, timer) -> dict:
             "steps": s.steps, "generated": s.generated_tokens, "prompt": s.prompt_tokens}
 
 
+def _random_letters(rng, num_rows: int, batch, sampling, mode) -> SampleOutput:
+    """What `ModelRunner.run_step` returns, without the model: a random letter a row."""
+    del batch, sampling, mode
+    return SampleOutput(
+        token_ids=rng.integers(ord("a"), ord("z") + 1, num_rows).astype(np.int32),
+        logprob=np.zeros(num_rows, np.float32),
+        top_ids=np.zeros((num_rows, MAX_LOGPROBS), np.int32),
+        top_logprobs=np.zeros((num_rows, MAX_LOGPROBS), np.float32))
+
+
 def _ramped(engine) -> bool:
     """Every admitted request is decoding, and nothing more can be admitted now."""
     sched = engine.scheduler
@@ -93,6 +110,8 @@ def main(argv):
         min_bucket=F.max_num_batched_tokens), stream_outputs=F.stream)
     timer.seconds = 0.0
     rng = np.random.default_rng(0)
+    if F.skip_device:
+        engine.runner.run_step = functools.partial(_random_letters, rng, engine.runner.num_rows)
     vocab = min(engine.model_config.vocab_size, 256)  # byte tokens: any id decodes
     params = SamplingParams(temperature=0.0, max_tokens=F.max_tokens, ignore_eos=True)
     for i in range(F.num_requests):
@@ -105,34 +124,38 @@ def main(argv):
         engine.step()
         warm += 1
     ramp_s = time.perf_counter() - t0
-    before = _snapshot(engine, timer)
-    t0 = time.perf_counter()
-    outputs = 0
-    serial = jax.default_backend() == "cpu" if F.serial is None else F.serial
+    serial = (jax.default_backend() == "cpu" if F.serial is None else F.serial
+              ) and not F.skip_device
+    if serial:  # launches return once their step has run: the host parts see an idle device
+        run_step = engine.runner.run_step
+        engine.runner.run_step = lambda *args: jax.block_until_ready(run_step(*args))
     profiler = cProfile.Profile() if F.cprofile else None
+    snapshots, outputs = [_snapshot(engine, timer)], 0
+    t0 = time.perf_counter()
     for _ in range(F.steps):
         if not engine.has_unfinished_requests():
             break
-        if serial and engine._inflight is not None:
-            jax.block_until_ready(engine._inflight.samples)
         if profiler:
             profiler.enable()
         outputs += len(engine.step())
         if profiler:
             profiler.disable()
+        snapshots.append(_snapshot(engine, timer))
     wall = time.perf_counter() - t0
-    after = _snapshot(engine, timer)
-    steps = max(after["steps"] - before["steps"], 1)
-    per_step = {k: (after[k] - before[k]) / steps for k in after}
+    steps = max(len(snapshots) - 1, 1)
+    deltas = {k: np.diff([s[k] for s in snapshots]) for k in snapshots[0]}
     result = {
         "flags": {k: getattr(F, k) for k in (
             "model", "num_requests", "prompt_len", "max_tokens", "max_num_seqs",
-            "max_num_batched_tokens", "max_model_len", "page_size", "steps", "stream")},
+            "max_num_batched_tokens", "max_model_len", "page_size", "steps", "stream",
+            "skip_device")},
         "serial": serial, "warmup_steps": warm, "ramp_s": ramp_s, "timed_steps": steps,
-        "ms_per_step": {k: 1e3 * per_step[k] for k in PARTS}, "wall_ms_per_step": 1e3 * wall / steps,
-        "outputs_per_step": outputs / steps, "decoded_per_step": per_step["generated"],
-        "prompt_tokens_per_step": per_step["prompt"], "running": len(engine.scheduler.running)}
-    ms = result["ms_per_step"]
+        "median_ms": {k: 1e3 * float(np.median(deltas[k])) for k in PARTS},
+        "mean_ms": {k: 1e3 * float(np.mean(deltas[k])) for k in PARTS},
+        "wall_ms_per_step": 1e3 * wall / steps, "outputs_per_step": outputs / steps,
+        "decoded_per_step": float(np.mean(deltas["generated"])),
+        "prompt_tokens_per_step": float(np.mean(deltas["prompt"])),
+        "running": len(engine.scheduler.running)}
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(F.cprofile)
     out_dir = os.environ.get("OUT")
@@ -140,14 +163,18 @@ def main(argv):
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "host_time.json"), "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{F.model}: {warm} warm-up steps ({ramp_s:.1f}s), {steps} timed steps; per step "
+    note = (" (launch includes the device step)" if serial else
+            " (no model step: random letters)" if F.skip_device else "")
+    print(f"{F.model}: {warm} warm-up steps ({ramp_s:.1f}s), {steps} timed steps "
+          f"({result['wall_ms_per_step']:.0f} ms each); per step "
           f"{result['decoded_per_step']:.0f} tokens read, {result['prompt_tokens_per_step']:.0f} "
           f"prompt tokens, {result['outputs_per_step']:.0f} outputs; stream={F.stream}, "
-          f"serial={serial}")
-    print("| " + " | ".join(PARTS) + " | wall |")
+          f"serial={serial}{note}")
+    print("| ms/step | " + " | ".join(PARTS) + " |")
     print("|" + "---|" * (len(PARTS) + 1))
-    print("| " + " | ".join(f"{ms[k]:.2f}" for k in PARTS)
-          + f" | {result['wall_ms_per_step']:.2f} |  (ms/step)")
+    for stat in ("median", "mean"):
+        row = result[f"{stat}_ms"]
+        print(f"| {stat} | " + " | ".join(f"{row[k]:.2f}" for k in PARTS) + " |")
 
 
 if __name__ == "__main__":
