@@ -143,12 +143,14 @@ class Scheduler:
         # 1. Every running decode: one token each, oldest first. (This loop runs over every
         # running sequence every step: the common case is kept to a few comparisons.)
         page_size, running = cfg.page_size, Status.RUNNING
+        others = []  # the running sequences not decoding: candidates for step 2
         for seq in list(self.running):
             if budget == 0:
-                break
+                break  # (then step 2 has no budget either)
             out, start = seq.output_token_ids, seq.num_computed
             if (seq.status is not running or len(out) >= seq.max_tokens  # done generating
                     or len(seq.prompt_token_ids) + len(out) - start != 1):
+                others.append(seq)
                 continue
             if start >= len(seq.pages) * page_size and not self._make_room(
                     seq, start + 1, scheduled, preempted):
@@ -160,9 +162,9 @@ class Scheduler:
             budget -= 1
 
         # 2. Prompt chunks of running sequences that are part-way through their prefill.
-        for seq in list(self.running):
+        for seq in others:
             remaining = seq.num_tokens - seq.num_computed
-            if seq.status is not Status.RUNNING or seq in scheduled or remaining <= 1:
+            if seq.status is not Status.RUNNING or remaining <= 1:
                 continue
             if budget == 0 or len(prefills) == cfg.max_prefill_seqs:
                 break
