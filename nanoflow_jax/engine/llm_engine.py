@@ -215,7 +215,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.stats.preemptions += len(sched.preempted)
         self.stats.schedule_s += time.perf_counter() - t0
-        dispatched = None if sched.is_empty else self.runner.dispatch(sched, self.scheduler.page_table)
+        dispatched = (None if sched.is_empty
+                      else self.runner.dispatch(sched, self.scheduler.page_table))
         if dispatched is not None:
             self._count_full_batch(sched.num_tokens)
             self.stats.steps += 1
@@ -333,6 +334,8 @@ class LLMEngine:
 
 
 def _completion(seq: Sequence, detok: IncrementalDetokenizer) -> CompletionOutput:
+    """One sample's output: its known tokens (a slice: O(length), but no loop), text and
+    logprobs so far."""
     ids = seq.output_token_ids
     end = len(ids)
     while end and ids[end - 1] == PENDING:  # PENDING tokens are the last (at most two)
