@@ -41,6 +41,29 @@ class SeqChunk(NamedTuple):  # a tuple, not a dataclass: hundreds are made every
     future_row: int = -1  # decode: the input token is this row of the previous step's samples
 
 
+class DecodeRows(NamedTuple):
+    """The decodes of a step as columns (one token each): what the engine builds from its
+    persistent page table (`kv_cache.PageTable`) without a Python loop over the sequences."""
+
+    token_ids: np.ndarray  # [n] int32 input tokens (ignored where future_rows >= 0)
+    future_rows: np.ndarray  # [n] int32 row of the previous step's samples, or -1
+    positions: np.ndarray  # [n] int32 position of the new token
+    page_tables: np.ndarray  # [≥ n, any width] int32 each row's pages, zero-padded
+    num_pages: np.ndarray  # [n] int32 pages in each row of page_tables
+
+    @classmethod
+    def of(cls, chunks: Sequence[SeqChunk], max_pages: int) -> DecodeRows:
+        """From one-token SeqChunks (a fill per chunk: tests and profiling)."""
+        n = len(chunks)
+        num_pages = np.fromiter((len(c.page_ids) for c in chunks), np.int32, n)
+        tables = np.zeros((n, max(max_pages, num_pages.max(initial=0))), np.int32)
+        for i, chunk in enumerate(chunks):
+            tables[i, :num_pages[i]] = chunk.page_ids
+        return cls(np.array([c.token_ids[0] for c in chunks], np.int32).reshape(n),
+                   np.fromiter((c.future_row for c in chunks), np.int32, n),
+                   np.fromiter((c.start_pos for c in chunks), np.int32, n), tables, num_pages)
+
+
 @flax.struct.dataclass
 class Batch:
     token_ids: jax.Array  # [T] int32 (0 where the token comes from the previous step)
@@ -51,21 +74,23 @@ class Batch:
 
 
 def build_batch(
-    decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], shape: BatchShape, page_size: int
+    decodes: Sequence[SeqChunk] | DecodeRows, prefills: Sequence[SeqChunk], shape: BatchShape,
+    page_size: int,
 ) -> Batch:
     """Host-side (numpy) batch for one step. Raises ValueError if it does not fit `shape`."""
-    num_prefill_tokens = sum(len(c.token_ids) for c in prefills)
-    if (len(decodes) > shape.num_decode or len(prefills) > shape.num_prefill_seqs
-            or len(decodes) + num_prefill_tokens > shape.num_tokens):
-        raise ValueError(f"{len(decodes)} decodes + {len(prefills)} chunks "
-                         f"({num_prefill_tokens} tokens) do not fit {shape}")
     t, bd, sp, m = shape.num_tokens, shape.num_decode, shape.num_prefill_seqs, shape.max_pages
+    if not isinstance(decodes, DecodeRows):
+        decodes = DecodeRows.of(decodes, m)
+    nd = len(decodes.positions)
+    num_prefill_tokens = sum(len(c.token_ids) for c in prefills)
+    if (nd > bd or len(prefills) > sp or nd + num_prefill_tokens > t):
+        raise ValueError(f"{nd} decodes + {len(prefills)} chunks "
+                         f"({num_prefill_tokens} tokens) do not fit {shape}")
     token_ids = np.zeros(t, np.int32)
     future_rows = np.full(t, -1, np.int32)
     positions = np.zeros(t, np.int32)
     slots = np.full(t, -1, np.int32)
     logits_indices = np.zeros(shape.num_logits, np.int32)
-    decode_tables = np.zeros((bd, m), np.int32)
     decode_lengths = np.zeros(bd, np.int32)
     prefill_tables = np.zeros((sp, m), np.int32)
     query_start = np.zeros(sp + 1, np.int32)
@@ -86,18 +111,21 @@ def build_batch(
         table[:len(pages)] = pages
         return row + n
 
-    nd = len(decodes)
-    if nd:  # one token each: filled column-wise (this runs every step for every decode)
-        for i, chunk in enumerate(decodes):
-            if len(chunk.page_ids) > m:
-                raise ValueError(f"{len(chunk.page_ids)} pages exceed the page table width {m}")
-            decode_tables[i, :len(chunk.page_ids)] = chunk.page_ids
-        pos = np.fromiter((c.start_pos for c in decodes), np.int32, nd)
+    if nd and decodes.num_pages.max() > m:
+        raise ValueError(f"{decodes.num_pages.max()} pages exceed the page table width {m}")
+    decode_tables = decodes.page_tables
+    if decode_tables.shape != (bd, m):  # pad with zero rows, cut to the width
+        full = np.zeros((bd, m), np.int32)
+        w = min(m, decode_tables.shape[1])
+        full[:nd, :w] = decode_tables[:nd, :w]
+        decode_tables = full
+    if nd:  # one token each, as columns
+        pos = decodes.positions
         page_index = pos // page_size
-        if (page_index >= np.fromiter((len(c.page_ids) for c in decodes), np.int32, nd)).any():
+        if (page_index >= decodes.num_pages).any():
             raise ValueError("a decode's pages cannot hold its new token")
-        token_ids[:nd] = [c.token_ids[0] for c in decodes]
-        future_rows[:nd] = [c.future_row for c in decodes]
+        token_ids[:nd] = decodes.token_ids
+        future_rows[:nd] = decodes.future_rows
         positions[:nd] = pos
         slots[:nd] = decode_tables[np.arange(nd), page_index] * page_size + pos % page_size
         decode_lengths[:nd] = pos + 1

@@ -126,3 +126,62 @@ class PageAllocator:
             self._refcount[p] -= 1
             if self._refcount[p] == 0:
                 self._free.append(p)
+
+
+class PageTable:
+    """The page table of every sequence that holds pages, kept between steps: row r > 0 of
+    `table` [rows, width] int32 lists one sequence's pages, zero-padded. Allocations append
+    to a row and frees clear it, so a step's page tables are one gather of its sequences'
+    rows (`gather`) instead of a fill per sequence. Row 0 stays zero: padding rows gather
+    it. Rows and width grow on demand."""
+
+    def __init__(self, width: int = 1, rows: int = 16):
+        rows += 1  # and the zero row
+        self.table = np.zeros((rows, max(width, 1)), np.int32)
+        self.num_pages = np.zeros(rows, np.int32)  # [rows] pages in each row
+        self._free_rows = list(range(rows - 1, 0, -1))  # pop from the end: low rows first
+
+    def append(self, row: int, pages: list[int]) -> int:
+        """Add `pages` to `row` (-1: a new row); returns the row."""
+        if row < 0:
+            if not self._free_rows:
+                self._grow(rows=2 * len(self.table))
+            row = self._free_rows.pop()
+        n = int(self.num_pages[row])
+        if n + len(pages) > self.table.shape[1]:
+            self._grow(width=max(2 * self.table.shape[1], n + len(pages)))
+        self.table[row, n:n + len(pages)] = pages
+        self.num_pages[row] = n + len(pages)
+        return row
+
+    def release(self, row: int) -> None:
+        """Clear `row` (back to zeros) and free it; -1 (no row) is ignored."""
+        if row <= 0:
+            return
+        self.table[row, :self.num_pages[row]] = 0
+        self.num_pages[row] = 0
+        self._free_rows.append(row)
+
+    def pages(self, row: int) -> np.ndarray:
+        """[num_pages] int32: a view of one row's pages (valid until the next `append`)."""
+        return self.table[row, :self.num_pages[row]]
+
+    def gather(self, rows: np.ndarray, num_rows: int, width: int) -> np.ndarray:
+        """[num_rows, width] int32: the tables of `rows` [n ≤ num_rows], then zero rows; each
+        zero-padded or cut to `width` (callers check `num_pages[rows]` against it)."""
+        index = np.zeros(num_rows, np.intp)
+        index[:len(rows)] = rows
+        if self.table.shape[1] >= width:
+            return self.table[index, :width]
+        out = np.zeros((num_rows, width), np.int32)
+        out[:, :self.table.shape[1]] = self.table[index]
+        return out
+
+    def _grow(self, rows: int | None = None, width: int | None = None) -> None:
+        old = self.table
+        rows, width = rows or old.shape[0], width or old.shape[1]
+        self.table = np.zeros((rows, width), np.int32)
+        self.table[:old.shape[0], :old.shape[1]] = old
+        self.num_pages = np.concatenate([self.num_pages,
+                                         np.zeros(rows - old.shape[0], np.int32)])
+        self._free_rows[:0] = range(rows - 1, old.shape[0] - 1, -1)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from nanoflow_jax.config import get_preset
-from nanoflow_jax.kv_cache import (OutOfPages, PageAllocator, init_kv_cache, kv_cache_spec,
-                                   page_bytes, write_kv)
+from nanoflow_jax.kv_cache import (OutOfPages, PageAllocator, PageTable, init_kv_cache,
+                                   kv_cache_spec, page_bytes, write_kv)
 
 
 def test_allocator_free_list_and_refcounts():
@@ -25,6 +25,41 @@ def test_allocator_free_list_and_refcounts():
     with pytest.raises(ValueError, match="not allocated"):
         alloc.share(a[:1])
     assert sorted(alloc.allocate(3)) == sorted(a)
+
+
+def test_page_table_equals_a_table_built_from_scratch():
+    """Random appends and releases (growing rows and width past their start) keep every
+    row equal to its owner's pages; gather gives the rows asked for, zero rows after."""
+    rng = np.random.default_rng(0)
+    table = PageTable(width=3, rows=2)
+    owned: dict[int, list[int]] = {}  # row -> pages, the from-scratch truth
+    next_page = 1
+    for _ in range(300):
+        if owned and rng.random() < 0.3:
+            row = int(rng.choice(list(owned)))
+            table.release(row)
+            del owned[row]
+        else:
+            row = int(rng.choice(list(owned))) if owned and rng.random() < 0.6 else -1
+            pages = list(range(next_page, next_page + int(rng.integers(1, 4))))
+            next_page += len(pages)
+            got = table.append(row, pages)
+            assert got > 0 and (row < 0 or got == row) and (row >= 0 or got not in owned)
+            owned[got] = owned.get(got, []) + pages
+        want = np.zeros_like(table.table)
+        for r, pages in owned.items():
+            want[r, :len(pages)] = pages
+            np.testing.assert_array_equal(table.pages(r), pages)
+        np.testing.assert_array_equal(table.table, want)
+    assert table.table.shape[0] > 3 and table.table.shape[1] > 3  # both grew
+    rows = np.array(list(owned), np.intp)
+    width = table.table.shape[1]
+    for w in (width - 1, width + 2):
+        got = table.gather(rows, len(rows) + 2, w)
+        assert got.shape == (len(rows) + 2, w)
+        full = np.zeros((len(rows) + 2, width + 2), np.int32)
+        full[:len(rows), :width] = want[rows]
+        np.testing.assert_array_equal(got, full[:, :w])
 
 
 @pytest.mark.parametrize("unique", [False, True])

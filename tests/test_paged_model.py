@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import nanoflow_jax as nf
-from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
-from nanoflow_jax.kv_cache import PageAllocator, init_kv_cache
+from nanoflow_jax.batch import BatchShape, DecodeRows, SeqChunk, build_batch
+from nanoflow_jax.kv_cache import PageAllocator, PageTable, init_kv_cache
 from nanoflow_jax.model_loader import Model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
@@ -112,6 +112,30 @@ def test_prefill_only_and_decode_only_batches():
         b = build_batch([SeqChunk(toks[n - 1:n], n - 1, pages)], [], only_decode, PAGE)
         logits, kv = _step(model.params, cfg, kv, jax.device_put(b), attention_fn("reference"))
         assert rel_err(np.asarray(logits)[0], model.logits(toks[:n])[-1]) < 1e-5
+
+
+def test_decode_rows_from_a_page_table_build_the_batch_seq_chunks_do():
+    """The engine's path (columns, page tables gathered from a PageTable, a pending input
+    read from a sample row) gives the same batch as one SeqChunk per decode."""
+    shape = BatchShape(num_tokens=16, num_decode=4, num_prefill_seqs=2, max_pages=5)
+    table = PageTable(width=shape.max_pages)
+    rng = np.random.default_rng()
+    pages = [rng.permutation(40)[:n].tolist() for n in (3, 1, 5)]
+    rows = np.array([table.append(-1, p) for p in pages], np.intp)
+    starts = [9, 2, 17]
+    chunks = [SeqChunk([7], starts[0], pages[0]), SeqChunk([0], starts[1], pages[1], 5),
+              SeqChunk([3], starts[2], pages[2])]
+    prefill = SeqChunk([1, 2, 3], 0, [38])
+    columns = DecodeRows(np.array([7, 0, 3], np.int32), np.array([-1, 5, -1], np.int32),
+                         np.array(starts, np.int32),
+                         table.gather(rows, shape.num_decode, shape.max_pages),
+                         table.num_pages[rows])
+    want = build_batch(chunks, [prefill], shape, PAGE)
+    got = build_batch(columns, [prefill], shape, PAGE)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="page table width"):  # wider than the bucket
+        build_batch(columns, [], dataclasses.replace(shape, max_pages=4), PAGE)
 
 
 def test_batch_that_does_not_fit_is_rejected():

@@ -94,6 +94,16 @@ def test_padding_rows_are_greedy_and_builder_checks():
     # Greedy params become temperature 0 rows (no filtering work).
     g = sampling_tensors([SamplingParams(temperature=0.5, top_k=1, top_p=0.5)], [0], [0])
     assert g.temperature[0] == 0 and g.top_k[0] == 0 and g.top_p[0] == 1
+    params = [SamplingParams(temperature=0.7, top_k=5, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_p=0.5)]
+    seeds, steps, rows = [2**64 - 1, 5, 2**40 + 3], [4, 0, 9], [6, 0, 3]
+    placed = sampling_tensors(params, seeds, steps, pad_to=8, rows=rows)
+    dense = sampling_tensors(params, seeds, steps)
+    padding = sampling_tensors([], [], [], pad_to=8)
+    for got, want, pad in zip(jax.tree.leaves(placed), jax.tree.leaves(dense),
+                              jax.tree.leaves(padding)):
+        pad[rows] = want  # the rows given, the padding's values elsewhere
+        np.testing.assert_array_equal(got, pad)
     with pytest.raises(ValueError, match="pad_to"):
         sampling_tensors([SamplingParams()] * 2, [0, 0], [0, 0], pad_to=1)
     with pytest.raises(ValueError, match="one seed and one step per row"):

@@ -1,5 +1,6 @@
 """The scheduler alone (no model): a bare Scheduler, a PageAllocator and hand-made Sequences.
 A "step" lands every sampled token at once, as the engine does one step later."""
+import numpy as np
 import pytest
 
 from nanoflow_jax.config import EngineConfig
@@ -45,7 +46,22 @@ def _check_pages(sched):
     for s in sched.running:
         assert len(s.pages) * PAGE >= s.num_computed
     for s in sched.waiting:
-        assert not s.pages and s.num_computed == 0
+        assert not s.pages and s.num_computed == 0 and s.page_row == -1
+    _check_page_table(sched)
+
+
+def _check_page_table(sched):
+    """The persistent page table equals one built from scratch from the running sequences:
+    a row each, their pages zero-padded; every other row zeros."""
+    table = sched.page_table
+    want = np.zeros_like(table.table)
+    rows = [s.page_row for s in sched.running if s.pages]
+    assert len(set(rows)) == len(rows) and 0 not in rows  # row 0 stays the zero row
+    for s in sched.running:
+        want[s.page_row, :len(s.pages)] = s.pages
+        assert table.num_pages[s.page_row] == len(s.pages)
+    np.testing.assert_array_equal(table.table, want)
+    assert table.num_pages.sum() == sum(len(s.pages) for s in sched.running)
 
 
 def test_budget_takes_every_decode_first_then_prompt_chunks():

@@ -27,13 +27,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from nanoflow_jax import device_memory, parallel
-from nanoflow_jax.batch import BatchShape, SeqChunk, build_batch
+from nanoflow_jax.batch import BatchShape, DecodeRows, SeqChunk, build_batch
 from nanoflow_jax.config import EngineConfig, ModelConfig
 from nanoflow_jax.device_memory import MemoryPlan, ProgramMemory, program_memory
 from nanoflow_jax.engine.sampler import SampleMode, SampleOutput, sample, sampling_tensors
-from nanoflow_jax.engine.scheduler import SchedulerOutput
+from nanoflow_jax.engine.scheduler import Chunk, SchedulerOutput
 from nanoflow_jax.engine.sequence import PENDING, Sequence
-from nanoflow_jax.kv_cache import init_kv_cache, kv_cache_spec, page_bytes
+from nanoflow_jax.kv_cache import PageTable, init_kv_cache, kv_cache_spec, page_bytes
 from nanoflow_jax.model_loader import load_model
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
@@ -518,17 +518,6 @@ class ModelRunner:
                 f"pages{replans}), KV alloc {self.kv_time:.1f}s, warm-up "
                 f"{self.warmup_time:.1f}s, other {self.startup_time - sum(parts):.1f}s")
 
-    @staticmethod
-    def _sampling_rows(owners, num_rows: int):
-        """Sampling tensors [num_rows]: each owner's parameters at its row, greedy elsewhere."""
-        dense = sampling_tensors([s.params for s, _, _ in owners], [s.seed for s, _, _ in owners],
-                                 [i for _, i, _ in owners])
-        rows = np.fromiter((r for _, _, r in owners), np.int64, len(owners))
-        padded = sampling_tensors([], [], [], pad_to=num_rows)
-        for full, part in zip(jax.tree.leaves(padded), jax.tree.leaves(dense)):
-            full[rows] = part
-        return padded
-
     def run_step(self, batch, sampling, mode: SampleMode) -> SampleOutput:
         """Enqueue the model and the sampler on a built batch; the samples become the next
         step's prev_tokens."""
@@ -540,35 +529,53 @@ class ModelRunner:
         self._prev_tokens = samples.token_ids
         return samples
 
-    def dispatch(self, sched: SchedulerOutput, shape: BatchShape | None = None) -> InFlight:
-        """Enqueue one step on the device; returns without waiting for it."""
+    def dispatch(self, sched: SchedulerOutput, page_table: PageTable,
+                 shape: BatchShape | None = None) -> InFlight:
+        """Enqueue one step on the device; returns without waiting for it. `page_table`: the
+        scheduler's, holding each scheduled sequence's pages at its `page_row`."""
         t0 = time.perf_counter()
         shape = shape or self.shape_for(sched.num_tokens)
-        owners = []  # (sequence, output index, sample row) of every token sampled this step
-
-        def seq_chunk(chunk, row) -> SeqChunk:
-            seq = chunk.seq
-            if chunk.num_tokens == 1:  # decodes: hundreds per step
-                ids = [seq.token_at(chunk.start)]
-            else:
-                ids = seq.tokens(chunk.start, chunk.start + chunk.num_tokens)
-            future_row = -1
-            if ids[-1] == PENDING:  # a decode of the token the previous step is sampling
-                if chunk.num_tokens != 1 or seq.sample_row < 0:
-                    raise AssertionError("a pending token can only be a decode's input")
-                future_row, ids = seq.sample_row, [0]
-            if chunk.samples:
-                out_index = len(seq.output_token_ids) - 1
-                owners.append((seq, out_index, row))
-            return SeqChunk(ids, chunk.start, seq.page_array, future_row)
-
-        # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j.
-        decodes = [seq_chunk(c, i) for i, c in enumerate(sched.decodes)]
-        prefills = [seq_chunk(c, shape.num_decode + j) for j, c in enumerate(sched.prefills)]
-        batch = build_batch(decodes, prefills, shape, self.config.page_size)
-        sampling = self._sampling_rows(owners, shape.num_logits)
+        # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j. The token sampled
+        # for a sequence is its last output (PENDING since the scheduler appended it).
+        owners = [(c.seq, len(c.seq.output_token_ids) - 1, i)
+                  for i, c in enumerate(sched.decodes)]
+        owners += [(c.seq, len(c.seq.output_token_ids) - 1, shape.num_decode + j)
+                   for j, c in enumerate(sched.prefills) if c.samples]
+        batch = build_batch(_decode_rows(sched.decodes, page_table, shape),
+                            [_prefill_chunk(c, page_table) for c in sched.prefills], shape,
+                            self.config.page_size)
+        params = [s.params for s, _, _ in owners]
+        sampling = sampling_tensors(params, [s.seed for s, _, _ in owners],
+                                    [i for _, i, _ in owners], pad_to=shape.num_logits,
+                                    rows=[r for _, _, r in owners])
         t1 = time.perf_counter()
-        samples = self.run_step(batch, sampling, SampleMode.of([s.params for s, _, _ in owners]))
+        samples = self.run_step(batch, sampling, SampleMode.of(params))
         for seq, _, row in owners:
             seq.sample_row = row
         return InFlight(samples, owners, t1 - t0, time.perf_counter() - t1)
+
+
+def _decode_rows(chunks: list[Chunk], page_table: PageTable, shape: BatchShape) -> DecodeRows:
+    """The decodes as columns, their page tables gathered from `page_table`. A decode whose
+    input is still being sampled (PENDING) reads it from its sample row of the previous step."""
+    n = len(chunks)
+    seqs = [c.seq for c in chunks]
+    token_ids = np.fromiter((c.seq.token_at(c.start) for c in chunks), np.int32, n)
+    pending = token_ids == PENDING
+    future_rows = np.where(pending, np.fromiter((s.sample_row for s in seqs), np.int32, n), -1)
+    if (future_rows[pending] < 0).any():
+        raise AssertionError("a pending token with no sample row")
+    token_ids[pending] = 0
+    rows = np.fromiter((s.page_row for s in seqs), np.intp, n)
+    return DecodeRows(token_ids, future_rows.astype(np.int32),
+                      np.fromiter((c.start for c in chunks), np.int32, n),
+                      page_table.gather(rows, shape.num_decode, shape.max_pages),
+                      page_table.num_pages[rows])
+
+
+def _prefill_chunk(chunk: Chunk, page_table: PageTable) -> SeqChunk:
+    seq = chunk.seq
+    ids = seq.tokens(chunk.start, chunk.start + chunk.num_tokens)
+    if PENDING in ids[-2:]:  # the scheduler admits or continues no sequence with one
+        raise AssertionError("a pending token can only be a decode's input")
+    return SeqChunk(ids, chunk.start, page_table.pages(seq.page_row))

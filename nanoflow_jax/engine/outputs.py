@@ -1,10 +1,12 @@
-"""What the engine returns per request (vLLM's `RequestOutput` / `CompletionOutput` shape)."""
+"""What the engine returns per request (vLLM's `RequestOutput` / `CompletionOutput` shape).
+
+Slotted: a streaming engine makes one of each per running request every step."""
 from __future__ import annotations
 
 import dataclasses
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int  # which of the request's n samples
     text: str  # everything generated so far (stop strings removed)
@@ -18,7 +20,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

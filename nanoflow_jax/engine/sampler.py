@@ -86,13 +86,15 @@ def sampling_tensors(
     seeds: Sequence[int],
     steps: Sequence[int],
     pad_to: int | None = None,
+    rows: Sequence[int] | None = None,
 ) -> SamplingTensors:
     """Host-side builder: numpy leaves of shape [pad_to] (default len(params_list)).
 
     `seeds[i]` is row i's resolved seed, an int in [0, 2**64): the engine takes it from
     `SamplingParams.seed` (or draws one when None) once per sequence and passes the same value
     at every step. `steps[i]` is the index of the token being sampled in that sequence's
-    output. Rows past len(params_list) are padding: greedy, seed 0, step 0.
+    output. `rows[i]` (default i) is where entry i goes; the other rows are padding: greedy,
+    seed 0, step 0. Columns, not a loop per row: the engine builds ~1000 rows every step.
     """
     b = len(params_list)
     pad_to = b if pad_to is None else pad_to
@@ -101,23 +103,26 @@ def sampling_tensors(
                          f"{len(seeds)} seeds, {len(steps)} steps")
     if pad_to < b:
         raise ValueError(f"pad_to ({pad_to}) < number of rows ({b})")
+    if b and (min(seeds) < 0 or max(seeds) >= 2**64):
+        raise ValueError(f"seeds must be ints in [0, 2**64), got range [{min(seeds)}, "
+                         f"{max(seeds)}]")
+    if b and (min(steps) < 0 or max(steps) > _INT32_MAX):
+        raise ValueError(f"steps must be in [0, 2**31), got range [{min(steps)}, {max(steps)}]")
+    rows = np.arange(b) if rows is None else np.asarray(rows, np.intp)
     temperature = np.zeros(pad_to, np.float32)
     top_k = np.zeros(pad_to, np.int32)
     top_p = np.ones(pad_to, np.float32)
-    for i, p in enumerate(params_list):
-        if not p.greedy:  # greedy rows keep temperature 0, no filtering
-            temperature[i] = p.temperature
-            top_k[i] = min(p.top_k, _INT32_MAX)
-            top_p[i] = p.top_p
+    # Greedy rows keep the padding's values: temperature 0, no filtering.
+    drawing = [i for i, p in enumerate(params_list) if not p.greedy]
+    if drawing:
+        at, drawn = rows[drawing], [params_list[i] for i in drawing]
+        temperature[at] = [p.temperature for p in drawn]
+        top_k[at] = [min(p.top_k, _INT32_MAX) for p in drawn]
+        top_p[at] = [p.top_p for p in drawn]
     seed64 = np.zeros(pad_to, np.uint64)
-    for i, s in enumerate(seeds):
-        if not 0 <= int(s) < 2**64:
-            raise ValueError(f"seeds[{i}] must be an int in [0, 2**64), got {s!r}")
-        seed64[i] = int(s)
-    if b and (min(steps) < 0 or max(steps) > _INT32_MAX):
-        raise ValueError(f"steps must be in [0, 2**31), got range [{min(steps)}, {max(steps)}]")
+    seed64[rows] = np.fromiter(map(int, seeds), np.uint64, b)
     step = np.zeros(pad_to, np.int32)
-    step[:b] = steps
+    step[rows] = steps
     return SamplingTensors(
         temperature=temperature,
         top_k=top_k,

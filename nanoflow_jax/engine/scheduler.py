@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import NamedTuple
 
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.sequence import PENDING, Sequence, Status
-from nanoflow_jax.kv_cache import PageAllocator
+from nanoflow_jax.kv_cache import PageAllocator, PageTable
 
 
-@dataclasses.dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):  # a tuple, not a dataclass: one per running sequence every step
     """Tokens [start, start + num_tokens) of `seq` go into this step."""
 
     seq: Sequence
@@ -54,12 +54,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, allocator: PageAllocator,
-                 max_running: int | None = None):
+                 max_running: int | None = None, max_pages: int | None = None):
         """`max_running`: most running sequences (the engine passes the compiled decode rows);
-        None: config.max_num_seqs, or no cap but the KV cache and the token budget."""
+        None: config.max_num_seqs, or no cap but the KV cache and the token budget.
+        `max_pages`: the page table's width (it grows past it if a sequence needs more)."""
         self.config = config
         self.allocator = allocator
         self.max_running = max_running or config.max_num_seqs or float("inf")
+        # Only running sequences hold pages: a row each.
+        self.page_table = PageTable(max_pages or self._pages_for(config.max_model_len or 1),
+                                    rows=int(min(self.max_running, 1024)))
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # oldest admission first
         # Projected pages of each sequence admitted with a max_tokens (0: none), by identity.
@@ -74,7 +78,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.allocator.free(seq.release_pages())
+        self._free_pages(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
 
@@ -102,12 +106,19 @@ class Scheduler:
         if need > self.allocator.num_free:
             return False
         if need > 0:
-            seq.add_pages(self.allocator.allocate(need))
+            pages = self.allocator.allocate(need)
+            seq.pages += pages
+            seq.page_row = self.page_table.append(seq.page_row, pages)
         return True
+
+    def _free_pages(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages)
+        self.page_table.release(seq.page_row)
+        seq.pages, seq.page_row = [], -1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.release_pages())
+        self._free_pages(seq)
         seq.num_computed, seq.status = 0, Status.WAITING
         self.waiting.appendleft(seq)  # youngest preempted first, so older ones end up ahead
 
@@ -131,28 +142,29 @@ class Scheduler:
 
         # 1. Every running decode: one token each, oldest first. (This loop runs over every
         # running sequence every step: the common case is kept to a few comparisons.)
-        page_size = cfg.page_size
+        page_size, running = cfg.page_size, Status.RUNNING
+        others = []  # the running sequences not decoding: candidates for step 2
         for seq in list(self.running):
             if budget == 0:
-                break
-            if seq.status is not Status.RUNNING or seq.done_generating:
+                break  # (then step 2 has no budget either)
+            out, start = seq.output_token_ids, seq.num_computed
+            if (seq.status is not running or len(out) >= seq.max_tokens  # done generating
+                    or len(seq.prompt_token_ids) + len(out) - start != 1):
+                others.append(seq)
                 continue
-            if seq.num_tokens - seq.num_computed != 1:
-                continue
-            has_room = seq.num_computed < len(seq.pages) * page_size
-            if not has_room and not self._make_room(seq, seq.num_computed + 1, scheduled,
-                                                    preempted):
+            if start >= len(seq.pages) * page_size and not self._make_room(
+                    seq, start + 1, scheduled, preempted):
                 self._preempt(seq)  # everything else is scheduled: seq itself waits
                 preempted.append(seq)
                 continue
-            decodes.append(Chunk(seq, seq.num_computed, 1, samples=True))
+            decodes.append(Chunk(seq, start, 1, True))
             scheduled.add(seq)
             budget -= 1
 
         # 2. Prompt chunks of running sequences that are part-way through their prefill.
-        for seq in list(self.running):
+        for seq in others:
             remaining = seq.num_tokens - seq.num_computed
-            if seq.status is not Status.RUNNING or seq in scheduled or remaining <= 1:
+            if seq.status is not Status.RUNNING or remaining <= 1:
                 continue
             if budget == 0 or len(prefills) == cfg.max_prefill_seqs:
                 break
@@ -191,7 +203,10 @@ class Scheduler:
             budget -= n
 
         # The chunks' K/V will be in the cache once this step runs; sampled tokens are pending.
-        for chunk in decodes + prefills:
+        for chunk in decodes:
+            chunk.seq.num_computed += 1
+            chunk.seq.output_token_ids.append(PENDING)
+        for chunk in prefills:
             chunk.seq.num_computed = chunk.start + chunk.num_tokens
             if chunk.samples:
                 chunk.seq.output_token_ids.append(PENDING)

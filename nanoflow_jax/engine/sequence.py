@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-import numpy as np
-
 from nanoflow_jax.sampling_params import SamplingParams
 
 PENDING = -1  # an output token sampled on the device but not yet read by the host
@@ -30,9 +28,8 @@ class Sequence:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache (or being written by a step)
-    pages: list[int] = dataclasses.field(default_factory=list)  # change via add/release_pages
-    page_array: np.ndarray = dataclasses.field(  # `pages` as int32, ready for the page table
-        default_factory=lambda: np.zeros(0, np.int32))
+    pages: list[int] = dataclasses.field(default_factory=list)  # the scheduler changes them
+    page_row: int = -1  # its row of the scheduler's PageTable while it holds pages
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict] = dataclasses.field(default_factory=list)
@@ -42,14 +39,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def add_pages(self, pages: list[int]) -> None:
-        self.pages += pages
-        self.page_array = np.asarray(self.pages, np.int32)  # rebuilt once per page, not per step
-
-    def release_pages(self) -> list[int]:
-        pages, self.pages, self.page_array = self.pages, [], np.zeros(0, np.int32)
-        return pages
 
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
