@@ -6,7 +6,8 @@ Steps (`--steps`, in this order):
   profile  times every op alone on this device, and GEMMs beside attention (the co-run table,
            `--corun_tokens`), `pipeline/profile.py`; writes the profile to `--profile`
            (default: the cache file `schedule="auto"` reads, under $NANOFLOW_JAX_CACHE or
-           ~/.cache/nanoflow_jax)
+           ~/.cache/nanoflow_jax); each point measured is kept in `<profile>.partial`, so a
+           run stopped by a time limit resumes there when started again
   search   the two-stage MILP over nano-batch splits (`pipeline/autosearch.py`); writes the
            schedule JSON, with its prediction, to `--out` (`--schedule=PATH` runs it)
   measure  the device time of the decoder layers of one step (`--num_layers` of them) for
@@ -109,7 +110,8 @@ def main(argv):
                                    contexts=tuple(int(c) for c in F.contexts),
                                    page_size=F.page_size, calls=F.calls, repeats=F.repeats,
                                    tensor_parallel_size=tp, corun_tokens=corun,
-                                   corun_context=F.corun_context or workload.decode_context)
+                                   corun_context=F.corun_context or workload.decode_context,
+                                   resume_path=path + ".partial")
         profile.save(path)
         print(f"profile: {path}")
     result = None

@@ -333,3 +333,48 @@ def test_search_on_a_tensor_parallel_profile_places_the_all_reduces():
                if k.startswith("ar_"))
     with pytest.raises(ValueError, match="has no all-reduce times"):
         synthetic_profile(cfg, 1024).all_reduce_ms(64)
+
+
+def test_profile_resumes_from_the_points_of_a_run_cut_short(tmp_path, monkeypatch):
+    # A run stopped after a few points (a command's time limit) leaves them in the partial
+    # file; the next run measures only the rest and keeps the saved ones.
+    from nanoflow_jax.pipeline import profile as prof
+
+    cfg, partial = get_preset("tiny-llama"), str(tmp_path / "p.json.partial")
+    kwargs = dict(token_step=32, shares=(1.0,), contexts=(8,), calls=1, repeats=1,
+                  progress=False, resume_path=partial)
+    timed = []
+
+    def fake_time(fn, *args, calls, repeats):
+        timed.append(fn)
+        if len(timed) == 3:
+            raise KeyboardInterrupt  # cut short while measuring the third point
+        return 10.0 * len(timed)
+
+    monkeypatch.setattr(prof, "_device_ms_per_call", lambda: fake_time)
+    with pytest.raises(KeyboardInterrupt):
+        prof.profile_ops(cfg, 64, "float32", **kwargs)
+    with open(partial) as f:
+        saved = json.load(f)["ms"]
+    n0 = prof.token_counts(64, 32)[0]
+    first, second = f"qkv {n0} tokens, share 1", f"o_proj {n0} tokens, share 1"
+    assert set(saved) == {first, second}
+
+    timed.clear()
+    monkeypatch.setattr(prof, "_device_ms_per_call",
+                        lambda: lambda fn, *args, calls, repeats: timed.append(fn) or 1.0)
+    result = prof.profile_ops(cfg, 64, "float32", **kwargs)
+    points = len(result.tokens) * (len(prof.GEMM_OPS) + 3)  # GEMMs, decode, prefill, KV write
+    assert len(timed) == points - 2  # only the points not measured before
+    assert result.gemm["qkv"][0][0] == saved[first] != result.gemm["up_gate"][0][0]
+    assert result.gemm["o_proj"][0][0] == saved[second]
+    assert not os.path.exists(partial)  # the profile is whole
+
+
+def test_profile_points_from_another_profile_are_not_reused(tmp_path):
+    from nanoflow_jax.pipeline.profile import Points
+
+    path = str(tmp_path / "p.partial")
+    Points(path, {"model": "a"}).get("qkv", lambda: 3.0)
+    assert Points(path, {"model": "a"}).ms == {"qkv": 3.0}
+    assert Points(path, {"model": "b"}).ms == {}

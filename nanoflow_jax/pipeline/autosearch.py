@@ -297,7 +297,8 @@ def load_or_profile(model_config, num_tokens: int, dtype: str, page_size: int = 
              path)
     kwargs = {**default_profile_options(num_tokens), **profile_kwargs}
     result = prof.profile_ops(model_config, num_tokens, dtype, page_size=page_size,
-                              tensor_parallel_size=tensor_parallel_size, **kwargs)
+                              tensor_parallel_size=tensor_parallel_size,
+                              resume_path=path + ".partial", **kwargs)
     result.save(path)
     return result
 

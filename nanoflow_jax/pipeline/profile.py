@@ -313,6 +313,41 @@ class Progress:
             sys.stderr.flush()
 
 
+class Points:
+    """Measured points by name, kept in a JSON file (`path`; None: in memory only) after each
+    one, so that a profile cut short (a command's time limit) resumes where it stopped. The
+    file holds the profile's key and the measuring knobs; points saved under another key or
+    other knobs are not reused."""
+
+    def __init__(self, path: str | None, key: dict):
+        self.path, self.key, self.ms = path, key, {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("key") == key:
+                self.ms = dict(saved["ms"])
+
+    @property
+    def resumed(self) -> int:
+        return len(self.ms)
+
+    def get(self, name: str, measure) -> float:
+        """The point's ms: saved, or `measure()` now (then saved)."""
+        if name not in self.ms:
+            self.ms[name] = float(measure())
+            if self.path:
+                tmp = f"{self.path}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"key": self.key, "ms": self.ms}, f)
+                os.replace(tmp, self.path)
+        return self.ms[name]
+
+    def finish(self) -> None:
+        """The profile is whole: the file has served its purpose."""
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def _device_ms_per_call():
     from nanoflow_jax.benchmarks.timing import device_ms_per_call
 
@@ -341,7 +376,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                 attention_impl: str = "auto", calls: int = 5, repeats: int = 5,
                 layers: int | None = None, kv_pool_bytes: int | None = None,
                 progress: bool = True, tensor_parallel_size: int = 1,
-                corun_tokens=(), corun_context: int | None = None) -> Profile:
+                corun_tokens=(), corun_context: int | None = None,
+                resume_path: str | None = None) -> Profile:
     """Times every op alone on the local device over token counts, contexts and SM shares;
     with `tensor_parallel_size` > 1 at one shard's shapes, plus the all-reduce of the residual
     stream's rows over that many devices (`all_reduce_ms`).
@@ -361,7 +397,10 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     of those row counts beside decode attention over each of them at `corun_context` (None:
     the last context), at each share whose complement is profiled, issued on two streams in
     one scheduling group on a GPU (elsewhere one after the other: meaningless, like the
-    shares)."""
+    shares).
+
+    `resume_path`: a file of the points measured so far (`Points`); a run cut short resumes
+    there, and the file is removed once the profile is whole."""
     import jax
     import jax.numpy as jnp
 
@@ -389,6 +428,19 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                                   + (tp > 1))
                    + len(GEMM_OPS) * len(corun_tokens) ** 2 * len(pair_shares), progress)
     rng = np.random.default_rng(0)
+    points = Points(resume_path, {
+        "profile": profile_key(full_config, num_tokens, dtype, page_size, tp),
+        "calls": calls, "repeats": repeats, "layers": reps, "kv_pool_bytes": kv_pool_bytes,
+        "attention_impl": attention_impl})
+    if points.resumed:
+        print(f"profile: resuming with {points.resumed} points from {resume_path}",
+              file=sys.stderr)
+
+    def measure(name: str, timer, *args, **kwargs) -> float:
+        """A point: `timer(*args, **kwargs)` now, or its value saved earlier (`points`)."""
+        ms = points.get(name, lambda: timer(*args, **kwargs))
+        bar.step(name)
+        return ms
 
     def rand(*shape):
         return jnp.asarray(rng.standard_normal(shape), jdtype)
@@ -433,9 +485,9 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         pos = jnp.arange(n, dtype=jnp.int32)
         for op in GEMM_OPS:
             for k, share in enumerate(shares):
-                gemm[op][i][k] = time_ops(op_call(op, n, share), weights, [inputs[op]] * reps,
-                                          None, pos, None)
-                bar.step(f"{op} {n} tokens, share {share:g}")
+                gemm[op][i][k] = measure(f"{op} {n} tokens, share {share:g}", time_ops,
+                                         op_call(op, n, share), weights, [inputs[op]] * reps,
+                                         None, pos, None)
 
     per_page = page_bytes(one_layer, page_size, jdtype)
     pool = kv_pool_bytes or ((4 << 30) if on_gpu else (64 << 20))
@@ -451,8 +503,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
             pos = jnp.asarray(batch.positions)
             for k, share in enumerate(shares):
                 fn = op_call("attn", n, share, prewritten=frozenset({(0, 0, n)}))
-                decode[i][c][k] = time_ops(fn, weights, qkv, cache, pos, meta)
-                bar.step(f"decode {n} rows @{ctx}, share {share:g}")
+                decode[i][c][k] = measure(f"decode {n} rows @{ctx}, share {share:g}",
+                                          time_ops, fn, weights, qkv, cache, pos, meta)
         del cache
     for i, n in enumerate(tokens):
         pages_per = -(-n // page_size)
@@ -462,8 +514,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         meta = jax.device_put(batch.attn)
         qkv = attention_inputs(n)
         fn = op_call("attn", n, 1.0, prewritten=frozenset({(0, 0, n)}))
-        prefill[i] = time_ops(fn, weights, qkv, cache, jnp.asarray(batch.positions), meta)
-        bar.step(f"prefill {n} tokens")
+        prefill[i] = measure(f"prefill {n} tokens", time_ops, fn, weights, qkv, cache,
+                             jnp.asarray(batch.positions), meta)
 
         # The KV write updates the cache in place: `reps` writes of distinct K/V one after
         # the other, the cache donated from call to call; each call returns a scalar of the
@@ -480,8 +532,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
             held[0], done = write(*held[0], kvs, slots)
             return done
 
-        kv_write[i] = time_ops(write_once)
-        bar.step(f"kv write {n} tokens")
+        kv_write[i] = measure(f"kv write {n} tokens", time_ops, write_once)
         del cache, held
     pairs = None
     if corun_tokens:
@@ -499,9 +550,9 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                     for k, p in enumerate(pair_shares):
                         fn = corun.pair_call(op, n_g, n_a, p, config, attention, gemm_on,
                                              streams=on_gpu)
-                        ms[op][i][j][k] = time_ops(fn, weights, [inputs[op]] * reps, qkv,
-                                                   cache, pos, meta)
-                        bar.step(f"{op} {n_g} beside attention {n_a}, share {p:g}")
+                        ms[op][i][j][k] = measure(
+                            f"{op} {n_g} beside attention {n_a}, share {p:g}", time_ops, fn,
+                            weights, [inputs[op]] * reps, qkv, cache, pos, meta)
         del cache
         pairs = {"tokens": list(corun_tokens), "context": ctx, "shares": list(pair_shares),
                  "ms": ms}
@@ -510,8 +561,9 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
         all_reduce = [0.0] * len(tokens)
         for i, n in enumerate(tokens):
             call, x = all_reduce_call(tp, n, config.hidden_size, jdtype)
-            all_reduce[i] = time_call(call, x, calls=calls, repeats=repeats)
-            bar.step(f"all-reduce {n} tokens")
+            all_reduce[i] = measure(f"all-reduce {n} tokens", time_call, call, x,
+                                    calls=calls, repeats=repeats)
+    points.finish()
     return Profile(profile_key(full_config, num_tokens, dtype, page_size, tp), tokens, shares,
                    contexts, gemm, decode, prefill, kv_write, all_reduce, pairs)
 
