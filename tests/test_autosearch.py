@@ -341,8 +341,8 @@ def test_profile_resumes_from_the_points_of_a_run_cut_short(tmp_path, monkeypatc
     from nanoflow_jax.pipeline import profile as prof
 
     cfg, partial = get_preset("tiny-llama"), str(tmp_path / "p.json.partial")
-    kwargs = dict(token_step=32, shares=(1.0,), contexts=(8,), calls=1, repeats=1,
-                  progress=False, resume_path=partial)
+    kwargs = {"token_step": 32, "shares": (1.0,), "contexts": (8,), "calls": 1, "repeats": 1,
+              "progress": False, "resume_path": partial}
     timed = []
 
     def fake_time(fn, *args, calls, repeats):
