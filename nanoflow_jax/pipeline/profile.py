@@ -336,6 +336,7 @@ class Points:
         if name not in self.ms:
             self.ms[name] = float(measure())
             if self.path:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 tmp = f"{self.path}.tmp"
                 with open(tmp, "w") as f:
                     json.dump({"key": self.key, "ms": self.ms}, f)
