@@ -319,14 +319,9 @@ class LLMEngine:
 
     def _request_output(self, req: _Request) -> RequestOutput:
         """What `req` has so far. Every list is a copy: the engine keeps changing its own."""
-        seqs = req.seqs
-        if len(seqs) == 1:  # most requests: no loops
-            outs = [_completion(seqs[0], req.detoks[0])]
-            finished, first = outs[0].finish_reason is not None, seqs[0].first_token_time
-        else:
-            outs = [_completion(seq, detok) for seq, detok in zip(seqs, req.detoks)]
-            finished = all(c.finish_reason is not None for c in outs)
-            first = min([s.first_token_time for s in seqs if s.first_token_time], default=None)
+        outs = [_completion(seq, detok) for seq, detok in zip(req.seqs, req.detoks)]
+        finished = all(c.finish_reason is not None for c in outs)
+        first = min([s.first_token_time for s in req.seqs if s.first_token_time], default=None)
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,

@@ -157,7 +157,7 @@ class Scheduler:
                 self._preempt(seq)  # everything else is scheduled: seq itself waits
                 preempted.append(seq)
                 continue
-            decodes.append(Chunk(seq, start, 1, True))
+            decodes.append(Chunk(seq, start, 1, samples=True))
             scheduled.add(seq)
             budget -= 1
 
