@@ -111,7 +111,7 @@ def main(argv):
                                    page_size=F.page_size, calls=F.calls, repeats=F.repeats,
                                    tensor_parallel_size=tp, corun_tokens=corun,
                                    corun_context=F.corun_context or workload.decode_context,
-                                   resume_path=path + ".partial")
+                                   resume_path=path + ".partial", workload=workload)
         profile.save(path)
         print(f"profile: {path}")
     result = None

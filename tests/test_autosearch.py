@@ -191,6 +191,7 @@ def test_profiler_on_cpu_with_tiny_llama(tmp_path):
     tables = [prof.gemm[o] for o in prof.gemm] + [prof.decode_attn, prof.prefill_attn,
                                                   prof.kv_write]
     assert all(ms > 0 for ms in np.concatenate([np.ravel(t) for t in tables]))
+    assert prof.layer["num_decode"] == [9, 18] and all(ms > 0 for ms in prof.layer["ms"])
     path = cache_path(prof.key, str(tmp_path))
     prof.save(path)
     assert Profile.load(path) == prof
@@ -364,7 +365,8 @@ def test_profile_resumes_from_the_points_of_a_run_cut_short(tmp_path, monkeypatc
     monkeypatch.setattr(prof, "_device_ms_per_call",
                         lambda: lambda fn, *args, calls, repeats: timed.append(fn) or 1.0)
     result = prof.profile_ops(cfg, 64, "float32", **kwargs)
-    points = len(result.tokens) * (len(prof.GEMM_OPS) + 3)  # GEMMs, decode, prefill, KV write
+    # GEMMs, decode, prefill, KV write, the calibration's layer
+    points = len(result.tokens) * (len(prof.GEMM_OPS) + 4)
     assert len(timed) == points - 2  # only the points not measured before
     assert result.gemm["qkv"][0][0] == saved[first] != result.gemm["up_gate"][0][0]
     assert result.gemm["o_proj"][0][0] == saved[second]

@@ -106,6 +106,34 @@ def test_schedule_replay_predicts_serial_and_overlapped_schedules():
     assert predict.schedule_ms(none, overlapped, workload, 4) >= 4 * halves - 1e-9
 
 
+def _calibrated(profile, workload, gemm_fraction):
+    """`profile` with a layer calibration in which the GEMMs take `gemm_fraction` of their
+    solo time inside each token count's sequential layer."""
+    nds = [round(workload.num_decode * n / 1024) for n in profile.tokens]
+    ms = [gemm_fraction * sum(profile.gemm_ms(op, n) for op in profile.gemm)
+          + predict.attention_ms(profile, autosearch.Workload(nd, workload.decode_context),
+                                 0, n, 1.0) for n, nd in zip(profile.tokens, nds)]
+    return dataclasses.replace(profile, layer={"ms": ms, "num_decode": nds,
+                                               "context": workload.decode_context})
+
+
+def test_layer_calibration_scales_the_share_one_gemms_to_the_measured_layer():
+    workload = autosearch.Workload.default(1024)
+    plain = synthetic_profile(CFG, 1024)
+    prof = _calibrated(plain, workload, 0.8)
+    assert prof.gemm_scale(1024) == pytest.approx(0.8) == prof.gemm_scale(300)
+    assert prof.gemm_ms("down", 1024) == pytest.approx(0.8 * plain.gemm_ms("down", 1024))
+    assert prof.gemm_ms("down", 1024, 0.5) == plain.gemm_ms("down", 1024, 0.5)  # persistent
+    assert prof.gemm_ms("qkv", 512, calibrated=False) == plain.gemm_ms("qkv", 512)
+    # the sequential layer predicts what it measured
+    seq = predict.schedule_ms(prof, sequential(1024), workload, 1)
+    assert seq == pytest.approx(prof.layer["ms"][-1])
+    assert Profile.from_json(prof.to_json()) == prof
+    assert plain.gemm_scale(1024) == 1.0
+    with pytest.raises(ValueError, match="calibration"):
+        dataclasses.replace(prof, layer={**prof.layer, "ms": prof.layer["ms"][:-1]})
+
+
 def _result(searched_ms, seq_ms=10.0):
     """A fake timer: the searched schedule's and sequential's ms, and what it was asked."""
     asked = []

@@ -76,7 +76,7 @@ def efficiency_grid(profile, op: str, k: int) -> np.ndarray:
     p = table["shares"][k]
     out = np.empty((len(table["tokens"]),) * 2)
     for i, n_g in enumerate(table["tokens"]):
-        g = profile.gemm_ms(op, n_g, p)
+        g = profile.gemm_ms(op, n_g, p, calibrated=False)
         for j, n_a in enumerate(table["tokens"]):
             a = profile.decode_ms(n_a, table["context"], attention_share(p))
             pair = table["ms"][op][i][j][k]
@@ -93,7 +93,7 @@ def synthetic_table(profile, tokens, context: int, shares, eff: float) -> dict:
         for i, n_g in enumerate(tokens):
             for j, n_a in enumerate(tokens):
                 for k, p in enumerate(shares):
-                    g = profile.gemm_ms(op, n_g, p)
+                    g = profile.gemm_ms(op, n_g, p, calibrated=False)
                     a = profile.decode_ms(n_a, context, attention_share(p))
                     ms[op][i][j][k] = g + a - eff * min(g, a)
     return {"tokens": list(tokens), "context": int(context), "shares": list(shares), "ms": ms}

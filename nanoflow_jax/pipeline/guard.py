@@ -52,12 +52,14 @@ def choose(searched: Schedule, predicted_ms: float, sequential_predicted_ms: flo
 
 def layer_timer(layer_params: list, model_config, workload, num_tokens: int, dtype: str,
                 page_size: int = 16, attention_impl: str = "auto", layers: int = 4,
-                steps: int = 5, repeats: int = 3, kv_pool_bytes: int | None = None) -> Measure:
+                steps: int = 5, repeats: int = 3, kv_pool_bytes: int | None = None,
+                time_call=None) -> Measure:
     """`measure(schedule)`: device ms of the decoder layers of one step of `schedule`, timed
     over the first `layers` of `layer_params` (the model's per-layer params) and scaled to
     `model_config.num_layers`; `steps` calls back to back, median of `repeats`. Decode rows
     read distinct pages of a pool of `kv_pool_bytes` per layer (None: 1 GiB on a GPU, 16 MiB
-    elsewhere), reused round robin beyond it."""
+    elsewhere), reused round robin beyond it. `time_call(fn, calls=, repeats=)` times the
+    calls (None: `benchmarks.timing.device_ms_per_call`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -104,7 +106,7 @@ def layer_timer(layer_params: list, model_config, workload, num_tokens: int, dty
             out, held[0] = step(used, x, held[0])
             return out
 
-        ms = device_ms_per_call(once, calls=steps, repeats=repeats)
+        ms = (time_call or device_ms_per_call)(once, calls=steps, repeats=repeats)
         del held[0]
         return ms * model_config.num_layers / len(used)
 

@@ -19,6 +19,21 @@ each of the executor's ops run alone (`executor._State.run`, the very code a sch
                               executor overlaps them, and the overlap efficiency read from
                               them (`corun.py`); None: ops beside each other keep their solo
                               speed at their share (the solver's assumption)
+    layer                     optional: the calibration, {"ms": [tokens], "num_decode":
+                              [tokens], "context": c}: ms of one whole sequential decoder
+                              layer over tokens[i] rows, num_decode[i] of them decodes of c
+                              tokens of context and the rest one prompt chunk (the workload's
+                              mix); None: no calibration
+
+The calibration exists because a GEMM timed alone is slower than the same GEMM inside a layer:
+on an H200 at 1024 tokens the four GEMM ops alone sum to 0.72 ms, inside the sequential layer
+(whose attention parts the profile gets right) they take ~0.56 ms: XLA's isolated programs pick
+other GEMM kernels and pay each small kernel's launch. `gemm_ms` at share 1 (XLA's GEMM)
+therefore scales the solo time by the layer's GEMM share over the solo GEMM sum at that token
+count, `gemm_scale`, so that the sequential layer predicts what it measures at every profiled
+token count and nano-batches of n rows predict what a layer of n rows measures. The persistent
+GEMM at shares below 1 is the same kernel alone or in a layer and keeps its solo time, and the
+co-run table compares solo times with solo times (`gemm_ms(..., calibrated=False)`).
 
 Under tensor parallelism (`key["tensor_parallel_size"]` > 1) the GEMMs and attention are timed
 at one shard's shapes (`parallel.local_config`: its heads and FFN columns) on one device,
@@ -110,6 +125,7 @@ class Profile:
     kv_write: list  # [tokens] ms
     all_reduce: list | None = None  # [tokens] ms; None: one device (nothing to reduce)
     corun: dict | None = None  # the co-run table (corun.py); None: none measured
+    layer: dict | None = None  # the calibration (module doc); None: none measured
 
     def __post_init__(self):
         t, s, c = len(self.tokens), len(self.shares), len(self.contexts)
@@ -126,6 +142,12 @@ class Profile:
             raise ValueError("profile tables do not match its tokens, contexts and shares")
         if self.corun is not None:
             corun.check(self.corun, GEMM_OPS, self.shares)
+        if self.layer is not None and not (
+                set(self.layer) == {"ms", "num_decode", "context"}
+                and np.shape(self.layer["ms"]) == np.shape(self.layer["num_decode"]) == (t,)
+                and all(0 <= d <= n for d, n in zip(self.layer["num_decode"], self.tokens))):
+            raise ValueError("profile layer calibration must hold ms and num_decode (at most "
+                             "the rows) per token count, and a context")
         if (self.all_reduce is None) != (self.tensor_parallel_size == 1):
             raise ValueError(f"a profile has all-reduce times exactly when its "
                              f"tensor_parallel_size ({self.tensor_parallel_size}) is above 1")
@@ -141,9 +163,29 @@ class Profile:
             raise ValueError(f"share {share} not profiled; shares: {self.shares}")
         return self.shares.index(share)
 
-    def gemm_ms(self, op: str, tokens: int, share: float = 1.0) -> float:
+    def gemm_ms(self, op: str, tokens: int, share: float = 1.0, calibrated: bool = True
+                ) -> float:
+        """`op` over `tokens` rows at `share`; at share 1 scaled by `gemm_scale` unless
+        `calibrated` is off (module doc)."""
         k = self._share(share)
-        return _interp(self.tokens, [row[k] for row in self.gemm[op]], tokens, floor=True)
+        ms = _interp(self.tokens, [row[k] for row in self.gemm[op]], tokens, floor=True)
+        return ms * self.gemm_scale(tokens) if calibrated and share == 1.0 else ms
+
+    def gemm_scale(self, tokens: int) -> float:
+        """In-layer over solo time of the share-1 GEMM ops at `tokens` rows (1.0 without a
+        calibration): at each profiled count (layer - its attention parts) / the solo GEMM
+        sum, clipped to [0.2, 5] against a noisy point, linear between counts and constant
+        beyond them."""
+        if self.layer is None:
+            return 1.0
+        scales = []
+        for i, n in enumerate(self.tokens):
+            nd = self.layer["num_decode"][i]
+            attn = (self.decode_ms(nd, self.layer["context"]) + self.kv_write_ms(n)
+                    + (self.prefill_ms(n - nd) if n > nd else 0.0))
+            solo = sum(self.gemm_ms(op, n, calibrated=False) for op in GEMM_OPS)
+            scales.append(float(np.clip((self.layer["ms"][i] - attn) / solo, 0.2, 5.0)))
+        return float(np.interp(tokens, self.tokens, scales))
 
     def decode_ms(self, rows: int, context: int, share: float = 1.0) -> float:
         if rows <= 0:
@@ -182,7 +224,7 @@ class Profile:
             raise ValueError(f"not a profile of format {FORMAT}")
         return cls(d["key"], tuple(d["tokens"]), tuple(d["shares"]), tuple(d["contexts"]),
                    d["gemm"], d["decode_attn"], d["prefill_attn"], d["kv_write"],
-                   d.get("all_reduce"), d.get("corun"))
+                   d.get("all_reduce"), d.get("corun"), d.get("layer"))
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -378,7 +420,8 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                 layers: int | None = None, kv_pool_bytes: int | None = None,
                 progress: bool = True, tensor_parallel_size: int = 1,
                 corun_tokens=(), corun_context: int | None = None,
-                resume_path: str | None = None) -> Profile:
+                resume_path: str | None = None, workload=None,
+                calibrate: bool = True) -> Profile:
     """Times every op alone on the local device over token counts, contexts and SM shares;
     with `tensor_parallel_size` > 1 at one shard's shapes, plus the all-reduce of the residual
     stream's rows over that many devices (`all_reduce_ms`).
@@ -399,6 +442,11 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     the last context), at each share whose complement is profiled, issued on two streams in
     one scheduling group on a GPU (elsewhere one after the other: meaningless, like the
     shares).
+
+    `calibrate` also times a whole sequential decoder layer at each token count with
+    `workload`'s mix scaled to it (`autosearch.Workload`; None: its default at num_tokens),
+    `layers` layers in one program by `guard.layer_timer`: the profile's `layer`
+    calibration (module doc). Not under tensor parallelism (the layer would need the mesh).
 
     `resume_path`: a file of the points measured so far (`Points`); a run cut short resumes
     there, and the file is removed once the profile is whole."""
@@ -425,8 +473,9 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
     weights = random_params(dataclasses.replace(one_layer, num_layers=reps), dtype)["layers"]
     jdtype = jnp.dtype(dtype)
     corun_tokens, pair_shares = tuple(corun_tokens), corun_shares(shares)
+    calibrate = calibrate and tp == 1
     bar = Progress(len(tokens) * (len(GEMM_OPS) * len(shares) + len(contexts) * len(shares) + 2
-                                  + (tp > 1))
+                                  + (tp > 1) + calibrate)
                    + len(GEMM_OPS) * len(corun_tokens) ** 2 * len(pair_shares), progress)
     rng = np.random.default_rng(0)
     points = Points(resume_path, {
@@ -535,6 +584,23 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
 
         kv_write[i] = measure(f"kv write {n} tokens", time_ops, write_once)
         del cache, held
+    layer = None
+    if calibrate:
+        from nanoflow_jax.pipeline.autosearch import Workload
+        from nanoflow_jax.pipeline.guard import layer_timer
+        from nanoflow_jax.pipeline.schedule import sequential
+
+        mix = workload or Workload.default(num_tokens)
+        layer = {"ms": [], "num_decode": [], "context": mix.decode_context}
+        for n in tokens:
+            nd = min(n, round(mix.num_decode * n / num_tokens))
+            timer = layer_timer(weights, one_layer, Workload(nd, mix.decode_context), n, dtype,
+                                page_size, attention_impl, layers=reps, steps=calls,
+                                repeats=repeats, kv_pool_bytes=kv_pool_bytes,
+                                time_call=time_call)
+            layer["num_decode"].append(nd)
+            layer["ms"].append(measure(f"layer {n} tokens, {nd} decodes @{mix.decode_context}",
+                                       lambda timer=timer, n=n: timer(sequential(n))))
     pairs = None
     if corun_tokens:
         ctx = corun_context or contexts[-1]
@@ -566,7 +632,7 @@ def profile_ops(config, num_tokens: int, dtype: str = "bfloat16", token_step: in
                                     calls=calls, repeats=repeats)
     points.finish()
     return Profile(profile_key(full_config, num_tokens, dtype, page_size, tp), tokens, shares,
-                   contexts, gemm, decode, prefill, kv_write, all_reduce, pairs)
+                   contexts, gemm, decode, prefill, kv_write, all_reduce, pairs, layer)
 
 
 def all_reduce_call(tp: int, rows: int, hidden_size: int, dtype):
