@@ -54,6 +54,10 @@ flags.DEFINE_bool("serial", None, "block on each step as it is launched, so the 
 flags.DEFINE_bool("skip_device", False, "replace the model step by random letters: the host "
                   "work alone, quickly (on the CPU the model step takes most of a second and "
                   "evicts the host's caches)")
+flags.DEFINE_integer("fake_vocab", 0, "with --skip_device: sample ids uniformly from [0, N) as a "
+                     "random-weight model does (128256: the llama-3-8b preset, whose byte "
+                     "tokenizer decodes 259 of those ids and skips the rest); 0: random letters "
+                     "(every token a character)")
 flags.DEFINE_integer("cprofile", 0, "also print the N functions with the most cumulative time "
                      "in the timed steps (cProfile; it slows them)")
 F = flags.FLAGS
@@ -82,11 +86,13 @@ def _snapshot(engine, timer) -> dict:
             "steps": s.steps, "generated": s.generated_tokens, "prompt": s.prompt_tokens}
 
 
-def _random_letters(rng, num_rows: int, batch, sampling, mode) -> SampleOutput:
-    """What `ModelRunner.run_step` returns, without the model: a random letter a row."""
+def _random_tokens(rng, num_rows: int, vocab: int, batch, sampling, mode) -> SampleOutput:
+    """What `ModelRunner.run_step` returns, without the model: a random id in [0, vocab) a
+    row, or a random letter (vocab 0)."""
     del batch, sampling, mode
+    low, high = (0, vocab) if vocab else (ord("a"), ord("z") + 1)
     return SampleOutput(
-        token_ids=rng.integers(ord("a"), ord("z") + 1, num_rows).astype(np.int32),
+        token_ids=rng.integers(low, high, num_rows).astype(np.int32),
         logprob=np.zeros(num_rows, np.float32),
         top_ids=np.zeros((num_rows, MAX_LOGPROBS), np.int32),
         top_logprobs=np.zeros((num_rows, MAX_LOGPROBS), np.float32))
@@ -111,7 +117,8 @@ def main(argv):
     timer.seconds = 0.0
     rng = np.random.default_rng(0)
     if F.skip_device:
-        engine.runner.run_step = functools.partial(_random_letters, rng, engine.runner.num_rows)
+        engine.runner.run_step = functools.partial(_random_tokens, rng, engine.runner.num_rows,
+                                                   F.fake_vocab)
     vocab = min(engine.model_config.vocab_size, 256)  # byte tokens: any id decodes
     params = SamplingParams(temperature=0.0, max_tokens=F.max_tokens, ignore_eos=True)
     for i in range(F.num_requests):
@@ -148,7 +155,7 @@ def main(argv):
         "flags": {k: getattr(F, k) for k in (
             "model", "num_requests", "prompt_len", "max_tokens", "max_num_seqs",
             "max_num_batched_tokens", "max_model_len", "page_size", "steps", "stream",
-            "skip_device")},
+            "skip_device", "fake_vocab")},
         "serial": serial, "warmup_steps": warm, "ramp_s": ramp_s, "timed_steps": steps,
         "median_ms": {k: 1e3 * float(np.median(deltas[k])) for k in PARTS},
         "mean_ms": {k: 1e3 * float(np.mean(deltas[k])) for k in PARTS},
@@ -164,7 +171,8 @@ def main(argv):
         with open(os.path.join(out_dir, "host_time.json"), "w") as f:
             json.dump(result, f, indent=1)
     note = (" (launch includes the device step)" if serial else
-            " (no model step: random letters)" if F.skip_device else "")
+            (f" (no model step: random ids < {F.fake_vocab})" if F.fake_vocab else
+             " (no model step: random letters)") if F.skip_device else "")
     print(f"{F.model}: {warm} warm-up steps ({ramp_s:.1f}s), {steps} timed steps "
           f"({result['wall_ms_per_step']:.0f} ms each); per step "
           f"{result['decoded_per_step']:.0f} tokens read, {result['prompt_tokens_per_step']:.0f} "
