@@ -26,7 +26,8 @@ class ListPrefix(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return self._items[slice(*i.indices(self._n))]
+            start, stop, step = i.indices(self._n)  # bounded by n when step > 0
+            return self._items[start:stop:step] if step > 0 else self._items[:self._n][i]
         if not -self._n <= i < self._n:
             raise IndexError(f"index {i} of a sequence of {self._n}")
         return self._items[i % self._n]
