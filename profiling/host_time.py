@@ -211,6 +211,12 @@ def main(argv):
     first, last = result["running"]
     print(f"running sequences: {first} at the first timed step, {result['running_min']} at the "
           f"fewest, {last} at the last")
+    if first < min(F.num_requests, F.max_num_seqs):
+        print(f"WARNING: {first} of {min(F.num_requests, F.max_num_seqs)} sequences ran at "
+              f"the first timed step: the others finished in the ramp ({warm} steps, "
+              f"--max_tokens={F.max_tokens}) or did not fit the KV cache (admission reserves "
+              f"prompt + max_tokens tokens each; {engine.allocator.num_pages} pages of "
+              f"{F.page_size})")
     if result["running_min"] < first:
         print(f"WARNING: {first - result['running_min']} of the {first} running sequences "
               f"finished in the timed steps (ramp {warm} steps, --max_tokens={F.max_tokens}): "
