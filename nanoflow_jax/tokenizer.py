@@ -79,6 +79,9 @@ class Tokenizer:
         self.hf = hf
         self.config = config
         self._template: jinja2.Template | None = None  # compiled on first use
+        self._special_ids: frozenset[int] | None = None  # skipped_ids(True), on first use
+        # {skip_special_tokens: {(emitted id, new id): text delta}}: detokenize_step's memo.
+        self._pair_deltas: dict[bool, dict[tuple[int, int], str]] = {True: {}, False: {}}
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
@@ -126,6 +129,15 @@ class Tokenizer:
         if eos is not None:
             ids.add(eos)
         return frozenset(ids)
+
+    def skipped_ids(self, skip_special_tokens: bool) -> frozenset[int]:
+        """Ids in the vocabulary that `decode` drops: the special tokens when skipping them."""
+        if not skip_special_tokens:
+            return frozenset()
+        if self._special_ids is None:
+            self._special_ids = frozenset(
+                i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
 
     @property
     def pad_token_id(self) -> int | None:
@@ -204,16 +216,33 @@ class IncrementalDetokenizer:
     each step is O(length). So decode only a small window: tokens[prefix:read] were already
     emitted, tokens[prefix:] is the window; the new text is the difference of the two decodes.
     A delta ending in U+FFFD means a character is still incomplete: hold it back.
+
+    Ids that `decode` skips (ids outside the vocabulary, special tokens when
+    skip_special_tokens) never enter the window: they add no text, and a model that samples
+    many of them (random weights over a small tokenizer) would otherwise grow the window
+    without bound. The window then holds the last emitted tokens plus those of an incomplete
+    character: O(1) work per token.
     """
+
+    __slots__ = ("_pairs", "_read", "_skipped", "_vocab_size", "_window", "skip_special_tokens",
+                 "text", "tokenizer")
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
                  skip_special_tokens: bool = True, context: int = 5):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._skipped = tokenizer.skipped_ids(skip_special_tokens)
+        self._vocab_size = tokenizer.vocab_size
+        self._pairs = tokenizer._pair_deltas[skip_special_tokens]
         # A few prompt tokens as context, so the first output token decodes with its space.
-        self._window = [int(i) for i in list(prompt_ids)[-context:]] if context > 0 else []
+        tail = [int(i) for i in list(prompt_ids)[-context:]] if context > 0 else []
+        self._window = [i for i in tail if not self.skips(i)]
         self._read = len(self._window)  # window[:read] is already emitted (or is prompt)
         self.text = ""                  # everything emitted so far
+
+    def skips(self, token_id: int) -> bool:
+        """`decode` drops this id: it adds no text."""
+        return token_id >= self._vocab_size or token_id in self._skipped
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -224,6 +253,8 @@ class IncrementalDetokenizer:
         return "".join(self._add_one(int(i)) for i in new_token_ids)
 
     def _add_one(self, token_id: int) -> str:
+        if self.skips(token_id):
+            return ""
         self._window.append(token_id)
         return self._accept(self._decode(self._window[:self._read]), self._decode(self._window))
 
@@ -233,39 +264,69 @@ class IncrementalDetokenizer:
             return ""
         delta = full_text[len(prefix_text):]
         # Slide: the just-emitted tokens become the next window's context.
-        self._window = self._window[self._read:]
+        del self._window[:self._read]
         self._read = len(self._window)
         self.text += delta
         return delta
 
     def flush(self) -> str:
         """At the end of a request: emits whatever was held back, U+FFFD included."""
+        if self._read == len(self._window):
+            return ""
         prefix_text = self._decode(self._window[:self._read])
         delta = self._decode(self._window)[len(prefix_text):]
-        self._window = self._window[self._read:]
+        del self._window[:self._read]
         self._read = len(self._window)
         self.text += delta
         return delta
 
 
+PAIR_MEMO_SIZE = 1 << 18  # most (emitted id, new id) pairs detokenize_step remembers
+
+
 def detokenize_step(detoks: Sequence[IncrementalDetokenizer], token_ids: Sequence[int]
                     ) -> list[str]:
-    """`detoks[i].add([token_ids[i]])` for many requests at once, with two batched decode calls
-    (per skip_special_tokens setting) instead of two calls per request: the engine's per-step
-    path when it streams text."""
+    """`detoks[i].add([token_ids[i]])` for many requests at once: the engine's per-step path
+    when it keeps text. Ids that decode skips cost nothing. In the steady state a window is
+    one emitted token and the new one, whose delta is a function of the pair alone: a memo
+    per tokenizer (`PAIR_MEMO_SIZE` pairs, then cleared) answers the pairs seen before;
+    the rest are decoded with two batched calls (per skip_special_tokens setting) instead of
+    two calls per request."""
     deltas = [""] * len(detoks)
-    for skip in (True, False):
-        group = [i for i, d in enumerate(detoks) if d.skip_special_tokens is skip]
+    misses: dict[bool, list[int]] = {True: [], False: []}  # per setting: indices of detoks
+    for i, (d, t) in enumerate(zip(detoks, token_ids)):
+        t = int(t)
+        if t >= d._vocab_size or t in d._skipped:
+            continue
+        window = d._window
+        if d._read == 1 == len(window):
+            delta = d._pairs.get((window[0], t))
+            if delta is not None:  # as _accept would: emit and slide, or hold ("")
+                if delta:
+                    window[0] = t
+                    d.text += delta
+                    deltas[i] = delta
+                else:
+                    window.append(t)
+                continue
+        window.append(t)
+        misses[d.skip_special_tokens].append(i)
+    for skip, group in misses.items():
         if not group:
             continue
-        hf = detoks[group[0]].tokenizer.hf
-        for i in group:
-            detoks[i]._window.append(int(token_ids[i]))
-        prefixes = hf.decode_batch([detoks[i]._window[:detoks[i]._read] for i in group],
-                                   skip_special_tokens=skip)
-        fulls = hf.decode_batch([detoks[i]._window for i in group], skip_special_tokens=skip)
-        for i, prefix_text, full_text in zip(group, prefixes, fulls):
-            deltas[i] = detoks[i]._accept(prefix_text, full_text)
+        live = [detoks[i] for i in group]
+        hf = live[0].tokenizer.hf
+        prefixes = hf.decode_batch([d._window[:d._read] for d in live], skip_special_tokens=skip)
+        fulls = hf.decode_batch([d._window for d in live], skip_special_tokens=skip)
+        pairs = live[0]._pairs
+        if len(pairs) + len(live) > PAIR_MEMO_SIZE:
+            pairs.clear()
+        for i, d, prefix_text, full_text in zip(group, live, prefixes, fulls):
+            window = d._window
+            pair = (window[0], window[1]) if d._read == 1 and len(window) == 2 else None
+            deltas[i] = d._accept(prefix_text, full_text)
+            if pair is not None:
+                pairs[pair] = deltas[i]
     return deltas
 
 

@@ -1,8 +1,14 @@
 """The engine's own host work per step (EngineStats: schedule, build, process) at a large batch.
 
     PYTHONPATH=. python3 profiling/host_time.py                       # CPU, tiny model, ~1 min
+    # decode-only at 1024 sequences on a GPU, streamed (--nostream: offline)
     PYTHONPATH=. python3 profiling/host_time.py --model=llama-3-8b --max_model_len=8192 \\
-        --num_requests=2048 --max_tokens=256 --max_num_batched_tokens=1024 --steps=200
+        --num_requests=1024 --max_num_seqs=1024 --max_num_batched_tokens=1024 \\
+        --prompt_len=16 --max_tokens=512 --steps=200
+    # the same host work on the CPU, without the model (the preset's ids over its tokenizer)
+    PYTHONPATH=. python3 profiling/host_time.py --skip_device --fake_vocab=128256 \\
+        --num_requests=1024 --max_num_seqs=1024 --prompt_len=16 --max_tokens=512 \\
+        --max_model_len=1024 --steps=100
 
 `--num_requests` requests of `--prompt_len` random tokens arrive at once, at most
 `--max_num_seqs` running. The first steps (admitting and prefilling every request that fits)
@@ -12,9 +18,18 @@ room for prefills (a mixed batch). `--stream` returns every request's text each 
 server); else only finished requests (offline `LLM`). Prints the median and mean ms/step of
 each host part: the scheduler, the batch build (and `build_batch` in it), the launch, the
 processing of the previous step's tokens, their sum without the launch (`host`: the engine's
-own host work, EngineStats.host_s), and the wait for the device. `--serial` (the default on
-the CPU, where the device's threads share the host's cores) blocks on each step as it is
-launched. JSON goes to $OUT/host_time.json when OUT is set.
+own host work, EngineStats.host_s), and the wait for the device; and how many sequences ran
+in the timed steps (first, fewest, last), with a warning when some finished among them.
+`--serial` (the default on the CPU, where the device's threads share the host's cores) blocks
+on each step as it is launched. JSON goes to $OUT/host_time.json when OUT is set.
+
+The ramp is long when the sequences fill the token budget: decodes go first, so prompts get
+what the running decodes leave (budget B minus running), and admitting N prompts of P tokens
+takes about P·(H(B) - H(B - N)) steps (H: harmonic numbers), 7.5·P for N = B = 1024: 960
+steps at P = 128, 120 at P = 16. A sequence admitted early generates a token every step of
+it, so `--max_tokens` must exceed the ramp plus `--steps` for the timed steps to hold all N,
+and N·(P + max_tokens) tokens must fit the KV cache (admission reserves them): hence the
+short prompts above.
 """
 import cProfile
 import functools
@@ -26,6 +41,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine import llm_engine, model_runner
@@ -54,6 +70,13 @@ flags.DEFINE_bool("serial", None, "block on each step as it is launched, so the 
 flags.DEFINE_bool("skip_device", False, "replace the model step by random letters: the host "
                   "work alone, quickly (on the CPU the model step takes most of a second and "
                   "evicts the host's caches)")
+flags.DEFINE_integer("fake_vocab", 0, "with --skip_device: sample ids uniformly from [0, N) as a "
+                     "random-weight model does (128256: the llama-3-8b preset, whose byte "
+                     "tokenizer decodes 259 of those ids and skips the rest); 0: random letters "
+                     "(every token a character)")
+flags.DEFINE_bool("split_launch", False, "in the timed steps, move the batch to the device "
+                  "(jax.device_put, timed as launch_h2d) before the jitted calls (launch_call): "
+                  "where the launch's host time goes")
 flags.DEFINE_integer("cprofile", 0, "also print the N functions with the most cumulative time "
                      "in the timed steps (cProfile; it slows them)")
 F = flags.FLAGS
@@ -75,18 +98,22 @@ class _Timer:
             self.seconds += time.perf_counter() - t0
 
 
-def _snapshot(engine, timer) -> dict:
+def _snapshot(engine, timers: dict[str, _Timer]) -> dict:
     s = engine.stats
-    return {"schedule": s.schedule_s, "build": s.build_s, "build_batch": timer.seconds,
+    return {"schedule": s.schedule_s, "build": s.build_s,
+            **{name: t.seconds for name, t in timers.items()},
             "launch": s.launch_s, "process": s.process_s, "host": s.host_s, "wait": s.wait_s,
-            "steps": s.steps, "generated": s.generated_tokens, "prompt": s.prompt_tokens}
+            "steps": s.steps, "generated": s.generated_tokens, "prompt": s.prompt_tokens,
+            "running": len(engine.scheduler.running)}
 
 
-def _random_letters(rng, num_rows: int, batch, sampling, mode) -> SampleOutput:
-    """What `ModelRunner.run_step` returns, without the model: a random letter a row."""
+def _random_tokens(rng, num_rows: int, vocab: int, batch, sampling, mode) -> SampleOutput:
+    """What `ModelRunner.run_step` returns, without the model: a random id in [0, vocab) a
+    row, or a random letter (vocab 0)."""
     del batch, sampling, mode
+    low, high = (0, vocab) if vocab else (ord("a"), ord("z") + 1)
     return SampleOutput(
-        token_ids=rng.integers(ord("a"), ord("z") + 1, num_rows).astype(np.int32),
+        token_ids=rng.integers(low, high, num_rows).astype(np.int32),
         logprob=np.zeros(num_rows, np.float32),
         top_ids=np.zeros((num_rows, MAX_LOGPROBS), np.int32),
         top_logprobs=np.zeros((num_rows, MAX_LOGPROBS), np.float32))
@@ -111,7 +138,8 @@ def main(argv):
     timer.seconds = 0.0
     rng = np.random.default_rng(0)
     if F.skip_device:
-        engine.runner.run_step = functools.partial(_random_letters, rng, engine.runner.num_rows)
+        engine.runner.run_step = functools.partial(_random_tokens, rng, engine.runner.num_rows,
+                                                   F.fake_vocab)
     vocab = min(engine.model_config.vocab_size, 256)  # byte tokens: any id decodes
     params = SamplingParams(temperature=0.0, max_tokens=F.max_tokens, ignore_eos=True)
     for i in range(F.num_requests):
@@ -126,11 +154,19 @@ def main(argv):
     ramp_s = time.perf_counter() - t0
     serial = (jax.default_backend() == "cpu" if F.serial is None else F.serial
               ) and not F.skip_device
+    timers = {"build_batch": timer}
+    if F.split_launch and not F.skip_device:
+        mesh = engine.runner.mesh  # tensor parallel: the batch replicated over it
+        where = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        timers["launch_h2d"] = h2d = _Timer(functools.partial(jax.device_put, device=where))
+        timers["launch_call"] = call = _Timer(engine.runner.run_step)
+        engine.runner.run_step = lambda batch, sampling, mode: call(*h2d((batch, sampling)), mode)
+    parts = PARTS[:4] + tuple(k for k in timers if k.startswith("launch_")) + PARTS[4:]
     if serial:  # launches return once their step has run: the host parts see an idle device
         run_step = engine.runner.run_step
         engine.runner.run_step = lambda *args: jax.block_until_ready(run_step(*args))
     profiler = cProfile.Profile() if F.cprofile else None
-    snapshots, outputs = [_snapshot(engine, timer)], 0
+    snapshots, outputs = [_snapshot(engine, timers)], 0
     t0 = time.perf_counter()
     for _ in range(F.steps):
         if not engine.has_unfinished_requests():
@@ -140,7 +176,7 @@ def main(argv):
         outputs += len(engine.step())
         if profiler:
             profiler.disable()
-        snapshots.append(_snapshot(engine, timer))
+        snapshots.append(_snapshot(engine, timers))
     wall = time.perf_counter() - t0
     steps = max(len(snapshots) - 1, 1)
     deltas = {k: np.diff([s[k] for s in snapshots]) for k in snapshots[0]}
@@ -148,14 +184,15 @@ def main(argv):
         "flags": {k: getattr(F, k) for k in (
             "model", "num_requests", "prompt_len", "max_tokens", "max_num_seqs",
             "max_num_batched_tokens", "max_model_len", "page_size", "steps", "stream",
-            "skip_device")},
+            "skip_device", "fake_vocab")},
         "serial": serial, "warmup_steps": warm, "ramp_s": ramp_s, "timed_steps": steps,
-        "median_ms": {k: 1e3 * float(np.median(deltas[k])) for k in PARTS},
-        "mean_ms": {k: 1e3 * float(np.mean(deltas[k])) for k in PARTS},
+        "median_ms": {k: 1e3 * float(np.median(deltas[k])) for k in parts},
+        "mean_ms": {k: 1e3 * float(np.mean(deltas[k])) for k in parts},
         "wall_ms_per_step": 1e3 * wall / steps, "outputs_per_step": outputs / steps,
         "decoded_per_step": float(np.mean(deltas["generated"])),
         "prompt_tokens_per_step": float(np.mean(deltas["prompt"])),
-        "running": len(engine.scheduler.running)}
+        "running": [int(snapshots[i]["running"]) for i in (0, -1)],
+        "running_min": int(min(s["running"] for s in snapshots))}
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(F.cprofile)
     out_dir = os.environ.get("OUT")
@@ -164,17 +201,31 @@ def main(argv):
         with open(os.path.join(out_dir, "host_time.json"), "w") as f:
             json.dump(result, f, indent=1)
     note = (" (launch includes the device step)" if serial else
-            " (no model step: random letters)" if F.skip_device else "")
+            (f" (no model step: random ids < {F.fake_vocab})" if F.fake_vocab else
+             " (no model step: random letters)") if F.skip_device else "")
     print(f"{F.model}: {warm} warm-up steps ({ramp_s:.1f}s), {steps} timed steps "
           f"({result['wall_ms_per_step']:.0f} ms each); per step "
           f"{result['decoded_per_step']:.0f} tokens read, {result['prompt_tokens_per_step']:.0f} "
           f"prompt tokens, {result['outputs_per_step']:.0f} outputs; stream={F.stream}, "
           f"serial={serial}{note}")
-    print("| ms/step | " + " | ".join(PARTS) + " |")
-    print("|" + "---|" * (len(PARTS) + 1))
+    first, last = result["running"]
+    print(f"running sequences: {first} at the first timed step, {result['running_min']} at the "
+          f"fewest, {last} at the last")
+    if first < min(F.num_requests, F.max_num_seqs):
+        print(f"WARNING: {first} of {min(F.num_requests, F.max_num_seqs)} sequences ran at "
+              f"the first timed step: the others finished in the ramp ({warm} steps, "
+              f"--max_tokens={F.max_tokens}) or did not fit the KV cache (admission reserves "
+              f"prompt + max_tokens tokens each; {engine.allocator.num_pages} pages of "
+              f"{F.page_size})")
+    if result["running_min"] < first:
+        print(f"WARNING: {first - result['running_min']} of the {first} running sequences "
+              f"finished in the timed steps (ramp {warm} steps, --max_tokens={F.max_tokens}): "
+              f"raise --max_tokens above {warm + F.steps} or shorten the ramp (--prompt_len)")
+    print("| ms/step | " + " | ".join(parts) + " |")
+    print("|" + "---|" * (len(parts) + 1))
     for stat in ("median", "mean"):
         row = result[f"{stat}_ms"]
-        print(f"| {stat} | " + " | ".join(f"{row[k]:.2f}" for k in PARTS) + " |")
+        print(f"| {stat} | " + " | ".join(f"{row[k]:.2f}" for k in parts) + " |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import nanoflow_jax as nf
 from nanoflow_jax import LLM, SamplingParams
 from nanoflow_jax.batch import build_batch
+from nanoflow_jax.engine.outputs import ListPrefix
 from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
 from tests.helpers import golden_path
 
@@ -162,6 +163,69 @@ def test_stop_string_is_not_emitted(llm):
     o = out[0].outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == stop
     assert o.text == text[:text.index(stop)] and stop not in o.text
+
+
+def test_streamed_outputs_equal_offline_and_stay_as_returned(llm):
+    """Streaming (outputs every step: views of the engine's lists, incremental text) ends
+    where the offline path (one decode at the end) does, for sampled bytes that split
+    characters, ids the byte tokenizer skips (259..511 of tiny-llama's 512) and n > 1 with
+    logprobs; and an output streamed at one step still reads the same after the later ones."""
+    eng = llm.engine
+    requests = [([1, 2, 3], SamplingParams(temperature=1.0, seed=3, max_tokens=40,
+                                           ignore_eos=True)),
+                ([200, 201], SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=30,
+                                            logprobs=2, ignore_eos=True)),
+                ([65, 66, 67], SamplingParams(temperature=1.0, seed=5, max_tokens=40,
+                                              ignore_eos=True, skip_special_tokens=False))]
+
+    def snapshot(out):
+        return [(c.text, list(c.token_ids), c.logprobs and list(c.logprobs),
+                 c.cumulative_logprob) for c in out.outputs]
+
+    def run(stream):
+        eng.stream_outputs = stream
+        try:
+            for i, (ids, p) in enumerate(requests):
+                eng.add_request(f"stream-{i}", {"prompt_token_ids": ids}, p)
+            seen, final = [], {}
+            while eng.has_unfinished_requests():
+                for out in eng.step():
+                    seen.append((out, snapshot(out)))
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            eng.stream_outputs = False
+        return seen, final
+
+    seen, streamed = run(True)
+    _, offline = run(False)
+    assert len(seen) > 3 * len(requests)  # outputs every step, not only the last
+    for out, then in seen:
+        assert snapshot(out) == then  # a view does not move when the engine's list grows
+        for c, last in zip(out.outputs, streamed[out.request_id].outputs):
+            assert last.text.startswith(c.text) and last.token_ids[:len(c.token_ids)] == c.token_ids
+    assert snapshot(streamed["stream-0"])[0][1] != snapshot(streamed["stream-2"])[0][1]
+    skipped = 0
+    for rid, out in streamed.items():
+        assert snapshot(out) == snapshot(offline[rid])
+        skip = requests[int(rid[-1])][1].skip_special_tokens
+        for c in out.outputs:
+            assert type(c.token_ids) is list and c.finish_reason == "length"
+            assert c.text == eng.tokenizer.decode(c.token_ids, skip)
+            skipped += sum(t >= eng.tokenizer.vocab_size for t in c.token_ids)
+    assert skipped > 0  # ids the byte tokenizer skips were sampled
+
+
+def test_list_prefix_is_a_fixed_view():
+    items = [5, 6, 7]
+    view = ListPrefix(items, 2)
+    items += [8, 9]
+    assert len(view) == 2 and list(view) == [5, 6] and view == [5, 6] and view == (5, 6)
+    assert view != [5, 6, 7] and view[-1] == 6 and view[1:] == [6] and view[::-1] == [6, 5]
+    assert view.index(6) == 1 and 7 not in view and repr(view) == "[5, 6]"
+    assert [view] == [[5, 6]] and view == ListPrefix(items, 2) and view != ListPrefix(items, 3)
+    with pytest.raises(IndexError):
+        view[2]
 
 
 def test_abort_frees_pages(llm):

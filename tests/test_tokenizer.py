@@ -246,3 +246,43 @@ def test_batched_detokenization_equals_one_at_a_time(tmp_path):
             assert delta == one[i].add([streams[i][step]])
     assert [d.text for d in many] == [d.text for d in one]
     assert "\ufffd" not in "".join(d.text for d in many)
+
+
+def test_detokenize_step_equals_one_decode_with_memo_and_skipped_ids(tok):
+    """Many streams of multi-byte characters split over tokens, with ids outside the
+    vocabulary and special tokens mixed in: detokenize_step's text equals one decode of the
+    whole output, with the pair memo cold and warm, and skipped ids never grow a window."""
+    from nanoflow_jax.tokenizer import detokenize_step
+
+    rng = np.random.default_rng(0)
+    specials = [tok.hf.token_to_id(s) for s in SPECIALS]
+    base = tok.encode(MULTIBYTE + " hello wörld", add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in base)  # characters split over tokens
+    streams = []
+    for k in range(12):  # the first 4 begin with shuffled pieces: invalid UTF-8 too
+        ids = [int(i) for i in rng.permutation(base)[:30]] * (k < 4) + list(base)
+        for _ in range(8):  # ids decode skips (outside the vocabulary) and special tokens
+            extra = int(rng.choice([tok.vocab_size, tok.vocab_size + 7, 10**6, *specials]))
+            ids.insert(int(rng.integers(len(ids) + 1)), extra)
+        streams.append(ids)
+    for skip in (True, False):
+        for _ in range(2):  # a cold memo, then a warm one
+            detoks = [IncrementalDetokenizer(tok, [7], skip_special_tokens=skip)
+                      for _ in streams]
+            longest = 0
+            for step in range(max(map(len, streams))):
+                live = [i for i, s in enumerate(streams) if step < len(s)]
+                deltas = detokenize_step([detoks[i] for i in live],
+                                         [streams[i][step] for i in live])
+                assert not any(d.endswith("\ufffd") for d in deltas)  # held back, not emitted
+                longest = max(longest, *(len(d._window) for d in detoks[4:]))
+            for d, ids in zip(detoks, streams):
+                d.flush()
+                assert d.text == tok.decode(ids, skip_special_tokens=skip)
+            # The last emitted tokens and those of incomplete characters (more where a special
+            # token splits one), never the ~60 of a stream.
+            assert longest <= 12
+        assert tok._pair_deltas[skip]  # the memo answered the second pass
+    many = IncrementalDetokenizer(tok)
+    many.add([tok.vocab_size + 1] * 1000 + [specials[1]] * 1000)
+    assert many._window == [] and many.text == ""  # skipped ids leave no trace

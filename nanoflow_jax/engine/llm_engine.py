@@ -19,7 +19,7 @@ import numpy as np
 
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import InFlight, ModelRunner
-from nanoflow_jax.engine.outputs import CompletionOutput, RequestOutput
+from nanoflow_jax.engine.outputs import CompletionOutput, ListPrefix, RequestOutput
 from nanoflow_jax.engine.scheduler import Scheduler
 from nanoflow_jax.engine.sequence import PENDING, Sequence, Status
 from nanoflow_jax.engine.stats_snapshot import StatsSnapshot
@@ -103,6 +103,7 @@ class LLMEngine:
         self.stream_outputs = stream_outputs
         _unfreeze_garbage()
         self.tokenizer = tokenizer or _load_tokenizer(config.model)
+        self._eos_ids = self.tokenizer.eos_token_ids
         self.runner = ModelRunner(config)
         config = self.config = self.runner.config  # the knobs resolved for the backend
         self.model_config = self.runner.model_config
@@ -246,11 +247,13 @@ class LLMEngine:
         self._last_dispatch = (now, num_tokens)
 
     def _process(self, step: InFlight, samples) -> list[RequestOutput]:
-        landed = []  # (request, sequence, output index, token)
+        """Land the step's tokens, extend the texts that are kept, check the stops and make
+        the outputs. O(1) work per token: nothing here walks a sequence's output."""
         now = time.time()
         tokens = samples.token_ids.tolist()  # [num_rows] ints: one conversion, not one a row
         want_logprobs = any(s.params.logprobs is not None for s, _, _ in step.owners)
         requests, finished = self.requests, Status.FINISHED
+        landed = []  # (request, sequence, output index, token)
         for seq, index, row in step.owners:
             out = seq.output_token_ids
             if seq.status is finished or index >= len(out):
@@ -261,39 +264,47 @@ class LLMEngine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if want_logprobs and seq.params.logprobs is not None:
-                top = {int(t): float(lp) for t, lp in zip(
-                    samples.top_ids[row, :seq.params.logprobs],
-                    samples.top_logprobs[row, :seq.params.logprobs])}
-                seq.logprobs.append({token: float(samples.logprob[row]), **top}
-                                    if token not in top else top)
+                _land_logprobs(seq, token, samples, row)
             landed.append((requests[seq.request_id], seq, index, token))
         self.stats.generated_tokens += len(landed)
         # Text now only where it is needed (streaming, stop strings): one batched decode.
-        texted = landed if self.stream_outputs else [x for x in landed if x[1].params.stop]
-        before = [len(req.detoks[seq.index].text) for req, seq, _, _ in landed]
-        detokenize_step([req.detoks[seq.index] for req, seq, _, _ in texted],
-                        [token for _, _, _, token in texted])
+        stream = self.stream_outputs
+        if stream:
+            deltas = detokenize_step([req.detoks[seq.index] for req, seq, _, _ in landed],
+                                     [token for _, _, _, token in landed])
+        else:
+            deltas = [""] * len(landed)
+            texted = [i for i, x in enumerate(landed) if x[1].params.stop]
+            if texted:
+                new = detokenize_step([landed[i][0].detoks[landed[i][1].index] for i in texted],
+                                      [landed[i][3] for i in texted])
+                for i, delta in zip(texted, new):
+                    deltas[i] = delta
+        eos, check = self._eos_ids, self._check_stop
         touched: dict[str, _Request] = {}
-        for (req, seq, index, token), length in zip(landed, before):
-            self._check_stop(req, seq, index, token, length)
-            if self.stream_outputs or req.finished_time is not None:
+        for (req, seq, index, token), delta in zip(landed, deltas):
+            p = seq.params
+            if index + 1 >= seq.max_tokens or token in eos or p.stop or p.stop_token_ids:
+                check(req, seq, index, token, delta)
+            if stream or req.finished_time is not None:
                 touched[req.request_id] = req
         return [self._request_output(req) for req in touched.values()]
 
     def _check_stop(self, req: _Request, seq: Sequence, index: int, token: int,
-                    before: int) -> None:
-        """Finish `seq` if `token` ends it. Its text (if kept) already includes the token;
-        `before` is the text's length without it."""
+                    delta: str) -> None:
+        """Finish `seq` if `token` ends it. Its text (if kept) already includes the token's
+        `delta`."""
         p = seq.params
         detok = req.detoks[seq.index]
         incremental = self.stream_outputs or bool(p.stop)
         reason, stop_reason = None, None
-        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+        if not p.ignore_eos and token in self._eos_ids:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason, stop_reason = "stop", token
         elif p.stop:
             # A stop string may straddle the previous text: search the tail that could hold it.
+            before = len(detok.text) - len(delta)
             start = max(0, before - max(len(s) for s in p.stop) + 1)
             hits = [(detok.text.find(s, start), s) for s in p.stop]
             hits = [(i, s) for i, s in hits if i >= 0]
@@ -318,30 +329,47 @@ class LLMEngine:
             req.finished_time = time.time()
 
     def _request_output(self, req: _Request) -> RequestOutput:
-        """What `req` has so far. Every list is a copy: the engine keeps changing its own."""
-        outs = [_completion(seq, detok) for seq, detok in zip(req.seqs, req.detoks)]
-        finished = all(c.finish_reason is not None for c in outs)
-        first = min([s.first_token_time for s in req.seqs if s.first_token_time], default=None)
+        """What `req` has so far: views of the engine's lists while it runs (O(1) each), lists
+        of its own once finished."""
+        seqs = req.seqs
+        if len(seqs) == 1:  # the common case, without the loops
+            seq = seqs[0]
+            finished = seq.finish_reason is not None
+            outs = [_completion(seq, req.detoks[0], finished)]
+            first = seq.first_token_time
+        else:
+            finished = all(s.finish_reason is not None for s in seqs)
+            outs = [_completion(seq, detok, finished) for seq, detok in zip(seqs, req.detoks)]
+            first = min([s.first_token_time for s in seqs if s.first_token_time], default=None)
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished,
                              req.arrival_time, first, req.finished_time)
 
 
-def _completion(seq: Sequence, detok: IncrementalDetokenizer) -> CompletionOutput:
-    """One sample's output: its known tokens (a slice: O(length), but no loop), text and
-    logprobs so far."""
+def _land_logprobs(seq: Sequence, token: int, samples, row: int) -> None:
+    """Append the chosen token's logprob and the top-N of sample row `row` to `seq`'s."""
+    k = seq.params.logprobs
+    top = dict(zip(samples.top_ids[row, :k].tolist(), samples.top_logprobs[row, :k].tolist()))
+    entry = top if token in top else {token: float(samples.logprob[row]), **top}
+    seq.logprobs.append(entry)
+    seq.cumulative_logprob += entry[token]
+
+
+def _completion(seq: Sequence, detok: IncrementalDetokenizer, final: bool) -> CompletionOutput:
+    """One sample's output: its known tokens, text and logprobs so far. `final`: lists of its
+    own (copies, once); else O(1) views of the engine's lists, which only grow past them."""
     ids = seq.output_token_ids
     end = len(ids)
     while end and ids[end - 1] == PENDING:  # PENDING tokens are the last (at most two)
         end -= 1
-    ids = ids[:end]
     lps = cum = None
     if seq.params.logprobs is not None:
-        lps = list(seq.logprobs)
-        cum = float(sum(lp[t] for lp, t in zip(lps, ids) if t in lp))
+        lps = list(seq.logprobs) if final else ListPrefix(seq.logprobs, len(seq.logprobs))
+        cum = seq.cumulative_logprob
     text = detok.text
     if seq.params.stop and seq.finish_reason is None:
         # Hold back a possible stop string's beginning: streamed text is never taken back.
         text = text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-    return CompletionOutput(seq.index, text, ids, cum, lps, seq.finish_reason, seq.stop_reason)
+    return CompletionOutput(seq.index, text, ids[:end] if final else ListPrefix(ids, end), cum,
+                            lps, seq.finish_reason, seq.stop_reason)

@@ -548,10 +548,11 @@ class ModelRunner:
         sampling = sampling_tensors(params, [s.seed for s, _, _ in owners],
                                     [i for _, i, _ in owners], pad_to=shape.num_logits,
                                     rows=[r for _, _, r in owners])
-        t1 = time.perf_counter()
-        samples = self.run_step(batch, sampling, SampleMode.of(params))
-        for seq, _, row in owners:
+        mode = SampleMode.of(params)
+        for seq, _, row in owners:  # after _decode_rows read the previous step's rows
             seq.sample_row = row
+        t1 = time.perf_counter()
+        samples = self.run_step(batch, sampling, mode)
         return InFlight(samples, owners, t1 - t0, time.perf_counter() - t1)
 
 

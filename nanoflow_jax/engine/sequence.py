@@ -33,6 +33,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict] = dataclasses.field(default_factory=list)
+    cumulative_logprob: float = 0.0  # of the tokens with logprobs, summed as they land
     first_token_time: float | None = None
     sample_row: int = -1  # row of the in-flight step's samples that holds the pending token
 
