@@ -28,7 +28,9 @@ class BatchShape:
 
     @property
     def num_logits(self) -> int:
-        """Rows whose logits are computed: every decode row and each chunk's last token."""
+        """Rows whose logits can be computed: every decode row and each chunk's last token.
+        The used ones come first (decode i at row i, chunk j at row num decodes + j), so a
+        step's logits can be taken from a prefix of them."""
         return self.num_decode + self.num_prefill_seqs
 
 
@@ -69,7 +71,7 @@ class Batch:
     token_ids: jax.Array  # [T] int32 (0 where the token comes from the previous step)
     future_rows: jax.Array  # [T] int32 row of the previous step's samples, or -1
     positions: jax.Array  # [T] int32
-    logits_indices: jax.Array  # [R] int32 rows of T whose logits are sampled
+    logits_indices: jax.Array  # [R] int32 rows of T whose logits are sampled, used ones first
     attn: PagedMetadata
 
 
@@ -135,7 +137,7 @@ def build_batch(
         row = place(chunk, row, prefill_tables[j])
         query_start[j + 1] = row
         seq_lens[j] = chunk.start_pos + len(chunk.token_ids)
-        logits_indices[bd + j] = row - 1
+        logits_indices[nd + j] = row - 1
     query_start[len(prefills) + 1:] = row  # unused chunk slots are empty
 
     meta = PagedMetadata(

@@ -353,11 +353,12 @@ def load_hf_sharded(path: str, config: ModelConfig, dtype, mesh: Mesh) -> Params
 
 
 def sharded_forward(params, config, token_ids, positions, kv_cache, attn_metadata,
-                    logits_indices, attention, layers_fn=None, *, mesh: Mesh):
+                    logits_indices, attention, layers_fn=None, head=True, *, mesh: Mesh):
     """`llama.forward` (same arguments and results, global arrays) run on `mesh`: the whole
     model inside one `shard_map`, each shard on its heads, FFN columns, vocab rows and KV
     heads, with the batch and its metadata replicated. Logits come back [N, V], sharded by
-    vocab where the head is. Call it under `jax.jit`."""
+    vocab where the head is (with `head` False: the hidden states [N, D], replicated). Call it
+    under `jax.jit`."""
     from nanoflow_jax.models import llama
 
     tp = mesh_size(mesh)
@@ -366,10 +367,10 @@ def sharded_forward(params, config, token_ids, positions, kv_cache, attn_metadat
 
     def body(params, token_ids, positions, kv_cache, attn_metadata, logits_indices):
         return llama.forward(params, local, token_ids, positions, kv_cache, attn_metadata,
-                             logits_indices, attention, layers_fn)
+                             logits_indices, attention, layers_fn, head)
 
     kv_spec = P() if kv_cache is None else [(P(TP_AXIS), P(TP_AXIS))] * len(kv_cache)
-    logits_spec = P(None, TP_AXIS) if vocab_is_sharded(config, tp) else P()
+    logits_spec = P(None, TP_AXIS) if head and vocab_is_sharded(config, tp) else P()
     run = jax.shard_map(
         body, mesh=mesh,
         in_specs=(param_specs(params, config, tp), P(), P(), kv_spec, P(), P()),

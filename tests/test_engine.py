@@ -90,11 +90,37 @@ def test_step_has_no_device_side_branch(llm):
     batch = build_batch([], [], shape, runner.config.page_size)
     sampling = sampling_tensors([], [], [], pad_to=shape.num_logits)
     forward = runner._forward.lower(runner.params, runner.kv, batch, runner._prev_tokens)
-    logits = jax.ShapeDtypeStruct((shape.num_logits, runner.model_config.vocab_size),
+    hidden = jax.ShapeDtypeStruct((runner.num_rows, runner.model_config.hidden_size),
                                   jnp.float32)
-    hlos = [forward.as_text()] + [runner._sample.lower(logits, sampling, mode=m).as_text()
+    hlos = [forward.as_text()] + [runner._sample.lower(runner._head, hidden, sampling,
+                                                       mode=m).as_text()
                                   for m in SampleMode.all()]
     assert all("stablehlo.case" not in h and "stablehlo.if" not in h for h in hlos)
+
+
+def test_steps_take_logits_of_the_rows_they_use(llm, monkeypatch):
+    """A step samples through the fewest rows that hold its decodes and chunks (the used rows
+    come first), and its samples are those of the same step given every row of its bucket."""
+    runner = llm.engine.runner
+    counts = sorted({runner.shape_for(t).num_logits for t in runner.buckets})
+    largest = runner.shape_for(runner.buckets[-1])
+    assert runner.rows_for(1, largest) == counts[0]
+    assert runner.rows_for(counts[0] + 1, largest) == counts[1]
+    assert runner.rows_for(largest.num_logits, largest) == largest.num_logits
+    seen = []
+    run_step = runner.run_step
+
+    def record(batch, sampling, mode):
+        seen.append((batch.token_ids.shape[0], sampling.temperature.shape[0]))
+        return run_step(batch, sampling, mode)
+
+    monkeypatch.setattr(runner, "run_step", record)
+    prompts = [{"prompt_token_ids": [5 + i] * 30} for i in range(2)]
+    got = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert (largest.num_tokens, counts[0]) in seen  # 2 chunks of 30 in the 64-token bucket
+    monkeypatch.setattr(runner, "rows_for", lambda used, shape: shape.num_logits)
+    want = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 def test_full_batch_stats_count_only_full_iterations(llm):

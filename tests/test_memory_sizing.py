@@ -58,8 +58,8 @@ def _record_compiles(monkeypatch) -> list[tuple]:
         args, _ = lowered.args_info
         if len(args) == 4:  # the model step: (params, kv, batch, prev_tokens)
             seen.append(("step", args[2].token_ids.shape[0], args[1][0][0].shape[1]))
-        else:  # a sampler: (logits, sampling)
-            seen.append(("sampler", args[0].shape[0]))
+        else:  # a sampler: (head, hidden, sampling)
+            seen.append(("sampler", args[2].temperature.shape[0]))
         return compile_lowered(lowered)
 
     monkeypatch.setattr(model_runner, "compile_lowered", record)
@@ -225,8 +225,9 @@ def test_kv_cache_gets_what_the_budget_leaves_after_the_largest_workspace(tiny_r
     shape = runner.shape_for(runner.buckets[-1])
     batch = build_batch([], [], shape, 16)
     step = runner._forward.lower(runner.params, runner.kv, batch, runner._prev_tokens).compile()
-    logits = jax.ShapeDtypeStruct((shape.num_logits, 512), "float32")
-    sampler = runner._sample.lower(logits, sampling_tensors([], [], [], pad_to=shape.num_logits),
+    hidden = jax.ShapeDtypeStruct((runner.num_rows, runner.model_config.hidden_size), "float32")
+    sampler = runner._sample.lower(runner._head, hidden,
+                                   sampling_tensors([], [], [], pad_to=shape.num_logits),
                                    mode=SampleMode()).compile()
     for compiled in (step, sampler):
         assert 0 < compiled.memory_analysis().temp_size_in_bytes <= plan.workspace

@@ -53,7 +53,7 @@ def _run(model, impl, plan, shape, rng):
         dec_names = [n for n, d in names if d]
         pre_names = [n for n, d in names if not d]
         rows = [(i, n) for i, n in enumerate(dec_names)]
-        rows += [(shape.num_decode + j, n) for j, n in enumerate(pre_names)]
+        rows += [(len(dec_names) + j, n) for j, n in enumerate(pre_names)]
         for row, name in rows:
             dense = model.logits(tokens[name])[-1]
             assert rel_err(logits[row], dense) < 1e-5, (impl, name, len(tokens[name]))
@@ -107,7 +107,8 @@ def test_prefill_only_and_decode_only_batches():
     pages = alloc.allocate(4)
     b = build_batch([], [SeqChunk(toks[:11], 0, pages)], only_prefill, PAGE)
     logits, kv = _step(model.params, cfg, kv, jax.device_put(b), attention_fn("reference"))
-    assert rel_err(np.asarray(logits)[2], model.logits(toks[:11])[-1]) < 1e-5
+    # no decodes: the chunk's logits are row 0 (the used rows come first)
+    assert rel_err(np.asarray(logits)[0], model.logits(toks[:11])[-1]) < 1e-5
     for n in (12, 13):
         b = build_batch([SeqChunk(toks[n - 1:n], n - 1, pages)], [], only_decode, PAGE)
         logits, kv = _step(model.params, cfg, kv, jax.device_put(b), attention_fn("reference"))

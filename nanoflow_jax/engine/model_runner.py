@@ -1,12 +1,16 @@
 """The device side of the engine: weights, the KV cache, and one compiled step per bucket.
 
-A step is two programs: `_forward(params, kv, batch, prev_tokens) -> (logits, kv)` runs
-embed → layers → logits at the sampled rows with the KV cache donated (updated in place), and
-`_sample_rows(logits, sampling, mode)` samples on the device, compiled once per `SampleMode`
-(what the batch's rows need, known on the host), so neither program holds a device-side branch
-that would make the host wait. All are compiled at start-up, before the KV cache is allocated
-(the independent ones at once, `CompilePool`): the cache gets what the memory budget leaves
-after the weights and the largest program's workspace (`_size_kv_cache`). The runner is asynchronous: `dispatch` enqueues a step and
+A step is two programs: `_forward(params, kv, batch, prev_tokens) -> (hidden, kv)` runs
+embed → layers → the hidden states of the rows that may be sampled, with the KV cache donated
+(updated in place), and `_sample_rows(head, hidden, sampling, mode)` applies the final norm
+and LM head to the rows the step uses and samples them on the device. The sampler is compiled
+once per `SampleMode` (what the batch's rows need, known on the host) and per row count (the
+buckets' `num_logits`): a step with 356 decodes in the 1024-token bucket computes the logits
+of 528 rows, not of the bucket's 1040, which saves a third of a 128k-vocabulary head. Neither
+program holds a device-side branch that would make the host wait. All are compiled at
+start-up, before the KV cache is allocated (the independent ones at once, `CompilePool`): the
+cache gets what the memory budget leaves after the weights and the largest program's
+workspace (`_size_kv_cache`). The runner is asynchronous: `dispatch` enqueues a step and
 returns at once with device arrays; a decode whose input token is still being sampled by the
 previous step names that step's sample row (`future_rows`), and the step reads it from
 `prev_tokens` on the device.
@@ -52,21 +56,28 @@ MAX_REPLANS = 3  # KV cache re-sizings after the steps measure more workspace th
 _bytes = device_memory.format_bytes
 
 
-def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn,
+def _forward(params, kv, batch, prev_tokens, *, config, attention, layers_fn, num_rows,
              forward=llama.forward):
-    """One iteration's model on the device -> (logits [num_logits, V], kv). prev_tokens
-    [num_rows]: the previous step's samples. `forward`: llama.forward or its tensor-parallel
-    version (`parallel.forward_fn`)."""
+    """One iteration's model on the device -> (hidden [num_rows, D], kv): the hidden states
+    of the bucket's num_logits rows, zero-padded to num_rows so that every bucket's sampler
+    takes one shape. prev_tokens [num_rows]: the previous step's samples. `forward`:
+    llama.forward or its tensor-parallel version (`parallel.forward_fn`)."""
     future = batch.future_rows
     token_ids = jnp.where(future >= 0, prev_tokens[jnp.maximum(future, 0)], batch.token_ids)
-    return forward(params, config, token_ids, batch.positions, kv, batch.attn,
-                         batch.logits_indices, attention, layers_fn)
+    hidden, kv = forward(params, config, token_ids, batch.positions, kv, batch.attn,
+                         batch.logits_indices, attention, layers_fn, head=False)
+    return jnp.pad(hidden, [(0, num_rows - hidden.shape[0]), (0, 0)]), kv
 
 
-def _sample_rows(logits, sampling, *, mode, num_rows):
+def _sample_rows(head, hidden, sampling, *, config, mode, num_rows):
+    """The LM head and the sampler over the first R rows of `hidden` [num_rows, D], R the
+    sampling tensors' rows -> SampleOutput [num_rows]. head: the parameters compute_logits
+    reads; on a mesh the logits come out sharded as the head is (by vocab)."""
+    rows = sampling.temperature.shape[0]
+    logits = llama.compute_logits(head, hidden[:rows], config)  # fp32 [R, V]
     out = sample(logits, sampling, MAX_LOGPROBS, mode)
-    # Every bucket returns num_rows rows, so the next step's prev_tokens has one shape.
-    pad = num_rows - logits.shape[0]
+    # Every row count returns num_rows rows, so the next step's prev_tokens has one shape.
+    pad = num_rows - rows
     return jax.tree.map(lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), out)
 
 
@@ -161,7 +172,8 @@ class ModelRunner:
         on_gpu = jax.default_backend() == "gpu"
         self._forward = jax.jit(
             functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
-                              layers_fn=layers_fn, forward=parallel.forward_fn(self.mesh)),
+                              layers_fn=layers_fn, num_rows=self.num_rows,
+                              forward=parallel.forward_fn(self.mesh)),
             donate_argnums=(1,),
             compiler_options={**self.schedule.compiler_options(),
                               **parallel.compiler_options(self.mesh, self.schedule)}
@@ -170,8 +182,13 @@ class ModelRunner:
         # The samples (the next step's prev_tokens) on every device of the mesh: the model step
         # is compiled for them there.
         replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
-        self._sample = jax.jit(functools.partial(_sample_rows, num_rows=self.num_rows),
+        self._sample = jax.jit(functools.partial(_sample_rows, config=mc, num_rows=self.num_rows),
                                static_argnames="mode", out_shardings=replicated)
+        self._head = {k: self.params[k] for k in ("final_norm", "lm_head", "embed")
+                      if k in self.params and (k != "embed" or mc.tie_word_embeddings)}
+        # The step's hidden states: replicated on a mesh (summed over the shards).
+        self._hidden = jax.ShapeDtypeStruct((self.num_rows, mc.hidden_size),
+                                            self.params["embed"].dtype, sharding=replicated)
         self._prev_tokens = jax.device_put(jnp.zeros((self.num_rows,), jnp.int32), replicated)
         # Start-up times (s), logged by warmup(): the memory probes, compiling the programs
         # that serve (any re-plan included), the KV cache's allocation, the warm-up.
@@ -179,6 +196,7 @@ class ModelRunner:
         self.startup_time = 0.0  # all of it, from here to the end of warmup()
         self.replans = 0  # times the KV cache was re-sized after the steps were compiled
         self._samplers = {}  # {(rows, mode): executable}
+        self._row_counts = self._sample_rows_counts()
         self._forwards, self.memory_plan = self._size_kv_cache()  # {T: executable}
         self.num_pages = self.memory_plan.num_pages
         t0 = time.perf_counter()
@@ -262,6 +280,11 @@ class ModelRunner:
         """The numbers of sampled rows the buckets have (one sampler per count and mode)."""
         return sorted({self.shape_for(t).num_logits for t in self.buckets})
 
+    def rows_for(self, used: int, shape: BatchShape) -> int:
+        """The sampler's row count for a step of `shape` whose first `used` rows are sampled:
+        the fewest of the buckets' counts that holds them."""
+        return next(r for r in self._row_counts if r >= min(used, shape.num_logits))
+
     def _compile(self, num_pages: int, buckets, samplers: bool, desc: str):
         """-> ({T: model step}, {(rows, mode): sampler}): the model step of each bucket in
         `buckets` for a KV cache of `num_pages` pages (its shape only: nothing is allocated),
@@ -276,17 +299,11 @@ class ModelRunner:
                 batch = build_batch([], [], self.shape_for(t), self.config.page_size)
                 pool.submit(("step", t),
                             self._forward.lower(self.params, kv, batch, self._prev_tokens))
-            # The samplers take the step's logits (llama.forward's: fp32 [rows, V]) where the
-            # step leaves them: on a mesh that is known once a step is compiled.
-            sharding = (None if self.mesh is None or not rows
-                        else pool.result(("step", buckets[0])).output_shardings[0])
             for r in rows:
-                logits = jax.ShapeDtypeStruct((r, self.model_config.vocab_size), jnp.float32,
-                                              sharding=sharding)
                 sampling = sampling_tensors([], [], [], pad_to=r)
                 for mode in SampleMode.all():
                     pool.submit(("sampler", r, mode),
-                                self._sample.lower(logits, sampling, mode=mode))
+                                self._sample.lower(self._head, self._hidden, sampling, mode=mode))
             done = pool.results()
         forwards = {key[1]: done[key] for key in sorted(k for k in done if k[0] == "step")}
         return forwards, {key[1:]: c for key, c in done.items() if key[0] == "sampler"}
@@ -299,8 +316,7 @@ class ModelRunner:
         for t, compiled in forwards.items():
             p = program_memory(f"model step T={t}", compiled, resident)
             if not p.known:  # no analysis from this backend: a generous estimate
-                p = dataclasses.replace(p, temp=8 * t_max * widest * self.kv_dtype.itemsize
-                                        + 4 * self.num_rows * mc.vocab_size * 4)
+                p = dataclasses.replace(p, temp=8 * t_max * widest * self.kv_dtype.itemsize)
             out.append(p)
         return out
 
@@ -520,12 +536,13 @@ class ModelRunner:
 
     def run_step(self, batch, sampling, mode: SampleMode) -> SampleOutput:
         """Enqueue the model and the sampler on a built batch; the samples become the next
-        step's prev_tokens."""
+        step's prev_tokens. The sampling tensors' rows (one of the buckets' num_logits) say
+        how many of the step's rows get logits."""
         forward = self._forwards.get(batch.token_ids.shape[0], self._forward)
-        logits, self.kv = forward(self.params, self.kv, batch, self._prev_tokens)
-        sample = self._samplers.get((logits.shape[0], mode))
-        samples = (sample(logits, sampling) if sample is not None
-                   else self._sample(logits, sampling, mode=mode))
+        hidden, self.kv = forward(self.params, self.kv, batch, self._prev_tokens)
+        sample = self._samplers.get((sampling.temperature.shape[0], mode))
+        samples = (sample(self._head, hidden, sampling) if sample is not None
+                   else self._sample(self._head, hidden, sampling, mode=mode))
         self._prev_tokens = samples.token_ids
         return samples
 
@@ -535,18 +552,20 @@ class ModelRunner:
         scheduler's, holding each scheduled sequence's pages at its `page_row`."""
         t0 = time.perf_counter()
         shape = shape or self.shape_for(sched.num_tokens)
-        # Sample rows: decode i -> row i; prompt chunk j -> row Bd + j. The token sampled
+        # Sample rows: decode i -> row i; prompt chunk j -> row (decodes) + j. The token sampled
         # for a sequence is its last output (PENDING since the scheduler appended it).
+        nd = len(sched.decodes)
         owners = [(c.seq, len(c.seq.output_token_ids) - 1, i)
                   for i, c in enumerate(sched.decodes)]
-        owners += [(c.seq, len(c.seq.output_token_ids) - 1, shape.num_decode + j)
+        owners += [(c.seq, len(c.seq.output_token_ids) - 1, nd + j)
                    for j, c in enumerate(sched.prefills) if c.samples]
         batch = build_batch(_decode_rows(sched.decodes, page_table, shape),
                             [_prefill_chunk(c, page_table) for c in sched.prefills], shape,
                             self.config.page_size)
         params = [s.params for s, _, _ in owners]
         sampling = sampling_tensors(params, [s.seed for s, _, _ in owners],
-                                    [i for _, i, _ in owners], pad_to=shape.num_logits,
+                                    [i for _, i, _ in owners],
+                                    pad_to=self.rows_for(nd + len(sched.prefills), shape),
                                     rows=[r for _, _, r in owners])
         mode = SampleMode.of(params)
         for seq, _, row in owners:  # after _decode_rows read the previous step's rows

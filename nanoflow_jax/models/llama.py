@@ -225,6 +225,7 @@ def forward(
     logits_indices: jax.Array | None,
     attention: AttentionFn,
     layers_fn: Callable = run_layers,
+    head: bool = True,
 ) -> tuple[jax.Array, list | None]:
     """The whole model over a flat token batch.
 
@@ -232,7 +233,8 @@ def forward(
     attention function (or None when attention needs no cache). logits_indices: [N] token
     indices whose logits are wanted (None: all T). `layers_fn` runs the layers (`run_layers`, the
     sequential schedule, or a nano-batch schedule from `nanoflow_jax.pipeline`). Returns
-    (fp32 logits [N, V], kv_cache).
+    (fp32 logits [N, V], kv_cache); with `head` False the hidden states instead, [N, D] summed
+    over the tensor-parallel shards, for `compute_logits` to finish in another program.
 
     `layers_fn` binds each layer's sliding window to `attention` (`layer_attention`).
     """
@@ -241,4 +243,6 @@ def forward(
                             attention)
     if logits_indices is not None:
         x = x[logits_indices]
+    if not head:
+        return reduce_residual(x, config), kv_cache
     return compute_logits(params, x, config), kv_cache
