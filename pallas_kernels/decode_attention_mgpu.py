@@ -77,10 +77,10 @@ try:
 except ImportError:  # pragma: no cover
     plgpu = None
 
-_ROWS = 8  # query rows stored per work item (the GQA group, padded); swap_ab's WGMMA N
+ROWS = 8  # query rows stored per work item (the GQA group, padded); swap_ab's WGMMA N
 _WGMMA_M = 64  # WGMMA's row count: the rows form pads Q to it in shared memory
 _LOG2E = math.log2(math.e)
-_REDUCTION_SCRATCH = 2048  # bytes of Mosaic GPU's cross-warp reduction scratch (its default)
+REDUCTION_SCRATCH = 2048  # bytes of Mosaic GPU's cross-warp reduction scratch (its default)
 CONSUMERS = ("rows", "swap_ab")
 
 
@@ -263,7 +263,7 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
             item, _, _, length, n_blocks = item_of(i)
             if c == 0:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
-            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
+            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, ROWS)], q_bar.at[c])
             plgpu.barrier_wait(q_bar.at[c])
             acc = ops.cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             m_i = ops.cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), rows)
@@ -310,7 +310,7 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
             acc = acc / bcast(l_safe, acc)
             q_mine[...] = acc.astype(q_mine.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, _ROWS)], o_ref.at[item])
+            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, ROWS)], o_ref.at[item])
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -345,7 +345,7 @@ def swap_ab_roles(gmem, smem, plan: Plan):
     head_dim = q_ref.shape[2]
     my_items, item_of = _items(lengths_ref, plan, q_ref.shape[0])
     per_q = plgpu.Layout.WGMMA.reduce(0)  # an [8] vector, one value per query row (N)
-    s_shape, acc_shape = (block_kv, _ROWS), (head_dim, _ROWS)
+    s_shape, acc_shape = (block_kv, ROWS), (head_dim, ROWS)
 
     def bcast(q_vec, shape):  # [8] per query row -> shape [n, 8]
         return lax.broadcast_in_dim(q_vec, shape, [1])
@@ -372,7 +372,7 @@ def swap_ab_roles(gmem, smem, plan: Plan):
                 fetch_q(i + 1)
 
             acc = ops.cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-            m_i = ops.cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), per_q)
+            m_i = ops.cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), per_q)
             l_part = ops.cast(jnp.zeros(s_shape, jnp.float32), plgpu.Layout.WGMMA)
             first, mine = _first_and_count(c, step, n_blocks, consumers)
 
@@ -452,7 +452,7 @@ def lower_roles(reducers, others, wg, *, interpret: bool) -> None:
     def nest(r: int):
         if r + 1 < len(reducers):
             pl.run_scoped(lambda _: nest(r + 1),
-                          plgpu.SMEM((_REDUCTION_SCRATCH // 4,), jnp.float32),
+                          plgpu.SMEM((REDUCTION_SCRATCH // 4,), jnp.float32),
                           collective_axes="wg")
         else:
             for index, role in others:
@@ -476,7 +476,7 @@ def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype) -> bool:
     """Whether `decode_attention_mgpu` takes these shapes: a GQA group of at most 8 heads,
     head_dim a multiple of 64, pages of a multiple of 8 tokens dividing 64, bf16 or fp16."""
     num_kv_heads, _, page_size, head_dim = cache_shape
-    return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= _ROWS
+    return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= ROWS
             and head_dim % 64 == 0 and page_size % 8 == 0 and 64 % page_size == 0
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
@@ -548,7 +548,7 @@ def decode_attention_mgpu(
         num_threads=consumers + 1,  # the computing warpgroups, then the TMA producer
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True,
-                                             reduction_scratch_bytes=_REDUCTION_SCRATCH,
+                                             reduction_scratch_bytes=REDUCTION_SCRATCH,
                                              **semantics),
         interpret=_compat.mosaic_gpu_interpret_params() if interpret else None,
     )
@@ -566,7 +566,7 @@ def make_plan(q, k_pages, v_pages, *, sm_scale: float, num_programs: int | None,
     check_paged_inputs(q, k_pages, v_pages, sm_scale, pow2=False)
     if not supports(num_q_heads, k_pages.shape, q.dtype) or k_pages.dtype != q.dtype:
         raise ValueError(f"takes bf16 or fp16 q and cache of one dtype, a GQA group of at most "
-                         f"{_ROWS} heads, head_dim a multiple of 64 and 8-64-token pages; got "
+                         f"{ROWS} heads, head_dim a multiple of 64 and 8-64-token pages; got "
                          f"q {q.shape} {q.dtype}, cache {k_pages.shape} {k_pages.dtype}")
     pages_per_block = pages_per_block or max(1, 64 // page_size)
     _check_knobs(consumer, consumers, stages, pages_per_block * page_size)
@@ -583,10 +583,10 @@ def prepare(q, page_tables, num_kv_heads: int):
     batch, num_q_heads, head_dim = q.shape
     group = num_q_heads // num_kv_heads
     q_items = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
-                      ((0, 0), (0, 0), (0, _ROWS - group), (0, 0)))
+                      ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))
     max_pages = page_tables.shape[1]
     tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
-    return q_items.reshape(batch * num_kv_heads, _ROWS, head_dim), tables
+    return q_items.reshape(batch * num_kv_heads, ROWS, head_dim), tables
 
 
 def heads_of_items(out_items, batch: int, num_q_heads: int):
@@ -595,11 +595,11 @@ def heads_of_items(out_items, batch: int, num_q_heads: int):
     items, _, head_dim = out_items.shape
     num_kv_heads = items // batch
     group = num_q_heads // num_kv_heads
-    return out_items.reshape(batch, num_kv_heads, _ROWS, head_dim)[:, :, :group].reshape(
+    return out_items.reshape(batch, num_kv_heads, ROWS, head_dim)[:, :, :group].reshape(
         batch, num_q_heads, head_dim)
 
 
-def _swizzled(dtype, row_bytes: int = 128):
+def swizzled(dtype, row_bytes: int = 128):
     """WGMMA operand tiles: 8 rows of `row_bytes`, swizzled."""
     return (plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(row_bytes))
@@ -608,8 +608,8 @@ def _swizzled(dtype, row_bytes: int = 128):
 def _ring(plan: Plan, head_dim: int, dtype, table_cols: int) -> list:
     """Scratch both forms share: the K and V rings, the page-table rows and their barriers."""
     return [
-        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=_swizzled(dtype)),
-        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=swizzled(dtype)),
+        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.SMEM((2, table_cols), jnp.int32),  # two items' page-table rows
     ]
 
@@ -629,7 +629,7 @@ def _rows_scratch(plan: Plan, head_dim: int, table_cols: int, dtype) -> list:
     two = plan.consumers > 1
     return [
         # each consumer's q; consumer 0's is then the output's staging buffer
-        plgpu.SMEM((plan.consumers, _WGMMA_M, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((plan.consumers, _WGMMA_M, head_dim), dtype, transforms=swizzled(dtype)),
         k_ring, v_ring, table,
         # consumer 1's partial acc, m and l for consumer 0 (a token's worth with one)
         plgpu.SMEM((_WGMMA_M if two else 8, head_dim), jnp.float32,
@@ -649,15 +649,15 @@ def swap_ab_scratch(plan: Plan, head_dim: int, table_cols: int, dtype) -> dict:
     table_bar, k_bar, v_bar, k_free, v_free = _ring_barriers(plan)
     others = max(plan.consumers - 1, 1)  # consumers that hand over a partial result
     return {
-        "q_smem": plgpu.SMEM((plan.consumers, 2, _ROWS, head_dim), dtype,
-                             transforms=_swizzled(dtype)),
+        "q_smem": plgpu.SMEM((plan.consumers, 2, ROWS, head_dim), dtype,
+                             transforms=swizzled(dtype)),
         "k_smem": k_ring, "v_smem": v_ring, "table_smem": table,
-        "p_smem": plgpu.SMEM((plan.consumers, _ROWS, plan.block_kv), dtype,
-                             transforms=_swizzled(dtype)),
-        "o_smem": plgpu.SMEM((_ROWS, head_dim), dtype, transforms=_swizzled(dtype)),
-        "acc_smem": plgpu.SMEM((others, head_dim, _ROWS), jnp.float32),  # their O^T
-        "m_smem": plgpu.SMEM((others, _ROWS), jnp.float32),  # their m
-        "l_smem": plgpu.SMEM((others, _ROWS), jnp.float32),  # their l
+        "p_smem": plgpu.SMEM((plan.consumers, ROWS, plan.block_kv), dtype,
+                             transforms=swizzled(dtype)),
+        "o_smem": plgpu.SMEM((ROWS, head_dim), dtype, transforms=swizzled(dtype)),
+        "acc_smem": plgpu.SMEM((others, head_dim, ROWS), jnp.float32),  # their O^T
+        "m_smem": plgpu.SMEM((others, ROWS), jnp.float32),  # their m
+        "l_smem": plgpu.SMEM((others, ROWS), jnp.float32),  # their l
         "q_bar": plgpu.Barrier(num_barriers=2 * plan.consumers),  # a consumer's q arrived
         "table_bar": table_bar, "k_bar": k_bar, "v_bar": v_bar, "k_free": k_free,
         "v_free": v_free,
