@@ -246,9 +246,11 @@ def _gemm_roles(a_ref, b_ref, c_ref, s, g: _Gemm):
                 plgpu.barrier_wait(s.ab_full.at[slot])
                 plgpu.wgmma(acc_ref, s.a_smem.at[slot, rows], s.b_smem.at[slot])
                 plgpu.wgmma_wait(t.delay_release)  # the WGMMA delay_release steps ago is done
-                done = lax.rem(step + kk - t.delay_release, stages)
-                pl.when(kk >= t.delay_release)(functools.partial(plgpu.barrier_arrive,
-                                                                 s.ab_free.at[done]))
+                if t.delay_release:
+                    done = lax.rem(step + kk - 1, stages)
+                    pl.when(kk > 0)(functools.partial(plgpu.barrier_arrive, s.ab_free.at[done]))
+                else:
+                    plgpu.barrier_arrive(s.ab_free.at[slot])
                 return carry
 
             lax.fori_loop(0, g.k_steps, one_step, 0)
