@@ -26,7 +26,7 @@ tiles c, c + num_ctas, ... and items c, c + num_ctas, ...; each role loops on it
 kernel ends when every role of every CTA has.
 
 Resources: the default tuning (64 x 128 WGMMA tiles, CTA tile 128 x 128, 3 GEMM stages, 3 KV
-stages, one attention consumer) takes ~222 KiB of the 227 KiB of shared memory (LLaMA-3-8B
+stages, one attention consumer) takes 224 KiB of the 227 KiB of shared memory (LLaMA-3-8B
 heads), `shared_memory_bytes` says how much. Five warpgroups are 640 threads: launched at
 65536 / 640 -> 96 registers each, then `plgpu.set_max_registers` moves registers from the
 producers (40) to the consumers (`registers="auto"`: the attention consumers up to 128, the GEMM
@@ -164,24 +164,23 @@ class Tuning:
 
 def shared_memory_bytes(tuning: Tuning, *, head_dim: int, block_kv: int, table_cols: int,
                         itemsize: int = 2) -> int:
-    """Bytes of shared memory the kernel allocates (1 KiB-aligned swizzled buffers, barriers,
-    each attention consumer's reduction scratch): what must fit `SHARED_MEMORY`."""
-    def swz(n):  # a swizzled buffer starts on a 1 KiB boundary
-        return -(-n // 1024) * 1024
-
+    """Bytes of shared memory the kernel allocates (each buffer from a 1 KiB boundary, as Mosaic
+    GPU places them; the barriers; each attention consumer's reduction scratch): what must fit
+    `SHARED_MEMORY`. Mosaic GPU's lowering checks the same bound."""
     t, na, rows = tuning, tuning.attention_consumers, attention.ROWS
-    gemm = (swz(t.gemm_stages * t.cta_m * t.tile_k * itemsize)
-            + swz(t.gemm_stages * t.tile_k * t.tile_n * itemsize)
-            + swz(t.gemm_consumers * t.tile_m * _EPI_N * itemsize))
     others = max(na - 1, 1)
-    attn = (2 * swz(t.kv_stages * block_kv * head_dim * itemsize)
-            + 2 * table_cols * 4
-            + swz(na * 2 * rows * head_dim * itemsize)  # Q, double-buffered
-            + swz(na * rows * block_kv * itemsize)  # P
-            + swz(rows * head_dim * itemsize)  # the output
-            + others * (head_dim * rows + 2 * rows) * 4)  # partial results
+    buffers = (
+        t.gemm_stages * t.cta_m * t.tile_k, t.gemm_stages * t.tile_k * t.tile_n,  # A, B rings
+        t.gemm_consumers * t.tile_m * _EPI_N,  # epilogue tiles
+        na * 2 * rows * head_dim,  # Q, double-buffered
+        t.kv_stages * block_kv * head_dim, t.kv_stages * block_kv * head_dim,  # K, V rings
+        2 * table_cols * 4 // itemsize,  # page-table rows (int32)
+        na * rows * block_kv, rows * head_dim,  # P, the output
+        others * head_dim * rows * 4 // itemsize,  # partial results (fp32)
+        others * rows * 4 // itemsize, others * rows * 4 // itemsize)
     barriers = 8 * (2 * t.gemm_stages + 2 + 2 * na + 4 * t.kv_stages + 2 * others)
-    return gemm + attn + barriers + na * attention.REDUCTION_SCRATCH
+    return (sum(-(-n * itemsize // 1024) * 1024 for n in buffers) + barriers
+            + na * attention.REDUCTION_SCRATCH)
 
 
 @dataclasses.dataclass(frozen=True)
