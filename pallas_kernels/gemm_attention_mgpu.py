@@ -30,12 +30,14 @@ stages, one attention consumer) takes 224 KiB of the 227 KiB of shared memory (L
 heads), `shared_memory_bytes` says how much. Five warpgroups are 640 threads: launched at
 65536 / 640 -> 96 registers each, then `plgpu.set_max_registers` moves registers from the
 producers (40) to the consumers (`registers="auto"`: the attention consumers up to 128, the GEMM
-consumers the rest, 152), so all fit one SM's 64 K-register file; "none" keeps 96 for all,
-"G/A/P" sets them.
+consumers the rest, 152), so all fit one SM's 64 K-register file; "none" leaves every
+warpgroup at the launch count, "G/A/P" sets the three.
 
 The attention's cache slots past `lengths` are read and masked: they must hold finite values
-(`decode_attention_mgpu`'s module says why). Runs on the CPU in Mosaic GPU's interpreter
-(`interpret=True`, tests only); there the attention's WGMMAs are plain dots.
+(`decode_attention_mgpu`'s module says why). On the GPU the kernel needs JAX 0.11's warpgroup
+lowering, as the swap_ab consumer does (JAX 0.10 fails in layout inference). Runs on the CPU in
+Mosaic GPU's interpreter (`interpret=True`, tests only); there the attention's WGMMAs are plain
+dots.
 """
 
 from __future__ import annotations
@@ -120,7 +122,10 @@ class Tuning:
             if not sep or field is None:
                 raise ValueError(f"tuning: unknown knob {item!r}; knobs: "
                                  f"{', '.join(cls.__dataclass_fields__)}")
-            kwargs[key] = value if key == "registers" else int(value)
+            try:
+                kwargs[key] = value if key == "registers" else int(value)
+            except ValueError:
+                raise ValueError(f"tuning: {key} must be an integer, got {value!r}") from None
         return cls(**kwargs)
 
     @property

@@ -98,6 +98,7 @@ def test_tuning_parse_and_budgets():
     ("registers=160/128/40", "registers"),  # 2 x 160 + 128 + 2 x 40 > 512 per lane of a WG
     ("registers=136/128/104", "registers"),  # producers above the launch count
     ("registers=lots", "registers"), ("tiles=3", "tiles"), ("tile_m", "tile_m"),
+    ("tile_n=wide", "tile_n"),
 ])
 def test_tuning_errors_name_the_knob(spec, knob):
     with pytest.raises(ValueError, match=f"tuning: .*{knob}"):
