@@ -53,11 +53,11 @@ def _check(args, got, seed):
 
 def test_more_tiles_and_items_than_ctas():
     # 2 CTAs, default tuning (two GEMM consumers, CTA tile 128 x 128, 3-slot rings). GEMM:
-    # M = 300 is padded to 3 row blocks, 3 tiles dealt 2/1, K = 192 is 3 steps a tile, so the
-    # ring wraps within a CTA. Attention: 3 items dealt 2/1: one token; 83 tokens (two KV
+    # M = 300 is padded to 3 row blocks, 3 tiles dealt 2/1, K = 128 is 2 steps a tile, so the
+    # ring wraps within CTA 0. Attention: 3 items dealt 2/1: one token; 83 tokens (two KV
     # blocks, the last one partial, pages not full); no tokens (zeros).
     seed = random_seed()
-    args = _inputs(np.random.default_rng(seed), 300, 192, 128, [1, 83, 0])
+    args = _inputs(np.random.default_rng(seed), 300, 128, 128, [1, 83, 0])
     got = gemm_beside_attention(*args, sm_scale=HEAD_DIM**-0.5, num_ctas=2, interpret=True)
     _check(args, got, seed)
     assert not np.asarray(got[1][2]).any()
