@@ -279,15 +279,18 @@ def _table(base: list[dict], fused: dict[str, list[dict]]) -> list[str]:
     def ms(x):
         return "-" if x is None else f"{x:.3f}"
 
-    lines = ["", "(c) alone, ms: attention " + ", ".join(f"{k} {ms(v)}" for k, v in attn.items()),
-             "    XLA dot " + ", ".join(f"{k} {ms(v)}" for k, v in gemm_ms.items()),
-             (f"(b) back to back with the Mosaic GPU attention's fastest full-grid tuning "
-              f"({best_mgpu}) and with Triton's"), "",
-             (f"{'pair':<8} {'tuning':<28} {'b2b mgpu':>9} {'b2b trit':>9} {'fused':>8} "
+    lines = [""]
+    if base:
+        lines += ["(c) alone, ms: attention " + ", ".join(f"{k} {ms(v)}" for k, v in attn.items()),
+                  "    XLA dot " + ", ".join(f"{k} {ms(v)}" for k, v in gemm_ms.items()),
+                  (f"(b) back to back with the Mosaic GPU attention's fastest full-grid tuning "
+                   f"({best_mgpu}) and with Triton's"), ""]
+    lines += [(f"{'pair':<8} {'tuning':<28} {'b2b mgpu':>9} {'b2b trit':>9} {'fused':>8} "
               f"{'gemm part':>9} {'attn part':>9} {'speedup':>8}")]
     for spec, results in fused.items():
-        for r in results:
-            pair = r["pair"]
+        got = {r["pair"]: r for r in results}
+        for pair in _pairs():  # a pair the child never reported (a crash, a timeout): "!"
+            r = got.get(pair, {"error": "no result"})
             slow = [b2b.get((pair, side)) for side in ("mgpu", "triton")]
             done = [x for x in slow if x is not None]
             if "error" in r:
@@ -300,8 +303,8 @@ def _table(base: list[dict], fused: dict[str, list[dict]]) -> list[str]:
             lines.append(f"{pair:<8} {spec or 'default':<28} {ms(slow[0]):>9} {ms(slow[1]):>9} "
                          f"{cell:>8} {ms(r.get('gemm_part_ms')):>9} "
                          f"{ms(r.get('attention_part_ms')):>9} {speed:>8}")
-    lines.append("X: wrong against the reference (not timed); !: failed (the tuning's log says "
-                 "why); speedup: the faster back to back / fused.")
+    lines.append("X: wrong against the reference (not timed); !: failed or no result (the "
+                 "tuning's log says why); speedup: the faster back to back / fused.")
     return lines
 
 
@@ -328,8 +331,11 @@ def main(argv):
         F.attention_tunings = "consumer=swap_ab,consumers=1,stages=2"
     specs = ([s.strip() for s in F.tunings.split(";")] if F.tunings
              else [""] if F.quick or F.smoke else list(TUNINGS))
-    for spec in specs:
-        Tuning.parse(spec)  # a typo fails here, before any child runs
+    for spec in specs:  # a bad tuning fails here, before any child runs
+        try:
+            Tuning.parse(spec)
+        except ValueError as e:
+            raise app.UsageError(f"--tunings: {e}") from None
     def left() -> float:
         return t0 + F.budget_s - time.perf_counter()
 
