@@ -20,7 +20,8 @@ One `plgpu.kernel` of `num_ctas` CTAs (default: one per SM), each of
   * the attention producer: `decode_attention_mgpu`'s, whole KV pages into a ring of
     `kv_stages` 64-token blocks, the next item's page-table row fetched ahead.
 Output tiles are numbered M-fastest (tile t covers rows t % m_tiles, columns t // m_tiles), so
-the CTAs at work at one time share a few column blocks of B and all of A stays in L2. Tiles and
+the CTAs at work at one time read the same few column blocks of B (the large operand: 235 MB
+for up/gate) and B is read from HBM about once; A is 8 MB at 1024 tokens. Tiles and
 attention items ((sequence, KV head) pairs) are both dealt round robin to the CTAs: CTA c runs
 tiles c, c + num_ctas, ... and items c, c + num_ctas, ...; each role loops on its own and the
 kernel ends when every role of every CTA has.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference
+from pallas_kernels.decode_attention_mgpu import heads_of_items, prepare
 from pallas_kernels.gemm_attention_mgpu import (
     Registers,
     Tuning,
@@ -113,3 +114,12 @@ def test_call_errors_name_the_knob():
     with pytest.raises(ValueError, match="shared memory"):
         gemm_beside_attention(*args, sm_scale=1.0, tuning=Tuning(gemm_stages=8),
                               interpret=True)
+
+
+def test_prepare_and_heads_of_items_invert_each_other():
+    # [B, Hq, D] -> one 8-row block per (sequence, KV head), GQA groups padded with zeros
+    q = jnp.arange(3 * 8 * 2, dtype=jnp.float32).reshape(3, 8, 2)
+    items, tables = prepare(q, jnp.zeros((3, 5), jnp.int32), num_kv_heads=2)
+    assert items.shape == (6, 8, 2) and tables.shape == (3, 32)
+    assert not np.asarray(items[:, 4:]).any()
+    np.testing.assert_array_equal(heads_of_items(items, 3, 8), q)
