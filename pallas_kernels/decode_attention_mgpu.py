@@ -48,6 +48,10 @@ Two consumer forms (`consumer=`):
     inside c nested collective `run_scoped` pads of that scratch's size (entered by every
     warpgroup at the start, before any of them waits on anything): its reductions use their
     own bytes.
+    The form's pieces serve other kernels too (`gemm_attention_mgpu` runs them beside a GEMM):
+    `swap_ab_scratch` (its shared memory and barriers by name), `swap_ab_roles` (the consumers
+    and the producer as functions of those refs), `lower_roles` (each role under its
+    warpgroup, the consumers under their pads), `make_plan`, `prepare` and `heads_of_items`.
 
 Cache slots past `lengths` are masked out of the softmax but are read: they must hold finite
 values (the engine's cache does: zero-initialised, written with finite K/V). A NaN there
