@@ -48,6 +48,10 @@ Two consumer forms (`consumer=`):
     inside c nested collective `run_scoped` pads of that scratch's size (entered by every
     warpgroup at the start, before any of them waits on anything): its reductions use their
     own bytes.
+    The form's pieces serve other kernels too (`gemm_attention_mgpu` runs them beside a GEMM):
+    `swap_ab_scratch` (its shared memory and barriers by name), `swap_ab_roles` (the consumers
+    and the producer as functions of those refs), `lower_roles` (each role under its
+    warpgroup, the consumers under their pads), `make_plan`, `prepare` and `heads_of_items`.
 
 Cache slots past `lengths` are masked out of the softmax but are read: they must hold finite
 values (the engine's cache does: zero-initialised, written with finite K/V). A NaN there
@@ -62,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -76,15 +81,15 @@ try:
 except ImportError:  # pragma: no cover
     plgpu = None
 
-_ROWS = 8  # query rows stored per work item (the GQA group, padded); swap_ab's WGMMA N
+ROWS = 8  # query rows stored per work item (the GQA group, padded); swap_ab's WGMMA N
 _WGMMA_M = 64  # WGMMA's row count: the rows form pads Q to it in shared memory
 _LOG2E = math.log2(math.e)
-_REDUCTION_SCRATCH = 2048  # bytes of Mosaic GPU's cross-warp reduction scratch (its default)
+REDUCTION_SCRATCH = 2048  # bytes of Mosaic GPU's cross-warp reduction scratch (its default)
 CONSUMERS = ("rows", "swap_ab")
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     """The static shape of one launch."""
     num_programs: int
     num_kv_heads: int
@@ -100,7 +105,7 @@ class _Plan:
         return self.pages_per_block * self.page_size
 
 
-def _items(lengths_ref, plan: _Plan, num_items: int):
+def _items(lengths_ref, plan: Plan, num_items: int):
     """(this CTA's item count, item_of): item_of(i) = (item, sequence, KV head, length, KV
     blocks) of this CTA's i-th work item."""
     cta = lax.axis_index("programs")
@@ -117,7 +122,7 @@ def _items(lengths_ref, plan: _Plan, num_items: int):
 
 
 def _produce(tables_ref, k_ref, v_ref, table_smem, k_smem, v_smem, table_bar, k_bar, v_bar,
-             k_free, v_free, my_items, item_of, plan: _Plan):
+             k_free, v_free, my_items, item_of, plan: Plan):
     """The TMA producer: each item's KV blocks into the ring, in the consumers' order.
     table_smem [2, P_max] double-buffers the page-table rows of consecutive items."""
     stages, page_size, ppb = plan.stages, plan.page_size, plan.pages_per_block
@@ -241,7 +246,7 @@ class _Ops:
 
 def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem,
                  table_smem, acc_smem, m_smem, l_smem, q_bar, table_bar, k_bar, v_bar, k_free,
-                 v_free, merge_full, merge_free, *, plan: _Plan):
+                 v_free, merge_full, merge_free, *, plan: Plan):
     """The rows form. q_ref/o_ref [items, 8, D]; k_ref/v_ref [Hkv, P, page_size, D];
     tables_ref [B, P_max]. q_smem [consumers, 64, D]; acc_smem [64, D] fp32 and m_smem/l_smem
     [64] fp32 carry consumer 1's partial result to consumer 0 (unused with one consumer)."""
@@ -262,7 +267,7 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
             item, _, _, length, n_blocks = item_of(i)
             if c == 0:
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left q_mine
-            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, _ROWS)], q_bar.at[c])
+            plgpu.copy_gmem_to_smem(q_ref.at[item], q_mine.at[pl.ds(0, ROWS)], q_bar.at[c])
             plgpu.barrier_wait(q_bar.at[c])
             acc = ops.cast(jnp.zeros((_WGMMA_M, head_dim), jnp.float32), plgpu.Layout.WGMMA)
             m_i = ops.cast(jnp.full((_WGMMA_M,), -jnp.inf, jnp.float32), rows)
@@ -309,7 +314,7 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
             acc = acc / bcast(l_safe, acc)
             q_mine[...] = acc.astype(q_mine.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, _ROWS)], o_ref.at[item])
+            plgpu.copy_smem_to_gmem(q_mine.at[pl.ds(0, ROWS)], o_ref.at[item])
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -329,32 +334,33 @@ def _rows_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_
                  k_free, v_free, my_items, item_of, plan)
 
 
-def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem,
-                    v_smem, table_smem, p_smem, o_smem, acc_smem, m_smem, l_smem, q_bar,
-                    table_bar, k_bar, v_bar, k_free, v_free, merge_full, merge_free, *,
-                    plan: _Plan):
-    """The swap_ab form. q_ref/o_ref [items, 8, D]; q_smem [consumers, 2, 8, D] (each
-    consumer's Q, double-buffered; q_bar [2 * consumers]); p_smem [consumers, 8, block_kv];
-    o_smem [8, D] stages consumer 0's output; acc_smem [consumers - 1, D, 8] and m_smem/l_smem
+def swap_ab_roles(gmem, smem, plan: Plan):
+    """The swap_ab form's warpgroup roles: ([consumer 0, ...], producer), each a no-argument
+    function to lower under its warpgroup's `pl.when` (`lower_roles`). gmem = (lengths [B],
+    tables [B, P_max], q [items, 8, D], k, v [Hkv, P, page_size, D], o [items, 8, D]); smem maps
+    the names of `swap_ab_scratch` to their refs: q_smem [consumers, 2, 8, D] (each consumer's
+    Q, double-buffered; q_bar [2 * consumers]); p_smem [consumers, 8, block_kv]; o_smem [8, D]
+    stages consumer 0's output; acc_smem [consumers - 1, D, 8] and m_smem/l_smem
     [consumers - 1, 8] fp32 carry consumers 1.. partial results to consumer 0."""
+    lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref = gmem
+    s = types.SimpleNamespace(**smem)
     ops = _Ops(plan.interpret)
     block_kv, stages, consumers = plan.block_kv, plan.stages, plan.consumers
     head_dim = q_ref.shape[2]
-    wg = lax.axis_index("wg")
     my_items, item_of = _items(lengths_ref, plan, q_ref.shape[0])
     per_q = plgpu.Layout.WGMMA.reduce(0)  # an [8] vector, one value per query row (N)
-    s_shape, acc_shape = (block_kv, _ROWS), (head_dim, _ROWS)
+    s_shape, acc_shape = (block_kv, ROWS), (head_dim, ROWS)
 
     def bcast(q_vec, shape):  # [8] per query row -> shape [n, 8]
         return lax.broadcast_in_dim(q_vec, shape, [1])
 
     def consumer(c: int):
-        p_mine = p_smem.at[c]
+        p_mine = s.p_smem.at[c]
 
         def fetch_q(i):
             buf = lax.rem(i, 2)
-            plgpu.copy_gmem_to_smem(q_ref.at[item_of(i)[0]], q_smem.at[c, buf],
-                                    q_bar.at[2 * c + buf])
+            plgpu.copy_gmem_to_smem(q_ref.at[item_of(i)[0]], s.q_smem.at[c, buf],
+                                    s.q_bar.at[2 * c + buf])
 
         @pl.when(my_items > 0)
         def _():
@@ -362,15 +368,15 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
 
         def one_item(i, step):  # step: KV blocks of earlier items (ring position)
             item, _, _, length, n_blocks = item_of(i)
-            q_now = q_smem.at[c, lax.rem(i, 2)]
-            plgpu.barrier_wait(q_bar.at[2 * c + lax.rem(i, 2)])
+            q_now = s.q_smem.at[c, lax.rem(i, 2)]
+            plgpu.barrier_wait(s.q_bar.at[2 * c + lax.rem(i, 2)])
 
             @pl.when(i + 1 < my_items)  # the other buffer held item i-1's Q, now used
             def _():
                 fetch_q(i + 1)
 
             acc = ops.cast(jnp.zeros(acc_shape, jnp.float32), plgpu.Layout.WGMMA)
-            m_i = ops.cast(jnp.full((_ROWS,), -jnp.inf, jnp.float32), per_q)
+            m_i = ops.cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), per_q)
             l_part = ops.cast(jnp.zeros(s_shape, jnp.float32), plgpu.Layout.WGMMA)
             first, mine = _first_and_count(c, step, n_blocks, consumers)
 
@@ -378,18 +384,18 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
                 acc, m_i, l_part = carry
                 j = first + n * consumers  # the item's block
                 slot = lax.rem(step + j, stages)
-                s = ops.mma_on_slot(k_bar.at[slot], k_free.at[slot], k_smem.at[slot], q_now,
-                                    s_shape, b_t=True)  # S^T = K Q^T
+                sc = ops.mma_on_slot(s.k_bar.at[slot], s.k_free.at[slot], s.k_smem.at[slot],
+                                     q_now, s_shape, b_t=True)  # S^T = K Q^T
                 token = ops.iota(s_shape, 0)
-                s = jnp.where(j * block_kv + token < length, s * plan.scale_log2, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=0))  # the block has a token: finite
+                sc = jnp.where(j * block_kv + token < length, sc * plan.scale_log2, -jnp.inf)
+                m_new = jnp.maximum(m_i, sc.max(axis=0))  # the block has a token: finite
                 alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - bcast(m_new, s_shape))
+                p = jnp.exp2(sc - bcast(m_new, s_shape))
                 l_part = l_part * bcast(alpha, s_shape) + p
                 ops.store_t(p_mine, p.astype(p_mine.dtype))  # P [8, block_kv]
                 plgpu.commit_smem()  # the stores before WGMMA reads them
-                o = ops.mma_on_slot(v_bar.at[slot], v_free.at[slot], v_smem.at[slot], p_mine,
-                                    acc_shape, a_t=True, b_t=True)  # this block's V^T P^T
+                o = ops.mma_on_slot(s.v_bar.at[slot], s.v_free.at[slot], s.v_smem.at[slot],
+                                    p_mine, acc_shape, a_t=True, b_t=True)  # block's V^T P^T
                 return acc * bcast(alpha, acc_shape) + o, m_new, l_part
 
             acc, m_i, l_part = lax.fori_loop(0, mine, one_block, (acc, m_i, l_part))
@@ -397,29 +403,29 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
             if c > 0:  # hand the partial result (m, l, acc) to consumer 0
                 @pl.when(i > 0)
                 def _():
-                    plgpu.barrier_wait(merge_free.at[c - 1])
+                    plgpu.barrier_wait(s.merge_free.at[c - 1])
 
-                acc_smem.at[c - 1][...] = acc
-                m_smem.at[c - 1][...] = m_i
-                l_smem.at[c - 1][...] = l_i
-                plgpu.barrier_arrive(merge_full.at[c - 1])
+                s.acc_smem.at[c - 1][...] = acc
+                s.m_smem.at[c - 1][...] = m_i
+                s.l_smem.at[c - 1][...] = l_i
+                plgpu.barrier_arrive(s.merge_full.at[c - 1])
                 return step + n_blocks
             parts = []
             for other in range(1, consumers):
-                plgpu.barrier_wait(merge_full.at[other - 1])
-                parts.append((ops.load(m_smem.at[other - 1], per_q),
-                              ops.load(l_smem.at[other - 1], per_q),
-                              ops.load(acc_smem.at[other - 1], plgpu.Layout.WGMMA)))
-                plgpu.barrier_arrive(merge_free.at[other - 1])
+                plgpu.barrier_wait(s.merge_full.at[other - 1])
+                parts.append((ops.load(s.m_smem.at[other - 1], per_q),
+                              ops.load(s.l_smem.at[other - 1], per_q),
+                              ops.load(s.acc_smem.at[other - 1], plgpu.Layout.WGMMA)))
+                plgpu.barrier_arrive(s.merge_free.at[other - 1])
             if parts:
                 l_i, acc = _merge(m_i, l_i, acc, parts, lambda x: bcast(x, acc_shape))
             # Rows of an empty sequence (length 0) have l = 0 and stay exact zeros.
             l_safe = jnp.where(l_i > 0, l_i, jnp.ones_like(l_i))
             acc = acc / bcast(l_safe, acc_shape)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last output left o_smem
-            ops.store_t(o_smem, acc.astype(o_smem.dtype))  # O [8, D]
+            ops.store_t(s.o_smem, acc.astype(s.o_smem.dtype))  # O [8, D]
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[item])
+            plgpu.copy_smem_to_gmem(s.o_smem, o_ref.at[item])
             return step + n_blocks
 
         lax.fori_loop(0, my_items, one_item, jnp.int32(0))
@@ -428,36 +434,53 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, q_smem,
         else:  # consumer 0's last read, so no barrier phase is left unobserved
             @pl.when(my_items > 0)
             def _():
-                plgpu.barrier_wait(merge_free.at[c - 1])
+                plgpu.barrier_wait(s.merge_free.at[c - 1])
 
     def produce():
-        _produce(tables_ref, k_ref, v_ref, table_smem, k_smem, v_smem, table_bar, k_bar, v_bar,
-                 k_free, v_free, my_items, item_of, plan)
+        _produce(tables_ref, k_ref, v_ref, s.table_smem, s.k_smem, s.v_smem, s.table_bar,
+                 s.k_bar, s.v_bar, s.k_free, s.v_free, my_items, item_of, plan)
 
-    def nest(c: int):
-        """Consumer c below c reduction-scratch pads (the module docstring says why). Every
-        warpgroup enters each pad at the start; none synchronizes on leaving one."""
-        if c + 1 < consumers:
-            pl.run_scoped(lambda _: nest(c + 1),
-                          plgpu.SMEM((_REDUCTION_SCRATCH // 4,), jnp.float32),
+    return [functools.partial(consumer, c) for c in range(consumers)], produce
+
+
+def lower_roles(reducers, others, wg, *, interpret: bool) -> None:
+    """Lowers each (warpgroup index, role) pair under `pl.when(wg == index)`. `reducers` are
+    roles with cross-warp reductions (swap_ab consumers): reducer r is lowered below r
+    reduction-scratch pads (the module docstring says why); `others` are lowered innermost.
+    Every warpgroup enters each pad at the start; none synchronizes on leaving one."""
+    if interpret:  # its reductions share nothing, and its scoped pads end in a rendezvous
+        for index, role in [*reducers, *others]:
+            pl.when(wg == index)(role)
+        return
+
+    def nest(r: int):
+        if r + 1 < len(reducers):
+            pl.run_scoped(lambda _: nest(r + 1),
+                          plgpu.SMEM((REDUCTION_SCRATCH // 4,), jnp.float32),
                           collective_axes="wg")
         else:
-            pl.when(wg == consumers)(produce)
-        pl.when(wg == c)(functools.partial(consumer, c))
+            for index, role in others:
+                pl.when(wg == index)(role)
+        index, role = reducers[r]
+        pl.when(wg == index)(role)
 
-    if plan.interpret:  # its reductions share nothing, and its scoped pads end in a rendezvous
-        for c in range(consumers):
-            pl.when(wg == c)(functools.partial(consumer, c))
-        pl.when(wg == consumers)(produce)
-    else:
-        nest(0)
+    nest(0)
+
+
+def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *scratch,
+                    plan: Plan, names: tuple[str, ...]):
+    """The swap_ab form: consumers on warpgroups 0.., the producer last."""
+    consumers, produce = swap_ab_roles((lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref),
+                                       dict(zip(names, scratch)), plan)
+    lower_roles(list(enumerate(consumers)), [(plan.consumers, produce)], lax.axis_index("wg"),
+                interpret=plan.interpret)
 
 
 def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype) -> bool:
     """Whether `decode_attention_mgpu` takes these shapes: a GQA group of at most 8 heads,
     head_dim a multiple of 64, pages of a multiple of 8 tokens dividing 64, bf16 or fp16."""
     num_kv_heads, _, page_size, head_dim = cache_shape
-    return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= _ROWS
+    return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= ROWS
             and head_dim % 64 == 0 and page_size % 8 == 0 and 64 % page_size == 0
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
@@ -506,34 +529,20 @@ def decode_attention_mgpu(
     0..lengths[b]-1."""
     if plgpu is None:  # pragma: no cover
         raise NotImplementedError("this jax has no Mosaic GPU Pallas backend")
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_pages.shape
-    check_paged_inputs(q, k_pages, v_pages, sm_scale, pow2=False)
-    if not supports(num_q_heads, k_pages.shape, q.dtype) or k_pages.dtype != q.dtype:
-        raise ValueError(f"takes bf16 or fp16 q and cache of one dtype, a GQA group of at most "
-                         f"{_ROWS} heads, head_dim a multiple of 64 and 8-64-token pages; got "
-                         f"q {q.shape} {q.dtype}, cache {k_pages.shape} {k_pages.dtype}")
-    group = num_q_heads // num_kv_heads
-    pages_per_block = pages_per_block or max(1, 64 // page_size)
-    _check_knobs(consumer, consumers, stages, pages_per_block * page_size)
-    num_items = batch * num_kv_heads
-    plan = _Plan(num_programs=min(num_programs or _compat.num_sms(), num_items),
-                 num_kv_heads=num_kv_heads, page_size=page_size,
-                 pages_per_block=pages_per_block, stages=stages, consumers=consumers,
-                 scale_log2=sm_scale * _LOG2E, interpret=interpret)
-    # [B, Hq, D] -> one [8, D] row block per (sequence, KV head), padded with zeros.
-    q_items = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
-                      ((0, 0), (0, 0), (0, _ROWS - group), (0, 0)))
-    q_items = q_items.reshape(num_items, _ROWS, head_dim)
-    max_pages = page_tables.shape[1]
-    # Rows of 128 B: whole TMA rows, and a copy size JAX 0.10's lowering takes.
-    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
-    scratch = (_rows_scratch if consumer == "rows" else _swap_ab_scratch)(
-        plan, head_dim, tables.shape[1], q.dtype)
-    body = _rows_kernel if consumer == "rows" else _swap_ab_kernel
-    # swap_ab's transposed stores need the warpgroup lowering (the module docstring says why)
-    semantics = ({} if consumer == "rows" else
-                 {"lowering_semantics": plgpu.LoweringSemantics.Warpgroup})
+    plan = make_plan(q, k_pages, v_pages, sm_scale=sm_scale, num_programs=num_programs,
+                     pages_per_block=pages_per_block, stages=stages, consumers=consumers,
+                     consumer=consumer, interpret=interpret)
+    q_items, tables = prepare(q, page_tables, k_pages.shape[0])
+    head_dim = q.shape[2]
+    if consumer == "rows":
+        scratch, body = _rows_scratch(plan, head_dim, tables.shape[1], q.dtype), _rows_kernel
+        semantics = {}
+    else:
+        named = swap_ab_scratch(plan, head_dim, tables.shape[1], q.dtype)
+        scratch = list(named.values())
+        body = functools.partial(_swap_ab_kernel, names=tuple(named))
+        # its transposed stores need the warpgroup lowering (the module docstring says why)
+        semantics = {"lowering_semantics": plgpu.LoweringSemantics.Warpgroup}
     call = plgpu.kernel(
         functools.partial(body, plan=plan),
         out_type=jax.ShapeDtypeStruct(q_items.shape, q.dtype),
@@ -543,31 +552,73 @@ def decode_attention_mgpu(
         num_threads=consumers + 1,  # the computing warpgroups, then the TMA producer
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True,
-                                             reduction_scratch_bytes=_REDUCTION_SCRATCH,
+                                             reduction_scratch_bytes=REDUCTION_SCRATCH,
                                              **semantics),
         interpret=_compat.mosaic_gpu_interpret_params() if interpret else None,
     )
     out = call(lengths.astype(jnp.int32), tables, q_items, k_pages, v_pages)
-    return out.reshape(batch, num_kv_heads, _ROWS, head_dim)[:, :, :group].reshape(
+    return heads_of_items(out, q.shape[0], q.shape[1])
+
+
+def make_plan(q, k_pages, v_pages, *, sm_scale: float, num_programs: int | None,
+              pages_per_block: int | None, stages: int, consumers: int, consumer: str,
+              interpret: bool) -> Plan:
+    """Checks the inputs and knobs (ValueError naming the one at fault) and returns the launch's
+    plan: `num_programs` CTAs (None: one per SM), at most one per work item."""
+    batch, num_q_heads, _ = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    check_paged_inputs(q, k_pages, v_pages, sm_scale, pow2=False)
+    if not supports(num_q_heads, k_pages.shape, q.dtype) or k_pages.dtype != q.dtype:
+        raise ValueError(f"takes bf16 or fp16 q and cache of one dtype, a GQA group of at most "
+                         f"{ROWS} heads, head_dim a multiple of 64 and 8-64-token pages; got "
+                         f"q {q.shape} {q.dtype}, cache {k_pages.shape} {k_pages.dtype}")
+    pages_per_block = pages_per_block or max(1, 64 // page_size)
+    _check_knobs(consumer, consumers, stages, pages_per_block * page_size)
+    return Plan(num_programs=min(num_programs or _compat.num_sms(), batch * num_kv_heads),
+                num_kv_heads=num_kv_heads, page_size=page_size,
+                pages_per_block=pages_per_block, stages=stages, consumers=consumers,
+                scale_log2=sm_scale * _LOG2E, interpret=interpret)
+
+
+def prepare(q, page_tables, num_kv_heads: int):
+    """The kernel's inputs: q [B, Hq, D] -> one [8, D] row block per (sequence, KV head), the
+    GQA group padded with zeros ([B * Hkv, 8, D]); page tables [B, max_pages] -> int32 rows of
+    a multiple of 32 entries (128 B: whole TMA rows, a copy size JAX 0.10's lowering takes)."""
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    q_items = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
+                      ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))
+    max_pages = page_tables.shape[1]
+    tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
+    return q_items.reshape(batch * num_kv_heads, ROWS, head_dim), tables
+
+
+def heads_of_items(out_items, batch: int, num_q_heads: int):
+    """The kernel's output [B * Hkv, 8, D] -> [B, Hq, D], the padding rows dropped
+    (`prepare`'s inverse)."""
+    items, _, head_dim = out_items.shape
+    num_kv_heads = items // batch
+    group = num_q_heads // num_kv_heads
+    return out_items.reshape(batch, num_kv_heads, ROWS, head_dim)[:, :, :group].reshape(
         batch, num_q_heads, head_dim)
 
 
-def _swizzled(dtype, row_bytes: int = 128):
+def swizzled(dtype, row_bytes: int = 128):
     """WGMMA operand tiles: 8 rows of `row_bytes`, swizzled."""
     return (plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)),
             plgpu.SwizzleTransform(row_bytes))
 
 
-def _ring(plan: _Plan, head_dim: int, dtype, table_cols: int) -> list:
+def _ring(plan: Plan, head_dim: int, dtype, table_cols: int) -> list:
     """Scratch both forms share: the K and V rings, the page-table rows and their barriers."""
     return [
-        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=_swizzled(dtype)),
-        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=swizzled(dtype)),
+        plgpu.SMEM((plan.stages, plan.block_kv, head_dim), dtype, transforms=swizzled(dtype)),
         plgpu.SMEM((2, table_cols), jnp.int32),  # two items' page-table rows
     ]
 
 
-def _ring_barriers(plan: _Plan) -> list:
+def _ring_barriers(plan: Plan) -> list:
     return [
         plgpu.Barrier(num_barriers=2),  # a page-table row arrived
         plgpu.Barrier(num_arrivals=plan.pages_per_block, num_barriers=plan.stages),  # K full
@@ -577,12 +628,12 @@ def _ring_barriers(plan: _Plan) -> list:
     ]
 
 
-def _rows_scratch(plan: _Plan, head_dim: int, table_cols: int, dtype) -> list:
+def _rows_scratch(plan: Plan, head_dim: int, table_cols: int, dtype) -> list:
     k_ring, v_ring, table = _ring(plan, head_dim, dtype, table_cols)
     two = plan.consumers > 1
     return [
         # each consumer's q; consumer 0's is then the output's staging buffer
-        plgpu.SMEM((plan.consumers, _WGMMA_M, head_dim), dtype, transforms=_swizzled(dtype)),
+        plgpu.SMEM((plan.consumers, _WGMMA_M, head_dim), dtype, transforms=swizzled(dtype)),
         k_ring, v_ring, table,
         # consumer 1's partial acc, m and l for consumer 0 (a token's worth with one)
         plgpu.SMEM((_WGMMA_M if two else 8, head_dim), jnp.float32,
@@ -596,19 +647,25 @@ def _rows_scratch(plan: _Plan, head_dim: int, table_cols: int, dtype) -> list:
     ]
 
 
-def _swap_ab_scratch(plan: _Plan, head_dim: int, table_cols: int, dtype) -> list:
+def swap_ab_scratch(plan: Plan, head_dim: int, table_cols: int, dtype) -> dict:
+    """The swap_ab form's shared memory and barriers, by the names `swap_ab_roles` reads."""
     k_ring, v_ring, table = _ring(plan, head_dim, dtype, table_cols)
+    table_bar, k_bar, v_bar, k_free, v_free = _ring_barriers(plan)
     others = max(plan.consumers - 1, 1)  # consumers that hand over a partial result
-    return [
-        plgpu.SMEM((plan.consumers, 2, _ROWS, head_dim), dtype, transforms=_swizzled(dtype)),
-        k_ring, v_ring, table,
-        plgpu.SMEM((plan.consumers, _ROWS, plan.block_kv), dtype, transforms=_swizzled(dtype)),
-        plgpu.SMEM((_ROWS, head_dim), dtype, transforms=_swizzled(dtype)),  # the output
-        plgpu.SMEM((others, head_dim, _ROWS), jnp.float32),  # their O^T
-        plgpu.SMEM((others, _ROWS), jnp.float32),  # their m
-        plgpu.SMEM((others, _ROWS), jnp.float32),  # their l
-        plgpu.Barrier(num_barriers=2 * plan.consumers),  # a consumer's q buffer arrived
-        *_ring_barriers(plan),
-        plgpu.Barrier(num_barriers=others),  # consumer c's partial result is in the smem
-        plgpu.Barrier(num_barriers=others),  # consumer 0 has read it
-    ]
+    return {
+        "q_smem": plgpu.SMEM((plan.consumers, 2, ROWS, head_dim), dtype,
+                             transforms=swizzled(dtype)),
+        "k_smem": k_ring, "v_smem": v_ring, "table_smem": table,
+        "p_smem": plgpu.SMEM((plan.consumers, ROWS, plan.block_kv), dtype,
+                             transforms=swizzled(dtype)),
+        "o_smem": plgpu.SMEM((ROWS, head_dim), dtype, transforms=swizzled(dtype)),
+        "acc_smem": plgpu.SMEM((others, head_dim, ROWS), jnp.float32),  # their O^T
+        "m_smem": plgpu.SMEM((others, ROWS), jnp.float32),  # their m
+        "l_smem": plgpu.SMEM((others, ROWS), jnp.float32),  # their l
+        "q_bar": plgpu.Barrier(num_barriers=2 * plan.consumers),  # a consumer's q arrived
+        "table_bar": table_bar, "k_bar": k_bar, "v_bar": v_bar, "k_free": k_free,
+        "v_free": v_free,
+        # consumer c's partial result is in the smem; consumer 0 has read it
+        "merge_full": plgpu.Barrier(num_barriers=others),
+        "merge_free": plgpu.Barrier(num_barriers=others),
+    }

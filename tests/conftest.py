@@ -4,6 +4,12 @@ Tests marked `eight_devices` (tensor parallelism) need 8 CPU devices, a number X
 JAX starts. The rest of the suite runs on one device, so in a process with fewer than 8 each
 marked test runs in a child pytest with --xla_force_host_platform_device_count=8; set that flag
 in XLA_FLAGS yourself to run them in one process.
+
+Mosaic GPU's interpreter runs each warpgroup of a CTA as an XLA CPU execution that blocks in
+host callbacks while it waits on a barrier. Those executions share the PJRT CPU client's thread
+pool, whose size is PJRT_NPROC (else NPROC, else the number of cores): with 2 threads a kernel
+of five warpgroups (tests/test_gemm_attention_mgpu.py) hangs, with 4 it runs. XLA reads the
+variable when JAX creates its CPU client, so it is set here, before any test starts JAX.
 """
 import os
 import subprocess
@@ -12,6 +18,7 @@ import sys
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 
 
