@@ -14,7 +14,7 @@ The pairs (LLaMA-3-8B, `--tokens` rows, the decode attention of `--decodes` sequ
                           in proportion to their FLOPs (four fused launches).
 For each pair, device time (`--calls` calls enqueued back to back and blocked once, median of
 `--repeats`; `nanoflow_jax.benchmarks.timing.device_ms_per_call`) of
-  (a) the fused kernel (`pallas_kernels/gemm_attention_mgpu.py`), per `--tunings` entry;
+  (a) the fused kernel (`pallas_kernels/experimental/gemm_attention_mgpu.py`), per `--tunings` entry;
       beside it the fused kernel with the attention emptied (lengths 0) and with a one-tile
       GEMM: each side inside the fused kernel alone;
   (b) XLA's dot and the attention on all SMs back to back, for the Mosaic GPU attention (its
@@ -48,7 +48,7 @@ from absl import app, flags
 from nanoflow_jax.benchmarks.timing import device_ms_per_call
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.decode_attention_mgpu import decode_attention_mgpu
-from pallas_kernels.gemm_attention_mgpu import Tuning, gemm_beside_attention
+from pallas_kernels.experimental.gemm_attention_mgpu import Tuning, gemm_beside_attention
 
 flags.DEFINE_bool("quick", False, "the gate_up pair and the default tuning only")
 flags.DEFINE_string("tunings", "", "';'-separated fused-kernel tunings (Tuning.parse), e.g. "

@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels.decode_attention import decode_attention_reference
 from pallas_kernels.decode_attention_mgpu import heads_of_items, prepare
-from pallas_kernels.gemm_attention_mgpu import (
+from pallas_kernels.experimental.gemm_attention_mgpu import (
     Registers,
     Tuning,
     gemm_beside_attention,
