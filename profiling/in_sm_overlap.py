@@ -14,7 +14,8 @@ The pairs (LLaMA-3-8B, `--tokens` rows, the decode attention of `--decodes` sequ
                           in proportion to their FLOPs (four fused launches).
 For each pair, device time (`--calls` calls enqueued back to back and blocked once, median of
 `--repeats`; `nanoflow_jax.benchmarks.timing.device_ms_per_call`) of
-  (a) the fused kernel (`pallas_kernels/experimental/gemm_attention_mgpu.py`), per `--tunings` entry;
+  (a) the fused kernel (`pallas_kernels/experimental/gemm_attention_mgpu.py`), per
+      `--tunings` entry;
       beside it the fused kernel with the attention emptied (lengths 0) and with a one-tile
       GEMM: each side inside the fused kernel alone;
   (b) XLA's dot and the attention on all SMs back to back, for the Mosaic GPU attention (its

@@ -6,7 +6,7 @@ embed → layers → the hidden states of the rows that may be sampled, with the
 and LM head to the rows the step uses and samples them on the device. The sampler is compiled
 once per `SampleMode` (what the batch's rows need, known on the host) and per row count (the
 buckets' `num_logits`): a step with 356 decodes in the 1024-token bucket computes the logits
-of 528 rows, not of the bucket's 1040, which saves a third of a 128k-vocabulary head. Neither
+of 528 rows, not of the bucket's 1040: about half the LM head of a 128k vocabulary. Neither
 program holds a device-side branch that would make the host wait. All are compiled at
 start-up, before the KV cache is allocated (the independent ones at once, `CompilePool`): the
 cache gets what the memory budget leaves after the weights and the largest program's
