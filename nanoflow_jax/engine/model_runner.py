@@ -184,8 +184,9 @@ class ModelRunner:
         replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
         self._sample = jax.jit(functools.partial(_sample_rows, config=mc, num_rows=self.num_rows),
                                static_argnames="mode", out_shardings=replicated)
-        self._head = {k: self.params[k] for k in ("final_norm", "lm_head", "embed")
-                      if k in self.params and (k != "embed" or mc.tie_word_embeddings)}
+        # What llama.compute_logits reads: the final norm and the head (the embedding if tied).
+        self._head = {k: self.params[k] for k in
+                      ("final_norm", "embed" if mc.tie_word_embeddings else "lm_head")}
         # The step's hidden states: replicated on a mesh (summed over the shards).
         self._hidden = jax.ShapeDtypeStruct((self.num_rows, mc.hidden_size),
                                             self.params["embed"].dtype, sharding=replicated)
@@ -196,7 +197,8 @@ class ModelRunner:
         self.startup_time = 0.0  # all of it, from here to the end of warmup()
         self.replans = 0  # times the KV cache was re-sized after the steps were compiled
         self._samplers = {}  # {(rows, mode): executable}
-        self._row_counts = self._sample_rows_counts()
+        # The numbers of sampled rows the buckets have (one sampler per count and mode).
+        self._row_counts = sorted({self.shape_for(t).num_logits for t in self.buckets})
         self._forwards, self.memory_plan = self._size_kv_cache()  # {T: executable}
         self.num_pages = self.memory_plan.num_pages
         t0 = time.perf_counter()
@@ -276,10 +278,6 @@ class ModelRunner:
         seqs = self.config.max_num_seqs or CPU_MAX_NUM_SEQS
         return max(1, min(CPU_KV_BYTES // self.page_bytes, seqs * self.max_pages))
 
-    def _sample_rows_counts(self) -> list[int]:
-        """The numbers of sampled rows the buckets have (one sampler per count and mode)."""
-        return sorted({self.shape_for(t).num_logits for t in self.buckets})
-
     def rows_for(self, used: int, shape: BatchShape) -> int:
         """The sampler's row count for a step of `shape` whose first `used` rows are sampled:
         the fewest of the buckets' counts that holds them."""
@@ -292,7 +290,7 @@ class ModelRunner:
         compiled at once (`CompilePool`)."""
         kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype,
                            self.mesh)
-        rows = self._sample_rows_counts() if samplers else []
+        rows = self._row_counts if samplers else []
         buckets = sorted(buckets, reverse=True)  # the longest compile starts first
         with CompilePool(desc, len(buckets) + len(rows) * len(SampleMode.all())) as pool:
             for t in buckets:
