@@ -1,11 +1,10 @@
 """A GEMM and decode attention inside each SM (one kernel) against both on all SMs in turn. (GPU)
 
-    OUT=$OUT/insm PYTHONPATH=. python3 profiling/in_sm_overlap.py --quick --ptxas  # ~3 min
-    OUT=$OUT/insm PYTHONPATH=. python3 profiling/in_sm_overlap.py        # <= 9 min (--budget_s)
+    OUT=$OUT/insm PYTHONPATH=. python3 profiling/in_sm_overlap.py --quick --ptxas  # ~1 min
+    OUT=$OUT/insm PYTHONPATH=. python3 profiling/in_sm_overlap.py        # ~5 min on an H200
     OUT=$OUT/insm PYTHONPATH=. python3 profiling/in_sm_overlap.py --lower_only --ptxas \
         --tunings="registers=none;registers=136/128/40"     # compile only: ptxas, registers
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 profiling/in_sm_overlap.py --smoke  # CPU, ~4 min
-(Times on an H200 are estimates: the script has not run on a GPU yet.)
 
 The pairs (LLaMA-3-8B, `--tokens` rows, the decode attention of `--decodes` sequences of
 `--context` tokens: 32 q heads, 8 KV heads, D = 128, 16-token pages scattered at random):
@@ -76,18 +75,18 @@ F = flags.FLAGS
 GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
          "down": (14336, 4096)}  # (K, N), LLaMA-3-8B
 LAYER = ("qkv", "o", "gate_up", "down")
-# the default; registers with a margin (the default's budget fills the register file); two
-# WGMMAs in flight per GEMM consumer; one GEMM consumer of 128 rows (four warpgroups: 128
-# registers at launch, 240 for it). Each takes ~1.5 min on an H200.
-TUNINGS = ("", "registers=136/128/40", "delay_release=1",
-           "gemm_consumers=1,tile_m=128,delay_release=1")
+# the default (2 stages of tile_k 128, 2 KV stages); a deeper GEMM ring of tile_k 64; the
+# earlier 3 + 3 stages; one GEMM consumer of 128 rows (four warpgroups: 128 registers at
+# launch). Each takes ~1 min on an H200.
+TUNINGS = ("", "tile_k=64,gemm_stages=4", "tile_k=64,gemm_stages=3,kv_stages=3",
+           "gemm_consumers=1,tile_m=128,tile_k=64,gemm_stages=3,delay_release=1")
 TOLERANCE = 2e-2  # relative L2 error of a bf16 kernel against its reference
 _RESULT = "RESULT "  # a child's result lines on stdout
 
 
 def _shapes():
     if F.smoke:
-        return {"tokens": 64, "gemms": {"gate_up": (128, 256), "o": (64, 128)}, "hq": 4,
+        return {"tokens": 64, "gemms": {"gate_up": (128, 256), "o": (128, 128)}, "hq": 4,
                 "hkv": 1, "d": 64, "page": 16, "decodes": 3, "context": 40}
     return {"tokens": F.tokens, "gemms": GEMMS, "hq": 32, "hkv": 8, "d": 128, "page": 16,
             "decodes": F.decodes, "context": F.context}

@@ -53,13 +53,15 @@ def _check(args, got, seed):
 
 
 def test_more_tiles_and_items_than_ctas():
-    # 2 CTAs, default tuning (two GEMM consumers, CTA tile 128 x 128, 3-slot rings). GEMM:
+    # 2 CTAs, two GEMM consumers, CTA tile 128 x 128, 3-slot rings of tile_k 64. GEMM:
     # M = 300 is padded to 3 row blocks, 3 tiles dealt 2/1, K = 128 is 2 steps a tile, so the
     # ring wraps within CTA 0. Attention: 3 items dealt 2/1: one token; 83 tokens (two KV
     # blocks, the last one partial, pages not full); no tokens (zeros).
     seed = random_seed()
     args = _inputs(np.random.default_rng(seed), 300, 128, 128, [1, 83, 0])
-    got = gemm_beside_attention(*args, sm_scale=HEAD_DIM**-0.5, num_ctas=2, interpret=True)
+    tuning = Tuning(tile_k=64, gemm_stages=3, kv_stages=3)
+    got = gemm_beside_attention(*args, sm_scale=HEAD_DIM**-0.5, num_ctas=2, tuning=tuning,
+                                interpret=True)
     _check(args, got, seed)
     assert not np.asarray(got[1][2]).any()
 
@@ -71,7 +73,8 @@ def test_fewer_tiles_and_items_than_ctas():
     # one block that consumer 1 never sees.
     seed = random_seed()
     args = _inputs(np.random.default_rng(seed), 40, 128, 128, [130, 17])
-    tuning = Tuning(gemm_consumers=1, delay_release=1, attention_consumers=2, kv_stages=2)
+    tuning = Tuning(tile_k=64, gemm_stages=3, gemm_consumers=1, delay_release=1,
+                    attention_consumers=2, kv_stages=2)
     got = gemm_beside_attention(*args, sm_scale=HEAD_DIM**-0.5, num_ctas=3, tuning=tuning,
                                 interpret=True)
     _check(args, got, seed)
@@ -81,8 +84,9 @@ def test_tuning_parse_and_budgets():
     assert Tuning.parse("") == Tuning()
     assert Tuning.parse("tile_n=256, gemm_stages=2,registers=136/128/40") == Tuning(
         tile_n=256, gemm_stages=2, registers="136/128/40")
-    # 5 warpgroups launch at 96 registers; the producers give 56 each to the consumers.
-    assert Tuning().register_budget() == Registers(launch=96, gemm=152, attention=128,
+    # 5 warpgroups launch at 96 registers; the producers give 56 each to the consumers, and
+    # 4 K registers stay unassigned.
+    assert Tuning().register_budget() == Registers(launch=96, gemm=136, attention=128,
                                                    producer=40)
     assert Tuning(registers="none").register_budget() is None
     assert Tuning(registers="136/128/40").register_budget().gemm == 136

@@ -26,13 +26,16 @@ attention items ((sequence, KV head) pairs) are both dealt round robin to the CT
 tiles c, c + num_ctas, ... and items c, c + num_ctas, ...; each role loops on its own and the
 kernel ends when every role of every CTA has.
 
-Resources: the default tuning (64 x 128 WGMMA tiles, CTA tile 128 x 128, 3 GEMM stages, 3 KV
-stages, one attention consumer) takes 224 KiB of the 227 KiB of shared memory (LLaMA-3-8B
-heads), `shared_memory_bytes` says how much. Five warpgroups are 640 threads: launched at
-65536 / 640 -> 96 registers each, then `plgpu.set_max_registers` moves registers from the
-producers (40) to the consumers (`registers="auto"`: the attention consumers up to 128, the GEMM
-consumers the rest, 152), so all fit one SM's 64 K-register file; "none" leaves every
-warpgroup at the launch count, "G/A/P" sets the three.
+Resources: the default tuning (64 x 128 WGMMA tiles, CTA tile 128 x 128, 2 GEMM stages of
+tile_k 128, 2 KV stages, one attention consumer: the fastest measured, docs/overlap.md section
+3) takes 224 KiB of the 227 KiB of shared memory (LLaMA-3-8B heads), `shared_memory_bytes` says
+how much. Five warpgroups are 640 threads: launched at 65536 / 640 -> 96 registers each, then
+`plgpu.set_max_registers` moves registers from the producers (40) to the consumers
+(`registers="auto"`: the attention consumers up to 128, the GEMM consumers the rest less a
+margin, 136); "none" leaves every warpgroup at the launch count, "G/A/P" sets the three. ptxas
+compiles the whole kernel under the launch count (measured: a 64 x 256 GEMM tile fails with
+"Insufficient registers (96)"), so every role's code fits 96 registers and the consumers' extra
+budget buys nothing at compile time: this caps the GEMM tile at 64 x 128 per consumer.
 
 The attention's cache slots past `lengths` are read and masked: they must hold finite values
 (`decode_attention_mgpu`'s module says why). On the GPU the kernel needs JAX 0.11's warpgroup
@@ -63,6 +66,10 @@ except ImportError:  # pragma: no cover
 SHARED_MEMORY = 227 * 1024  # bytes a Hopper CTA may use
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM
 _WG = 128  # threads per warpgroup
+# Registers "auto" leaves unassigned: a budget that fills the register file hangs the kernel at
+# its setmaxnreg (measured on an H200: 152/128/40 of 5 warpgroups never finishes, 136/128/40
+# runs).
+_REGISTER_MARGIN = 16 * 2 * _WG
 _EPI_N = 64  # columns per epilogue store: 128-byte rows of bf16, one swizzle atom wide
 _GEMM_SCRATCH = ("a_smem", "b_smem", "c_smem", "ab_full", "ab_free")
 
@@ -83,11 +90,11 @@ class Tuning:
     "tile_n=128,gemm_stages=3,registers=136/128/40"."""
     tile_m: int = 64  # rows of one GEMM consumer's WGMMA tile (64 or 128)
     tile_n: int = 128  # columns of the CTA's GEMM tile (a multiple of 64, at most 256)
-    tile_k: int = 64  # K per ring slot (64 or 128)
-    gemm_stages: int = 3  # A/B tiles in flight per CTA
+    tile_k: int = 128  # K per ring slot (64 or 128)
+    gemm_stages: int = 2  # A/B tiles in flight per CTA
     gemm_consumers: int = 2  # GEMM warpgroups, stacked along M: CTA tile rows = this x tile_m
     delay_release: int = 0  # 1: a GEMM slot is released one WGMMA later (two in flight)
-    kv_stages: int = 3  # KV blocks in flight per CTA (a multiple of attention_consumers)
+    kv_stages: int = 2  # KV blocks in flight per CTA (a multiple of attention_consumers)
     attention_consumers: int = 1  # swap_ab consumer warpgroups (1-4)
     pages_per_block: int = 0  # KV pages per block; 0: 64-token blocks
     registers: str = "auto"  # "auto", "none" or "GEMM/attention/producer" per thread
@@ -150,7 +157,7 @@ class Tuning:
             producer = min(40, launch)
             left = REGISTER_FILE - 2 * _WG * producer
             attn = max(launch, min(128, left // (_WG * (ng + na)) // 8 * 8))
-            gemm = min(240, (left - na * _WG * attn) // (_WG * ng) // 8 * 8)
+            gemm = min(240, (left - na * _WG * attn - _REGISTER_MARGIN) // (_WG * ng) // 8 * 8)
         else:
             try:
                 gemm, attn, producer = (int(x) for x in self.registers.split("/"))
