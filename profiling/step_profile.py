@@ -14,6 +14,7 @@ schedules gave). `--logprobs=0,20` adds rows whose requests ask for top logprobs
 import os
 import re
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -67,6 +68,7 @@ def main(argv):
             rows += profile(runner, peak, schedule, cases)
         except Exception as e:  # a schedule XLA rejects is a finding: report it, go on
             print(f"schedule {schedule} failed: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
     print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
     print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
           "2·P·T/peak ms | tokens = first schedule's, max |Δ logprob of the token|")

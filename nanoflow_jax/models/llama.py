@@ -165,8 +165,13 @@ def down_proj(layer: Params, gate_up: jax.Array, residual: jax.Array,
     """SwiGLU then the down GEMM: gate_up [T, 2·F] -> residual + (silu(g)·u)·Wdown, [T, D]."""
     if "router" in layer:  # gate_up is the expert block's output [T, D]
         return residual + gate_up
+    return residual + matmul(swiglu(gate_up), layer["w_down"])
+
+
+def swiglu(gate_up: jax.Array) -> jax.Array:
+    """[T, 2·F] -> silu(gate)·up, [T, F]."""
     gate, up = jnp.split(gate_up, 2, axis=-1)
-    return residual + matmul(jax.nn.silu(gate) * up, layer["w_down"])
+    return jax.nn.silu(gate) * up
 
 
 def decoder_layer(

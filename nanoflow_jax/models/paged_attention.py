@@ -50,7 +50,30 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
     the shapes and dtype, else the Triton kernel's persistent variant.
     """
     k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots) if write else layer_cache
-    scale = q.shape[-1] ** -0.5
+    out = prefill_rows(q, k_pages, v_pages, meta, impl=impl, window=window)
+    t, bd = q.shape[0], meta.decode_lengths.shape[0]
+    if bd:  # static: a nano-batch past the decode rows has none
+        decoded = decode_rows(q[:bd], k_pages, v_pages, meta.decode_page_tables,
+                              meta.decode_lengths, impl=impl, sm_share=sm_share, window=window)
+        out = jnp.where(is_decode_row(meta, t)[:, None, None],
+                        jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0))), out)
+    return out, (k_pages, v_pages)
+
+
+def prefill_rows(q, k_pages, v_pages, meta: PagedMetadata, *, impl: str,
+                 window: int | None = None) -> jax.Array:
+    """The prompt chunks' attention, q [T, Hq, D] -> [T, Hq, D]; rows before
+    prefill_query_start[0] belong to no chunk: their values are unspecified."""
+    prefill = prefill_attention_reference if impl == "reference" else prefill_attention
+    return prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,
+                   meta.prefill_seq_lens, sm_scale=q.shape[-1] ** -0.5,
+                   interpret=impl == "interpret", window=window)
+
+
+def decode_rows(q, k_pages, v_pages, page_tables, lengths, *, impl: str, sm_share: float = 1.0,
+                window: int | None = None) -> jax.Array:
+    """Decode attention of q [B, Hq, D] (one token per sequence; a row of length 0 costs
+    nothing) -> [B, Hq, D]. `sm_share`: `paged_attention`'s."""
     interpret = impl == "interpret"
     decode = decode_attention_reference if impl == "reference" else decode_attention
     if sm_share < 1 and impl != "reference":
@@ -61,19 +84,13 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
                                  f"choose a --schedule without an attention SM share")
             decode = functools.partial(decode_attention_mgpu, **few_cta_tuning())
         decode = functools.partial(decode, num_programs=max(1, round(sm_share * num_sms())))
-    prefill = prefill_attention_reference if impl == "reference" else prefill_attention
-    # Rows before prefill_query_start[0] belong to no chunk: their values here are unspecified.
-    out = prefill(q, k_pages, v_pages, meta.prefill_page_tables, meta.prefill_query_start,
-                  meta.prefill_seq_lens, sm_scale=scale, interpret=interpret, window=window)
-    t, bd = q.shape[0], meta.decode_lengths.shape[0]
-    if bd:  # static: a nano-batch past the decode rows has none
-        decoded = decode(q[:bd], k_pages, v_pages, meta.decode_page_tables, meta.decode_lengths,
-                         sm_scale=scale, interpret=interpret,
-                         **({} if window is None else {"window": window}))
-        decoded = jnp.pad(decoded, ((0, t - bd), (0, 0), (0, 0)))
-        is_decode = jnp.arange(t) < meta.prefill_query_start[0]
-        out = jnp.where(is_decode[:, None, None], decoded, out)
-    return out, (k_pages, v_pages)
+    return decode(q, k_pages, v_pages, page_tables, lengths, sm_scale=q.shape[-1] ** -0.5,
+                  interpret=interpret, **({} if window is None else {"window": window}))
+
+
+def is_decode_row(meta: PagedMetadata, num_rows: int) -> jax.Array:
+    """[num_rows] bool: the row is a decode token (the decode rows come first)."""
+    return jnp.arange(num_rows) < meta.prefill_query_start[0]
 
 
 def slice_metadata(meta: PagedMetadata, start: int, end: int) -> PagedMetadata:

@@ -42,6 +42,7 @@ from nanoflow_jax.config import ModelConfig
 from nanoflow_jax.kv_cache import write_kv
 from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import slice_metadata
+from nanoflow_jax.pipeline import in_sm
 from nanoflow_jax.pipeline.schedule import COLLECTIVES, REDUCES_FOR, Schedule
 
 
@@ -265,13 +266,15 @@ def persistent_gemm(sm_share: float):
 
 
 def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_call=on_stream,
-                   gemm_on=None):
+                   gemm_on=None, beside=None):
     """A function with `llama.run_layers`' signature running `schedule`'s nano-ops.
 
     `use_streams`: None = on a GPU only. `wrap_call(fn, stream)` issues a call on a stream
     (tests swap in `jax.jit` to check the calls' plumbing on the CPU). `gemm_on(sm_share)` gives
     the matmul of GEMM ops with `sm_share` < 1: None = `persistent_gemm` on a GPU, elsewhere
-    jnp.matmul (like streams, SM shares only shape the work on a GPU).
+    jnp.matmul (like streams, SM shares only shape the work on a GPU). A bucket whose schedule
+    has `in_sm_rows` runs `in_sm.run_layers` instead (`beside`: its GEMM-beside-attention op,
+    None = that of the attention's impl).
     """
     if use_streams is None:
         use_streams = jax.default_backend() == "gpu"
@@ -281,6 +284,9 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
     def run_layers(layers, x, positions, kv_cache, meta, config: ModelConfig, attention):
         t, num_layers = x.shape[0], len(layers)
         sched = schedule.for_tokens(t)
+        if sched.in_sm_rows:
+            return in_sm.run_layers(sched.in_sm_rows, layers, x, positions, kv_cache, meta,
+                                    config, attention, beside)
         tp_axis = config.tp_axis
         sched = sched.with_collectives() if tp_axis else sched.without_collectives()
         if tp_axis:  # the collective ops sum the residual: the GEMM ops' norms must not

@@ -90,8 +90,16 @@ class Schedule:
     ops: tuple[NanoOp, ...]
     min_tokens: int = 0  # smaller buckets run sequentially
     concurrent: bool = False  # XLA may run independent kernels at once (see the module doc)
+    # > 0: every layer runs `pipeline/in_sm.py`'s in-SM layer, its decode nano-batch the first
+    # this many rows (the ops are then the sequential ones: the layer orders its own work).
+    in_sm_rows: int = 0
 
     def __post_init__(self):
+        if self.in_sm_rows and not (0 < self.in_sm_rows < self.num_tokens
+                                    and self.ops == sequential(self.num_tokens).ops):
+            raise ValueError(f"schedule {self.name!r}: in_sm_rows must be in 1.."
+                             f"{self.num_tokens - 1} with the sequential ops, got "
+                             f"{self.in_sm_rows}")
         collectives = {o.op for o in self.ops} & set(COLLECTIVES)
         if collectives and collectives != set(COLLECTIVES):
             missing = sorted(set(COLLECTIVES) - collectives)
@@ -123,8 +131,8 @@ class Schedule:
     @property
     def is_sequential(self) -> bool:
         """One op of each kind over the whole batch, in order: no splitting, no streams."""
-        return len(self.ops) == len(self.chain) and all(o.layer == 0 and o.stream == 0
-                                                        for o in self.ops)
+        return not self.in_sm_rows and len(self.ops) == len(self.chain) and all(
+            o.layer == 0 and o.stream == 0 for o in self.ops)
 
     def with_collectives(self) -> Schedule:
         """The schedule with its all-reduces as ops: itself when it has them, else each just
@@ -172,7 +180,11 @@ class Schedule:
             s, e = scale(o.start), scale(o.end)
             if s < e:
                 ops.append(dataclasses.replace(o, start=s, end=e))
-        return dataclasses.replace(self, num_tokens=num_tokens, ops=tuple(ops))
+        in_sm_rows = self.in_sm_rows and min(scale(self.in_sm_rows), num_tokens - 16)
+        if self.in_sm_rows and in_sm_rows < 16:  # no room for two nano-batches
+            return sequential(num_tokens, self.concurrent)
+        return dataclasses.replace(self, num_tokens=num_tokens, ops=tuple(ops),
+                                   in_sm_rows=in_sm_rows)
 
     def compiler_options(self) -> dict[str, str]:
         """XLA options for the step that runs this schedule (GPU)."""
@@ -181,15 +193,16 @@ class Schedule:
         return {}
 
     def to_json(self) -> str:
+        in_sm = {"in_sm_rows": self.in_sm_rows} if self.in_sm_rows else {}
         return json.dumps({"name": self.name, "num_tokens": self.num_tokens,
                            "min_tokens": self.min_tokens, "concurrent": self.concurrent,
-                           "ops": [dataclasses.asdict(o) for o in self.ops]}, indent=1)
+                           **in_sm, "ops": [dataclasses.asdict(o) for o in self.ops]}, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
         d = json.loads(text)
         return cls(d["name"], d["num_tokens"], tuple(NanoOp(**o) for o in d["ops"]),
-                   d.get("min_tokens", 0), d.get("concurrent", False))
+                   d.get("min_tokens", 0), d.get("concurrent", False), d.get("in_sm_rows", 0))
 
 
 def _check_order(schedule: Schedule) -> None:

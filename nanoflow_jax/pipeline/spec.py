@@ -23,6 +23,14 @@ string that parses into a spec. This table is the one place the forms are docume
                                                               P % of the SMs
     nanoN-pipe[...]-gemmP    gemm_sm_share=P/100              GEMMs persistent on P % of the
                              (after -smP when both)           SMs, issued before attention
+    insm                     kind="insm"                      each layer's decode attention
+                                                              inside the prompt rows' up/gate
+                                                              GEMM, one kernel on every SM
+                                                              (`pipeline/in_sm.py`); buckets
+                                                              under the dense batch run
+                                                              sequentially unless -minM
+    insm-dP                  decode_share=P/100               its decode nano-batch: the first
+                                                              P % of the rows (default 37.5)
     nanoN[...]-ar,           collectives=True                 under tensor parallelism the
     nanoN-pipe[...]-ar       (after the family's suffixes)    all-reduces are placed by the
                                                               family: nano, a tick after
@@ -60,9 +68,10 @@ import re
 
 from nanoflow_jax.pipeline.schedule import Schedule, nano_batched, nano_pipelined, sequential
 
-KINDS = ("sequential", "nano", "pipe")
+KINDS = ("sequential", "nano", "pipe", "insm")
 VALID_FORMS = ("sequential, nanoN[-nooverlap|-grouped][-ar], "
-               "nanoN-pipe[-nostreams][-smP][-gemmP][-ar], any nanoN form with -minM, any form "
+               "nanoN-pipe[-nostreams][-smP][-gemmP][-ar], insm[-dP], any nanoN or insm form "
+               "with -minM, any form "
                "with +graph, PATH.json (a Schedule or a ScheduleSpec), auto or "
                "auto:PROFILE.json")
 
@@ -71,14 +80,16 @@ VALID_FORMS = ("sequential, nanoN[-nooverlap|-grouped][-ar], "
 class ScheduleSpec:
     """One hand-written schedule family and its knobs (the alias table is the module doc)."""
 
-    kind: str = "sequential"  # sequential | nano (one layer) | pipe (across layers)
+    kind: str = "sequential"  # sequential | nano (one layer) | pipe (across layers) | insm
     num_nano: int = 2  # nano-batches of equal size (nano, pipe)
     overlap: bool = True  # nano: GEMMs on their own stream (False: one stream)
     grouped: bool = False  # nano: attention on stream 2, one scheduling group per tick
     streams: bool = True  # pipe: GEMM chain on stream 1, attention on stream 2
     attention_sm_share: float = 1.0  # pipe: decode attention persistent on this share of SMs
     gemm_sm_share: float = 1.0  # pipe: GEMMs persistent on this share of the SMs
-    min_tokens: int = 0  # buckets under this run sequentially (0: the family's 64·num_nano)
+    decode_share: float = 0.375  # insm: the decode nano-batch's share of the rows
+    # Buckets under this run sequentially (0: the family's 64·num_nano; insm: the dense batch).
+    min_tokens: int = 0
     concurrent: bool = False  # XLA may run independent kernels at once (the "+graph" suffix)
     collectives: bool = False  # nano, pipe: the family places the all-reduces (the "-ar")
 
@@ -88,7 +99,8 @@ class ScheduleSpec:
                              f"got {self.kind!r}")
         only = {"num_nano": ("nano", "pipe"), "overlap": ("nano",), "grouped": ("nano",),
                 "streams": ("pipe",), "attention_sm_share": ("pipe",),
-                "gemm_sm_share": ("pipe",), "min_tokens": ("nano", "pipe"),
+                "gemm_sm_share": ("pipe",), "decode_share": ("insm",),
+                "min_tokens": ("nano", "pipe", "insm"),
                 "collectives": ("nano", "pipe")}
         default = ScheduleSpec.__dataclass_fields__
         for name, kinds in only.items():
@@ -97,7 +109,7 @@ class ScheduleSpec:
                                  f"{' or '.join(kinds)}, not {self.kind!r}")
         if self.num_nano < 1:
             raise ValueError(f"ScheduleSpec.num_nano must be >= 1, got {self.num_nano}")
-        for name in ("attention_sm_share", "gemm_sm_share"):
+        for name in ("attention_sm_share", "gemm_sm_share", "decode_share"):
             share = getattr(self, name)
             if not 0 < share <= 1:
                 raise ValueError(f"ScheduleSpec.{name} must be in (0, 1], got {share}")
@@ -112,6 +124,9 @@ class ScheduleSpec:
         """The short name that parses back into this spec."""
         if self.kind == "sequential":
             name = "sequential"
+        elif self.kind == "insm":
+            name = "insm" + (f"-d{_percent(self.decode_share)}"
+                             if self.decode_share != ScheduleSpec.decode_share else "")
         elif self.kind == "nano":
             name = f"nano{self.num_nano}" + ("-grouped" if self.grouped else
                                              "" if self.overlap else "-nooverlap")
@@ -130,6 +145,14 @@ class ScheduleSpec:
         """The `Schedule` of this spec for a dense batch of `num_tokens`, named by its alias."""
         if self.kind == "sequential":
             return sequential(num_tokens, self.concurrent)
+        if self.kind == "insm":
+            rows = min(max(16, round(self.decode_share * num_tokens / 16) * 16), num_tokens - 16)
+            if rows < 16:  # a batch too small for two nano-batches
+                return dataclasses.replace(sequential(num_tokens, self.concurrent),
+                                           name=self.alias)
+            return dataclasses.replace(sequential(num_tokens, self.concurrent), name=self.alias,
+                                       min_tokens=self.min_tokens or num_tokens,
+                                       in_sm_rows=rows)
         if self.kind == "nano":
             s = nano_batched(num_tokens, self.num_nano, self.overlap, self.grouped,
                              self.collectives)
@@ -163,6 +186,13 @@ class ScheduleSpec:
         concurrent = bool(m["graph"])
         if m["seq"]:
             return cls("sequential", concurrent=concurrent)
+        if m["insm"]:
+            share = int(m["d"]) / 100 if m["d"] else cls.decode_share
+            if not 0 < share < 1:
+                raise ValueError(f"schedule {alias!r}: -dP (the decode nano-batch) must be "
+                                 f"1..99 %")
+            return cls("insm", decode_share=share, min_tokens=int(m["insm_min"] or 0),
+                       concurrent=concurrent)
         kw = {"num_nano": int(m["n"]), "min_tokens": int(m["min"] or 0),
               "concurrent": concurrent, "collectives": bool(m["ar"])}
         if m["pipe"]:
@@ -177,7 +207,8 @@ def _percent(share: float) -> int:
 
 
 _ALIAS = re.compile(
-    r"(?:(?P<seq>sequential)|nano(?P<n>\d+)(?:(?P<pipe>-pipe(?P<nostreams>-nostreams)?"
+    r"(?:(?P<seq>sequential)|(?P<insm>insm)(?:-d(?P<d>\d+))?(?:-min(?P<insm_min>\d+))?"
+    r"|nano(?P<n>\d+)(?:(?P<pipe>-pipe(?P<nostreams>-nostreams)?"
     r"(?:-sm(?P<sm>\d+))?(?:-gemm(?P<gemm>\d+))?)|(?P<variant>-nooverlap|-grouped))?"
     r"(?P<ar>-ar)?(?:-min(?P<min>\d+))?)(?P<graph>\+graph)?")
 
