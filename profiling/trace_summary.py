@@ -4,8 +4,10 @@
 
 Reads the XSpace (`*.xplane.pb`) that `jax.profiler.trace` wrote, takes the kernel events of
 the GPU plane's stream lines, and reports per step: the kernels, the time some kernel ran
-(busy), the sum of kernel durations, how long two or more ran at once (the overlap the
-nano-batch pipeline is after), and the kernels that took the most time. No dependency beyond
+(busy) of the span from the first kernel's start to the last one's end, the sum of kernel
+durations, how long two or more ran at once (the overlap the nano-batch pipeline is after), the
+kernels that took the most time and those the GPU sat idle before the most (a launch the host
+or a graph boundary held back). No dependency beyond
 jaxlib (`jax.profiler.ProfileData`).
 """
 from __future__ import annotations
@@ -45,13 +47,20 @@ def summarize(events, steps: int = 1, top: int = 10) -> dict:
             overlap += (t - last) * (active >= 2)
         active, last = active + delta, t
     by_name = collections.defaultdict(float)
-    for name, s, e in events:
+    idle_before = collections.defaultdict(float)  # GPU idle that ended with this kind's start
+    reached = None  # the latest end so far
+    for name, s, e in sorted(events, key=lambda x: x[1]):
         by_name[kernel_kind(name)] += e - s
+        if reached is not None and s > reached:
+            idle_before[kernel_kind(name)] += s - reached
+        reached = e if reached is None else max(reached, e)
     total = sum(by_name.values())
     per = 1e-6 / steps  # ns -> ms per step
+    ranked = lambda d: sorted(((n, t * per) for n, t in d.items()), key=lambda x: -x[1])  # noqa: E731
+    span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0
     return {"kernels": len(events) / steps, "busy_ms": busy * per, "kernel_ms": total * per,
-            "overlap_ms": overlap * per,
-            "top": sorted(((n, t * per) for n, t in by_name.items()), key=lambda x: -x[1])[:top]}
+            "overlap_ms": overlap * per, "span_ms": span * per, "top": ranked(by_name)[:top],
+            "idle_before": ranked(idle_before)[:3]}
 
 
 def summarize_dir(trace_dir: str, steps: int = 1) -> dict:
@@ -66,8 +75,10 @@ def summarize_dir(trace_dir: str, steps: int = 1) -> dict:
 
 def format_summary(s: dict) -> str:
     top = "; ".join(f"{n[:60]} {t:.2f}" for n, t in s["top"])
-    return (f"{s['kernels']:.0f} kernels, busy {s['busy_ms']:.2f} ms, kernels {s['kernel_ms']:.2f}"
-            f" ms, >= 2 at once {s['overlap_ms']:.2f} ms | top: {top}")
+    idle = "; ".join(f"{n[:60]} {t:.2f}" for n, t in s["idle_before"])
+    return (f"{s['kernels']:.0f} kernels, busy {s['busy_ms']:.2f} ms of {s['span_ms']:.2f}, "
+            f"kernels {s['kernel_ms']:.2f} ms, >= 2 at once {s['overlap_ms']:.2f} ms | top: {top}"
+            f" | idle before: {idle}")
 
 
 if __name__ == "__main__":

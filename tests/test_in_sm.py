@@ -53,7 +53,8 @@ def test_the_kernel_op_gets_b_rows_and_a_decode_rows():
 
     def beside(a, b, q, k_pages, v_pages, tables, lengths):
         calls.append((a.shape, b.shape, q.shape, tables.shape, lengths.shape))
-        return in_sm.reference_beside(a, b, q, k_pages, v_pages, tables, lengths)
+        return in_sm.separate_beside(a, b, q, k_pages, v_pages, tables, lengths,
+                                     impl="reference")
 
     batch, (want, _), (got, _) = _run("mixed", 24, beside)
     cfg = nf.load_model("tiny-llama", dtype="float32").config
@@ -90,7 +91,9 @@ def test_insm_alias_spec_and_json(tmp_path):
     assert (s.in_sm_rows, s.min_tokens, s.concurrent) == (256, 512, True)
     assert s.for_tokens(512).in_sm_rows == 128 and s.for_tokens(2048).in_sm_rows == 512
     assert ScheduleSpec.parse(s.name).alias == s.name
-    assert Schedule.from_json(s.to_json()) == s
+    s = named_schedule("insm-d30-nofuse", 1024)
+    assert (s.name, s.in_sm_rows, s.in_sm_fused) == ("insm-d30-nofuse", 304, False)
+    assert Schedule.from_json(s.to_json()) == s and s.for_tokens(2048).in_sm_fused is False
     path = tmp_path / "spec.json"
     path.write_text(ScheduleSpec.parse("insm-d30").to_json())
     assert named_schedule(str(path), 1024).in_sm_rows == 304

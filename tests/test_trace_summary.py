@@ -39,3 +39,14 @@ def test_kernel_kinds_add_up_across_layers():
               ("gemm", 40, 55)]
     (kind, ms), _ = summarize(events)["top"]
     assert kind == "loop_scatter_fusion" and abs(ms - 20e-6) < 1e-12
+
+
+def test_span_and_idle_before_each_kind():
+    # a [0, 10), b [15, 20) and, overlapping nothing, a [30, 40) and b [35, 45) ns: the GPU
+    # idles 5 ns before b and 10 ns before a, over a 45 ns span.
+    events = [("a_1", 0, 10), ("b", 15, 20), ("a_2", 30, 40), ("b", 35, 45)]
+    s = summarize(events)
+    assert abs(s["span_ms"] - 45e-6) < 1e-12 and abs(s["busy_ms"] - 30e-6) < 1e-12
+    assert [(n, round(t * 1e6)) for n, t in s["idle_before"]] == [("a", 10), ("b", 5)]
+    text = format_summary(s)
+    assert "busy 0.00 ms of 0.00" in text and "idle before: a 0.00" in text

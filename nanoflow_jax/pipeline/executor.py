@@ -274,7 +274,7 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
     the matmul of GEMM ops with `sm_share` < 1: None = `persistent_gemm` on a GPU, elsewhere
     jnp.matmul (like streams, SM shares only shape the work on a GPU). A bucket whose schedule
     has `in_sm_rows` runs `in_sm.run_layers` instead (`beside`: its GEMM-beside-attention op,
-    None = that of the attention's impl).
+    None = that of the attention's impl; `in_sm_fused` False: the two as separate kernels).
     """
     if use_streams is None:
         use_streams = jax.default_backend() == "gpu"
@@ -286,7 +286,7 @@ def make_layers_fn(schedule: Schedule, use_streams: bool | None = None, wrap_cal
         sched = schedule.for_tokens(t)
         if sched.in_sm_rows:
             return in_sm.run_layers(sched.in_sm_rows, layers, x, positions, kv_cache, meta,
-                                    config, attention, beside)
+                                    config, attention, beside, sched.in_sm_fused)
         tp_axis = config.tp_axis
         sched = sched.with_collectives() if tp_axis else sched.without_collectives()
         if tp_axis:  # the collective ops sum the residual: the GEMM ops' norms must not

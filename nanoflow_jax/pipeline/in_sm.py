@@ -41,10 +41,11 @@ from nanoflow_jax.models import paged_attention as pa
 # lengths [B]) -> (a @ b [M, N], decode attention [B, Hq, D]), the two run together.
 
 
-def reference_beside(a, b, q, k_pages, v_pages, page_tables, lengths):
-    """The kernel's reference: the GEMM, then the decode attention."""
+def separate_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, impl: str):
+    """The GEMM, then the decode attention of the attention impl `impl` (two kernels, or the
+    fused kernel's reference)."""
     return jnp.matmul(a, b), pa.decode_rows(q, k_pages, v_pages, page_tables, lengths,
-                                            impl="reference")
+                                            impl=impl)
 
 
 def kernel_tuning(head_dim: int, max_pages: int):
@@ -81,10 +82,10 @@ def kernel_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, interpret:
                                  interpret=interpret)
 
 
-def beside_for(impl: str):
-    """The GEMM-beside-attention op of an attention impl."""
-    if impl == "reference":
-        return reference_beside
+def beside_for(impl: str, fused: bool = True):
+    """The GEMM-beside-attention op of an attention impl (`fused` False: two kernels)."""
+    if impl == "reference" or not fused:
+        return functools.partial(separate_beside, impl=impl)
     return functools.partial(kernel_beside, interpret=impl == "interpret")
 
 
@@ -130,9 +131,10 @@ def in_sm_layer(layer, x, positions, layer_cache, meta: pa.PagedMetadata, config
 
 
 def run_layers(split: int, layers, x, positions, kv_cache, meta, config: ModelConfig, attention,
-               beside=None):
+               beside=None, fused: bool = True):
     """`llama.run_layers` with every layer the in-SM layer, its decode nano-batch rows
-    [0, split). `beside`: the GEMM-beside-attention op (None: that of the attention's impl)."""
+    [0, split). `beside`: the GEMM-beside-attention op (None: `beside_for` the attention's
+    impl and `fused`)."""
     if config.tp_axis is not None:
         raise ValueError("schedule insm runs on one device; choose another --schedule for "
                          "--tensor_parallel_size > 1")
@@ -145,7 +147,7 @@ def run_layers(split: int, layers, x, positions, kv_cache, meta, config: ModelCo
     if kv_cache is None:
         raise ValueError("schedule insm needs the paged KV cache")
     impl = attention_impl(attention)
-    beside = beside or beside_for(impl)
+    beside = beside or beside_for(impl, fused)
     new_cache = []
     for layer, layer_cache in zip(layers, kv_cache):
         x, layer_cache = in_sm_layer(layer, x, positions, layer_cache, meta, config, split,

@@ -93,6 +93,7 @@ class Schedule:
     # > 0: every layer runs `pipeline/in_sm.py`'s in-SM layer, its decode nano-batch the first
     # this many rows (the ops are then the sequential ones: the layer orders its own work).
     in_sm_rows: int = 0
+    in_sm_fused: bool = True  # False: the in-SM order with the two as separate kernels
 
     def __post_init__(self):
         if self.in_sm_rows and not (0 < self.in_sm_rows < self.num_tokens
@@ -193,7 +194,8 @@ class Schedule:
         return {}
 
     def to_json(self) -> str:
-        in_sm = {"in_sm_rows": self.in_sm_rows} if self.in_sm_rows else {}
+        in_sm = ({"in_sm_rows": self.in_sm_rows, "in_sm_fused": self.in_sm_fused}
+                 if self.in_sm_rows else {})
         return json.dumps({"name": self.name, "num_tokens": self.num_tokens,
                            "min_tokens": self.min_tokens, "concurrent": self.concurrent,
                            **in_sm, "ops": [dataclasses.asdict(o) for o in self.ops]}, indent=1)
@@ -202,7 +204,8 @@ class Schedule:
     def from_json(cls, text: str) -> "Schedule":
         d = json.loads(text)
         return cls(d["name"], d["num_tokens"], tuple(NanoOp(**o) for o in d["ops"]),
-                   d.get("min_tokens", 0), d.get("concurrent", False), d.get("in_sm_rows", 0))
+                   d.get("min_tokens", 0), d.get("concurrent", False), d.get("in_sm_rows", 0),
+                   d.get("in_sm_fused", True))
 
 
 def _check_order(schedule: Schedule) -> None:

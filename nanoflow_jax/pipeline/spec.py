@@ -31,6 +31,9 @@ string that parses into a spec. This table is the one place the forms are docume
                                                               sequentially unless -minM
     insm-dP                  decode_share=P/100               its decode nano-batch: the first
                                                               P % of the rows (default 37.5)
+    insm[-dP]-nofuse         fused=False                      that order with the GEMM and the
+                                                              attention as two kernels (the
+                                                              cost of splitting alone)
     nanoN[...]-ar,           collectives=True                 under tensor parallelism the
     nanoN-pipe[...]-ar       (after the family's suffixes)    all-reduces are placed by the
                                                               family: nano, a tick after
@@ -70,10 +73,9 @@ from nanoflow_jax.pipeline.schedule import Schedule, nano_batched, nano_pipeline
 
 KINDS = ("sequential", "nano", "pipe", "insm")
 VALID_FORMS = ("sequential, nanoN[-nooverlap|-grouped][-ar], "
-               "nanoN-pipe[-nostreams][-smP][-gemmP][-ar], insm[-dP], any nanoN or insm form "
-               "with -minM, any form "
-               "with +graph, PATH.json (a Schedule or a ScheduleSpec), auto or "
-               "auto:PROFILE.json")
+               "nanoN-pipe[-nostreams][-smP][-gemmP][-ar], insm[-dP][-nofuse], any nanoN or "
+               "insm form with -minM, any form with +graph, PATH.json (a Schedule or a "
+               "ScheduleSpec), auto or auto:PROFILE.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class ScheduleSpec:
     attention_sm_share: float = 1.0  # pipe: decode attention persistent on this share of SMs
     gemm_sm_share: float = 1.0  # pipe: GEMMs persistent on this share of the SMs
     decode_share: float = 0.375  # insm: the decode nano-batch's share of the rows
+    fused: bool = True  # insm: the GEMM and the attention in one kernel (False: two)
     # Buckets under this run sequentially (0: the family's 64·num_nano; insm: the dense batch).
     min_tokens: int = 0
     concurrent: bool = False  # XLA may run independent kernels at once (the "+graph" suffix)
@@ -99,7 +102,7 @@ class ScheduleSpec:
                              f"got {self.kind!r}")
         only = {"num_nano": ("nano", "pipe"), "overlap": ("nano",), "grouped": ("nano",),
                 "streams": ("pipe",), "attention_sm_share": ("pipe",),
-                "gemm_sm_share": ("pipe",), "decode_share": ("insm",),
+                "gemm_sm_share": ("pipe",), "decode_share": ("insm",), "fused": ("insm",),
                 "min_tokens": ("nano", "pipe", "insm"),
                 "collectives": ("nano", "pipe")}
         default = ScheduleSpec.__dataclass_fields__
@@ -127,6 +130,7 @@ class ScheduleSpec:
         elif self.kind == "insm":
             name = "insm" + (f"-d{_percent(self.decode_share)}"
                              if self.decode_share != ScheduleSpec.decode_share else "")
+            name += "" if self.fused else "-nofuse"
         elif self.kind == "nano":
             name = f"nano{self.num_nano}" + ("-grouped" if self.grouped else
                                              "" if self.overlap else "-nooverlap")
@@ -152,7 +156,7 @@ class ScheduleSpec:
                                            name=self.alias)
             return dataclasses.replace(sequential(num_tokens, self.concurrent), name=self.alias,
                                        min_tokens=self.min_tokens or num_tokens,
-                                       in_sm_rows=rows)
+                                       in_sm_rows=rows, in_sm_fused=self.fused)
         if self.kind == "nano":
             s = nano_batched(num_tokens, self.num_nano, self.overlap, self.grouped,
                              self.collectives)
@@ -191,8 +195,8 @@ class ScheduleSpec:
             if not 0 < share < 1:
                 raise ValueError(f"schedule {alias!r}: -dP (the decode nano-batch) must be "
                                  f"1..99 %")
-            return cls("insm", decode_share=share, min_tokens=int(m["insm_min"] or 0),
-                       concurrent=concurrent)
+            return cls("insm", decode_share=share, fused=not m["nofuse"],
+                       min_tokens=int(m["insm_min"] or 0), concurrent=concurrent)
         kw = {"num_nano": int(m["n"]), "min_tokens": int(m["min"] or 0),
               "concurrent": concurrent, "collectives": bool(m["ar"])}
         if m["pipe"]:
@@ -207,7 +211,7 @@ def _percent(share: float) -> int:
 
 
 _ALIAS = re.compile(
-    r"(?:(?P<seq>sequential)|(?P<insm>insm)(?:-d(?P<d>\d+))?(?:-min(?P<insm_min>\d+))?"
+    r"(?:(?P<seq>sequential)|(?P<insm>insm)(?:-d(?P<d>\d+))?(?P<nofuse>-nofuse)?(?:-min(?P<insm_min>\d+))?"
     r"|nano(?P<n>\d+)(?:(?P<pipe>-pipe(?P<nostreams>-nostreams)?"
     r"(?:-sm(?P<sm>\d+))?(?:-gemm(?P<gemm>\d+))?)|(?P<variant>-nooverlap|-grouped))?"
     r"(?P<ar>-ar)?(?:-min(?P<min>\d+))?)(?P<graph>\+graph)?")
