@@ -10,6 +10,9 @@ agree with the first schedule's (the same weights and batch) and the largest dif
 their log-probabilities (random weights give flat logits, so re-rounding alone flips a few
 argmaxes: 255/256 tokens and 0.02 in one measured case; docs/overlap.md has what the stream
 schedules gave). `--logprobs=0,20` adds rows whose requests ask for top logprobs.
+`--power_s=S` also runs S seconds of steps back to back under `PowerSampler`: the sustained
+time per step, the mean power and SM clock, and the energy per step (an H200 runs the step at
+its power cap, so a schedule that overlaps more work runs at a lower clock).
 """
 import os
 import re
@@ -22,6 +25,7 @@ from absl import app, flags
 
 from trace_summary import format_summary, summarize_dir
 from nanoflow_jax.batch import SeqChunk, build_batch
+from nanoflow_jax.benchmarks.power import PowerSampler
 from nanoflow_jax.benchmarks.timing import measure_peak_flops
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
@@ -39,6 +43,8 @@ flags.DEFINE_integer("mixed_tokens", 1024, "the mixed case's dense batch T (300 
                      "tokens, the rest one prompt chunk); also the engine's token budget")
 flags.DEFINE_list("logprobs", ["0"], "top logprobs each row asks for; one row of the table per "
                   "value (0: the sampler skips its [B, V] top-k)")
+flags.DEFINE_float("power_s", 0.0, "seconds of back-to-back steps under the power sampler "
+                   "(0: none)")
 F = flags.FLAGS
 
 
@@ -71,14 +77,15 @@ def main(argv):
             traceback.print_exc()
     print(f"\npeak bf16 GEMM {peak / 1e12:.0f} TFLOP/s; {jax.devices()[0].device_kind}")
     print("schedule | case | T | step ms (median) | back-to-back ms/step | enqueue ms/step | "
-          "2·P·T/peak ms | tokens = first schedule's, max |Δ logprob of the token|")
+          "2·P·T/peak ms | tokens = first schedule's, max |Δ logprob of the token| | "
+          "sustained ms/step, W, SM MHz, J/step")
     for r in rows:
         print(_fmt(r))
 
 
 def _fmt(r) -> str:
     return (f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | "
-            f"{r[7]}")
+            f"{r[7]} | {r[8]}")
 
 
 FIRST = {}  # case -> the first schedule's (greedy tokens, their logprobs) of its first step
@@ -134,8 +141,20 @@ def _time_step(runner, peak, schedule, name, batch, sampling, mode, shape, nd, c
     jax.block_until_ready(outs)
     back_to_back = (time.perf_counter() - t0) / F.repeats
     gemm_ms = 2 * runner.model_config.active_param_count * shape.num_tokens / peak * 1e3
+    power = "-"
+    if F.power_s:
+        n = max(1, round(F.power_s / back_to_back))
+        with PowerSampler() as sampler:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = step()
+            jax.block_until_ready(out)
+            sustained = (time.perf_counter() - t0) / n
+        if sampler.watts is not None:
+            power = (f"{1e3 * sustained:.2f}, {sampler.watts:.0f}, {sampler.sm_mhz:.0f}, "
+                     f"{sampler.watts * sustained:.1f}")
     row = (schedule, name, shape.num_tokens, 1e3 * float(np.median(times)),
-           1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree)
+           1e3 * back_to_back, 1e3 * enqueue, gemm_ms, agree, power)
     print("row: " + _fmt(row), flush=True)  # kept if a later schedule times out
     if F.trace_dir:
         folder = os.path.join(F.trace_dir, re.sub(r"\W", "_", f"{schedule}_{name}"))
