@@ -48,6 +48,9 @@ def separate_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, impl: st
                                             impl=impl)
 
 
+MAX_TABLE_PAGES = 256  # a TMA copy moves at most 256 elements along a dimension
+
+
 def kernel_tuning(head_dim: int, max_pages: int):
     """The fastest measured tuning whose shared memory fits the page-table rows (a long
     max_model_len takes room from the GEMM ring)."""
@@ -72,6 +75,10 @@ def kernel_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, interpret:
         raise ValueError(f"schedule insm: the in-SM kernel does not take {q.shape[1]} query "
                          f"heads over a {k_pages.shape} {q.dtype} cache; choose another "
                          f"--schedule")
+    if page_tables.shape[1] > MAX_TABLE_PAGES:
+        raise ValueError(f"schedule insm: the in-SM kernel copies page-table rows of at most "
+                         f"{MAX_TABLE_PAGES} pages (one TMA copy), got {page_tables.shape[1]}; "
+                         f"lower --max_model_len to {MAX_TABLE_PAGES} pages' worth of tokens")
     tuning = kernel_tuning(q.shape[2], page_tables.shape[1])
     if b.shape[1] % tuning.tile_n or b.shape[0] % tuning.tile_k:
         raise ValueError(f"schedule insm: the up/gate GEMM {b.shape} is not a multiple of the "
