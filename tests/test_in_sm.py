@@ -123,3 +123,18 @@ def test_what_the_in_sm_layer_cannot_run_fails_naming_the_schedule():
         run(dataclasses.replace(cfg, tp_axis="tp"))
     with pytest.raises(ValueError, match="schedule insm has no mixture-of-experts"):
         _run("mixed", 16, model="tiny-mixtral")
+
+
+def test_the_kernel_refuses_what_it_cannot_run_in_one_line():
+    """LLaMA-3-8B's heads (the kernel's shapes) with a page table longer than one TMA copy,
+    and a GQA layout the kernel does not take: one-line errors before any kernel is built."""
+    bf16 = jnp.bfloat16
+    a, b = jnp.zeros((8, 4096), bf16), jnp.zeros((4096, 256), bf16)
+    q = jnp.zeros((4, 32, 128), bf16)
+    pages = jnp.zeros((8, 600, 16, 128), bf16)
+    lengths = jnp.ones((4,), jnp.int32)
+    with pytest.raises(ValueError, match="at most 256 pages.*max_model_len to 4096 or less"):
+        in_sm.kernel_beside(a, b, q, pages, pages, jnp.zeros((4, 512), jnp.int32), lengths)
+    with pytest.raises(ValueError, match="does not take 72 query heads"):  # groups of 9
+        in_sm.kernel_beside(a, b, jnp.zeros((4, 72, 128), bf16), pages, pages,
+                            jnp.zeros((4, 64), jnp.int32), lengths)

@@ -51,25 +51,11 @@ def separate_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, impl: st
 MAX_TABLE_PAGES = 256  # a TMA copy moves at most 256 elements along a dimension
 
 
-def kernel_tuning(head_dim: int, max_pages: int):
-    """The fastest measured tuning whose shared memory fits the page-table rows (a long
-    max_model_len takes room from the GEMM ring)."""
-    from pallas_kernels.experimental import gemm_attention_mgpu as kernel
-
-    for spec in ("", "tile_k=64,gemm_stages=3"):
-        tuning = kernel.Tuning.parse(spec)
-        need = kernel.shared_memory_bytes(tuning, head_dim=head_dim, block_kv=64,
-                                          table_cols=-(-max_pages // 32) * 32)  # `prepare`'s
-        if need <= kernel.SHARED_MEMORY:
-            return tuning
-    raise ValueError(f"schedule insm: page tables of {max_pages} pages leave the in-SM kernel "
-                     f"no shared memory for its GEMM ring; lower --max_model_len")
-
-
 def kernel_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, interpret: bool = False):
-    """`gemm_beside_attention` on every SM, in the tuning that fits these page tables."""
+    """`gemm_beside_attention` on every SM, in its default tuning (the fastest measured; its
+    shared memory holds page-table rows of up to MAX_TABLE_PAGES pages at head_dim 128)."""
     from pallas_kernels.decode_attention_mgpu import supports
-    from pallas_kernels.experimental.gemm_attention_mgpu import gemm_beside_attention
+    from pallas_kernels.experimental.gemm_attention_mgpu import Tuning, gemm_beside_attention
 
     if not supports(q.shape[1], k_pages.shape, q.dtype):
         raise ValueError(f"schedule insm: the in-SM kernel does not take {q.shape[1]} query "
@@ -78,8 +64,9 @@ def kernel_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, interpret:
     if page_tables.shape[1] > MAX_TABLE_PAGES:
         raise ValueError(f"schedule insm: the in-SM kernel copies page-table rows of at most "
                          f"{MAX_TABLE_PAGES} pages (one TMA copy), got {page_tables.shape[1]}; "
-                         f"lower --max_model_len to {MAX_TABLE_PAGES} pages' worth of tokens")
-    tuning = kernel_tuning(q.shape[2], page_tables.shape[1])
+                         f"lower --max_model_len to {MAX_TABLE_PAGES * k_pages.shape[2]} or "
+                         f"less")
+    tuning = Tuning()
     if b.shape[1] % tuning.tile_n or b.shape[0] % tuning.tile_k:
         raise ValueError(f"schedule insm: the up/gate GEMM {b.shape} is not a multiple of the "
                          f"kernel's {tuning.tile_k} x {tuning.tile_n} tiles; choose another "
