@@ -402,8 +402,8 @@ class EngineConfig:
                                    "two up to the dense batch (default: 16 on a GPU, a quarter "
                                    "of the dense batch on the CPU, where compiling is slow)")
     schedule: str = _knob("sequential", "nano-batch schedule: an alias (sequential, nano2, "
-                          "nano2-pipe-nostreams-min1024, ...), a Schedule or ScheduleSpec JSON "
-                          "file, or auto (searched from a cached op profile); "
+                          "nano2-pipe-nostreams-min1024, insm, ...), a Schedule or "
+                          "ScheduleSpec JSON file, or auto (searched from a cached op profile); "
                           "nanoflow_jax/pipeline/spec.py's docstring lists every form")
     tensor_parallel_size: int = _knob(1, "devices one model is split over (Megatron tensor "
                                       "parallelism on a mesh axis 'tp': attention heads, KV "
