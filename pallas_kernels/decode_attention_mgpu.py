@@ -84,6 +84,7 @@ except ImportError:  # pragma: no cover
 ROWS = 8  # query rows stored per work item (the GQA group, padded); swap_ab's WGMMA N
 _WGMMA_M = 64  # WGMMA's row count: the rows form pads Q to it in shared memory
 _LOG2E = math.log2(math.e)
+MAX_TABLE_PAGES = 256  # a page-table row is one TMA copy: at most 256 entries a dimension
 REDUCTION_SCRATCH = 2048  # bytes of Mosaic GPU's cross-warp reduction scratch (its default)
 CONSUMERS = ("rows", "swap_ab")
 
@@ -476,13 +477,15 @@ def _swap_ab_kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *scratc
                 interpret=plan.interpret)
 
 
-def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype) -> bool:
+def supports(num_q_heads: int, cache_shape: tuple[int, ...], dtype, max_pages: int = 0) -> bool:
     """Whether `decode_attention_mgpu` takes these shapes: a GQA group of at most 8 heads,
-    head_dim a multiple of 64, pages of a multiple of 8 tokens dividing 64, bf16 or fp16."""
+    head_dim a multiple of 64, pages of a multiple of 8 tokens dividing 64, bf16 or fp16, and
+    page-table rows of `max_pages` ≤ MAX_TABLE_PAGES (after `prepare`'s padding)."""
     num_kv_heads, _, page_size, head_dim = cache_shape
     return (num_q_heads % num_kv_heads == 0 and num_q_heads // num_kv_heads <= ROWS
             and head_dim % 64 == 0 and page_size % 8 == 0 and 64 % page_size == 0
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and -(-max_pages // 32) * 32 <= MAX_TABLE_PAGES)
 
 
 def few_cta_tuning() -> dict:
@@ -589,6 +592,9 @@ def prepare(q, page_tables, num_kv_heads: int):
     q_items = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
                       ((0, 0), (0, 0), (0, ROWS - group), (0, 0)))
     max_pages = page_tables.shape[1]
+    if max_pages + -max_pages % 32 > MAX_TABLE_PAGES:
+        raise ValueError(f"page tables of {max_pages} pages: the kernel copies a row in one TMA "
+                         f"copy of at most {MAX_TABLE_PAGES} entries")
     tables = jnp.pad(page_tables.astype(jnp.int32), ((0, 0), (0, -max_pages % 32)))
     return q_items.reshape(batch * num_kv_heads, ROWS, head_dim), tables
 

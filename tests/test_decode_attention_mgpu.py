@@ -16,6 +16,7 @@ from pallas_kernels.decode_attention_mgpu import (
     _check_knobs,
     decode_attention_mgpu,
     few_cta_tuning,
+    prepare,
     supports,
 )
 from tests.helpers import random_seed
@@ -58,6 +59,11 @@ def test_supports_and_rejects():
     assert not supports(32, (8, 100, 16, 128), jnp.float32)
     assert not supports(32, (2, 100, 16, 128), jnp.bfloat16)  # a GQA group of 16
     assert not supports(8, (2, 100, 4, 128), jnp.bfloat16)  # 4-token pages
+    # A page-table row is one TMA copy of at most 256 entries (rows padded to 32).
+    assert supports(32, (8, 100, 16, 128), jnp.bfloat16, max_pages=256)
+    assert not supports(32, (8, 100, 16, 128), jnp.bfloat16, max_pages=257)
+    with pytest.raises(ValueError, match="257 pages.*at most 256"):
+        prepare(jnp.zeros((1, 32, 128), jnp.bfloat16), jnp.zeros((1, 257), jnp.int32), 8)
     q = jnp.zeros((1, 8, 64), jnp.float32)
     cache = jnp.zeros((2, 4, 16, 64), jnp.float32)
     with pytest.raises(ValueError, match="bf16"):

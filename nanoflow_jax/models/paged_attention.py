@@ -47,7 +47,7 @@ def paged_attention(q, k, v, layer_cache, meta: PagedMetadata, *, impl: str,
     side-stream call, which then only reads the cache). `sm_share` < 1 runs the decode kernel
     persistent on that share of the SMs, leaving the rest to the GEMMs beside it: the Mosaic
     GPU kernel (a TMA page ring, fast from few SMs; its `few_cta_tuning`) where it supports
-    the shapes and dtype, else the Triton kernel's persistent variant.
+    the shapes, dtype and page-table length, else the Triton kernel's persistent variant.
     """
     k_pages, v_pages = write_kv(*layer_cache, k, v, meta.slots) if write else layer_cache
     out = prefill_rows(q, k_pages, v_pages, meta, impl=impl, window=window)
@@ -77,7 +77,7 @@ def decode_rows(q, k_pages, v_pages, page_tables, lengths, *, impl: str, sm_shar
     interpret = impl == "interpret"
     decode = decode_attention_reference if impl == "reference" else decode_attention
     if sm_share < 1 and impl != "reference":
-        if supports(q.shape[1], k_pages.shape, q.dtype):
+        if supports(q.shape[1], k_pages.shape, q.dtype, page_tables.shape[1]):
             if window is not None:
                 raise ValueError(f"sliding_window={window}: the Mosaic GPU decode kernel (a "
                                  f"schedule's attention on a share of the SMs) has none; "

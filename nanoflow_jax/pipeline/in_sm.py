@@ -48,13 +48,11 @@ def separate_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, impl: st
                                             impl=impl)
 
 
-MAX_TABLE_PAGES = 256  # a TMA copy moves at most 256 elements along a dimension
-
-
 def kernel_beside(a, b, q, k_pages, v_pages, page_tables, lengths, *, interpret: bool = False):
     """`gemm_beside_attention` on every SM, in its default tuning (the fastest measured; its
-    shared memory holds page-table rows of up to MAX_TABLE_PAGES pages at head_dim 128)."""
-    from pallas_kernels.decode_attention_mgpu import supports
+    shared memory holds page-table rows of `decode_attention_mgpu.MAX_TABLE_PAGES` pages at
+    head_dim 128)."""
+    from pallas_kernels.decode_attention_mgpu import MAX_TABLE_PAGES, supports
     from pallas_kernels.experimental.gemm_attention_mgpu import Tuning, gemm_beside_attention
 
     if not supports(q.shape[1], k_pages.shape, q.dtype):
