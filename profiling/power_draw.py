@@ -10,9 +10,11 @@ call, the mean power and SM clock, and the energy per call. Programs:
   attention   the attention alone
   in turn     the GEMM, then the attention (one program: the sequential step's order)
   in-SM       both in one kernel on every SM (`gemm_beside_attention`, the insm schedule's)
-At the 700 W cap the clock falls with the power a program draws, so a program that runs both
-kinds of work at once can save no more time than the energy it saves: the J/call column is
-that bound. Full log in $OUT/power_draw.log.
+The H200 runs these at its power limit, lowering the SM clock as the draw rises, so a program
+that runs both kinds of work at once saves time only as far as it saves energy: compare the
+J/call column. NVML's power reading is an average over about a second, so over runs of a few
+seconds the watts include the ramp from idle (the clock readings are instantaneous): compare
+joules between rows, not with the step's. Full log in $OUT/power_draw.log.
 """
 from __future__ import annotations
 

@@ -56,7 +56,10 @@ def summarize(events, steps: int = 1, top: int = 10) -> dict:
         reached = e if reached is None else max(reached, e)
     total = sum(by_name.values())
     per = 1e-6 / steps  # ns -> ms per step
-    ranked = lambda d: sorted(((n, t * per) for n, t in d.items()), key=lambda x: -x[1])  # noqa: E731
+
+    def ranked(ms_by_kind):
+        return sorted(((n, t * per) for n, t in ms_by_kind.items()), key=lambda x: -x[1])
+
     span = (max(e for _, _, e in events) - min(s for _, s, _ in events)) if events else 0
     return {"kernels": len(events) / steps, "busy_ms": busy * per, "kernel_ms": total * per,
             "overlap_ms": overlap * per, "span_ms": span * per, "top": ranked(by_name)[:top],

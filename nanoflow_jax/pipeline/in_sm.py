@@ -22,8 +22,10 @@ o_proj (correct, not overlapped), one with fewer runs some prompt rows in A.
 
 On the CPU (attention impl "reference") the kernel is its reference, the GEMM and the decode
 attention one after the other, which is how the tests compare the schedule with the sequential
-one. Bounds: one device, no sliding windows, no mixture-of-experts layers (each fails when the
-step is traced, naming the schedule).
+one. Bounds: one device, no sliding windows, no mixture-of-experts layers, page tables of at
+most 256 pages (the kernel's one TMA copy per row); each fails when the step is traced, naming
+the schedule. On an H200 the step measures 0.97–1.00× of sequential: the GPU runs both at its
+power limit, and the overlap lowers the clock (docs/overlap.md, section 3).
 """
 from __future__ import annotations
 
