@@ -257,6 +257,28 @@ def test_each_bucket_is_compiled_once_at_the_final_page_count(tiny_runner, caplo
     assert f"at {runner.num_pages} pages" in line
 
 
+def test_an_in_sm_schedule_is_probed_with_the_sequential_step(device, monkeypatch):
+    """Its step compiles a Mosaic GPU kernel per layer on a GPU: the memory probe lowers the
+    sequential step instead, so only the serving compile of the dense batch traces the in-SM
+    layers."""
+    from nanoflow_jax.pipeline import in_sm
+
+    traced, run_layers = [], in_sm.run_layers
+
+    def counted(*args, **kwargs):
+        traced.append(args[2].shape[0])  # x [T, D]
+        return run_layers(*args, **kwargs)
+
+    monkeypatch.setattr(in_sm, "run_layers", counted)
+    device(2 * GiB)  # room beside the module's tiny_runner, which may be alive
+    seen = _record_compiles(monkeypatch)
+    runner = ModelRunner(EngineConfig(**TINY, gpu_memory_utilization=0.6, schedule="insm"))
+    steps = sorted(c[1:] for c in seen if c[0] == "step")
+    assert steps == sorted([(32, runner.max_pages), (16, runner.num_pages),
+                            (32, runner.num_pages)])
+    assert traced == [32] and runner.replans == 0
+
+
 @pytest.mark.parametrize("fake", ["small bucket", "cache copy"])
 def test_a_step_needing_more_than_planned_re_sizes_the_cache(tiny_runner, device, monkeypatch,
                                                               caplog, fake):

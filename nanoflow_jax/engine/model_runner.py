@@ -43,6 +43,7 @@ from nanoflow_jax.models import llama
 from nanoflow_jax.models.paged_attention import attention_fn
 from nanoflow_jax.pipeline.executor import make_layers_fn
 from nanoflow_jax.pipeline.guard import engine_timer
+from nanoflow_jax.pipeline.schedule import sequential
 from nanoflow_jax.pipeline.spec import named_schedule
 from nanoflow_jax.sampling_params import MAX_LOGPROBS
 
@@ -167,18 +168,28 @@ class ModelRunner:
                                        model_config=mc, dtype=config.dtype,
                                        tensor_parallel_size=config.tensor_parallel_size,
                                        measure=engine_timer(config, self.params, mc))
-        layers_fn = (llama.run_layers if self.schedule.is_sequential
-                     else make_layers_fn(self.schedule))
         on_gpu = jax.default_backend() == "gpu"
-        self._forward = jax.jit(
-            functools.partial(_forward, config=mc, attention=attention_fn(config.attention_impl),
-                              layers_fn=layers_fn, num_rows=self.num_rows,
-                              forward=parallel.forward_fn(self.mesh)),
-            donate_argnums=(1,),
-            compiler_options={**self.schedule.compiler_options(),
-                              **parallel.compiler_options(self.mesh, self.schedule)}
-            if on_gpu else None,
-        )
+
+        def step_fn(schedule):
+            layers_fn = (llama.run_layers if schedule.is_sequential
+                         else make_layers_fn(schedule))
+            return jax.jit(
+                functools.partial(_forward, config=mc,
+                                  attention=attention_fn(config.attention_impl),
+                                  layers_fn=layers_fn, num_rows=self.num_rows,
+                                  forward=parallel.forward_fn(self.mesh)),
+                donate_argnums=(1,),
+                compiler_options={**schedule.compiler_options(),
+                                  **parallel.compiler_options(self.mesh, schedule)}
+                if on_gpu else None,
+            )
+
+        self._forward = step_fn(self.schedule)
+        # The memory probe's step (below): an in-SM schedule's step compiles a Mosaic GPU kernel
+        # per layer (~60 s), so the probe takes the sequential step; should the real one need
+        # more workspace, the cache is re-planned as for any step.
+        self._probe_forward = (step_fn(sequential(config.max_num_batched_tokens))
+                               if self.schedule.in_sm_rows else self._forward)
         # The samples (the next step's prev_tokens) on every device of the mesh: the model step
         # is compiled for them there.
         replicated = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
@@ -230,7 +241,8 @@ class ModelRunner:
     # and checked against the plan. Should a step need more than planned (a smaller bucket
     # with more scratch, or a copy of the cache: the largest bucket at the two page counts
     # measures its growth per page), the cache is re-sized from what the steps measure and
-    # they are compiled again, before anything is allocated.
+    # they are compiled again, before anything is allocated. An in-SM schedule's probe is the
+    # sequential step (`_probe_forward`): its own compiles for a minute.
 
     def _room_without_programs(self, memory) -> int | None:
         """KV pages the budget holds before any workspace (None: no budget): an upper bound
@@ -283,11 +295,11 @@ class ModelRunner:
         the fewest of the buckets' counts that holds them."""
         return next(r for r in self._row_counts if r >= min(used, shape.num_logits))
 
-    def _compile(self, num_pages: int, buckets, samplers: bool, desc: str):
+    def _compile(self, num_pages: int, buckets, samplers: bool, desc: str, forward=None):
         """-> ({T: model step}, {(rows, mode): sampler}): the model step of each bucket in
         `buckets` for a KV cache of `num_pages` pages (its shape only: nothing is allocated),
         and with `samplers` the sampler for each number of sampled rows in every mode, all
-        compiled at once (`CompilePool`)."""
+        compiled at once (`CompilePool`). `forward`: the jitted step (None: the serving one)."""
         kv = kv_cache_spec(self.model_config, num_pages, self.config.page_size, self.kv_dtype,
                            self.mesh)
         rows = self._row_counts if samplers else []
@@ -295,8 +307,8 @@ class ModelRunner:
         with CompilePool(desc, len(buckets) + len(rows) * len(SampleMode.all())) as pool:
             for t in buckets:
                 batch = build_batch([], [], self.shape_for(t), self.config.page_size)
-                pool.submit(("step", t),
-                            self._forward.lower(self.params, kv, batch, self._prev_tokens))
+                pool.submit(("step", t), (forward or self._forward).lower(
+                    self.params, kv, batch, self._prev_tokens))
             for r in rows:
                 sampling = sampling_tensors([], [], [], pad_to=r)
                 for mode in SampleMode.all():
@@ -390,7 +402,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         lo = self.max_pages
         probe, self._samplers = self._compile(
-            lo, self.buckets[-1:], samplers=True,
+            lo, self.buckets[-1:], samplers=True, forward=self._probe_forward,
             desc="measuring the workspace: the largest model step and the samplers")
         steps = self._forward_memory(probe, lo)
         del probe
@@ -432,9 +444,11 @@ class ModelRunner:
                     f"re-plans: set num_pages or lower gpu_memory_utilization (now "
                     f"{self.config.gpu_memory_utilization:g})")
             # The largest bucket at the probe's page count and at this one: its workspace
-            # per page (0 while the cache is updated in place), charged to every bucket.
-            growth = max(growth, device_memory.growth_per_page(
-                probe.workspace, self.max_pages, steps[-1].workspace, num_pages))
+            # per page (0 while the cache is updated in place), charged to every bucket
+            # (unknown when the probe was another schedule's step).
+            if self._probe_forward is self._forward:
+                growth = max(growth, device_memory.growth_per_page(
+                    probe.workspace, self.max_pages, steps[-1].workspace, num_pages))
             fitted = self._fit(steps, num_pages, growth, in_use)
             log.warning(
                 "re-planning the KV cache: the model steps compiled for %d pages need %s of "
