@@ -76,7 +76,7 @@ GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
          "down": (14336, 4096)}  # (K, N), LLaMA-3-8B
 LAYER = ("qkv", "o", "gate_up", "down")
 # the default (2 stages of tile_k 128, 2 KV stages); a deeper GEMM ring of tile_k 64; the
-# earlier 3 + 3 stages; one GEMM consumer of 128 rows (four warpgroups: 128 registers at
+# 3 + 3-stage ring; one GEMM consumer of 128 rows (four warpgroups: 128 registers at
 # launch). Each takes ~1 min on an H200.
 TUNINGS = ("", "tile_k=64,gemm_stages=4", "tile_k=64,gemm_stages=3,kv_stages=3",
            "gemm_consumers=1,tile_m=128,tile_k=64,gemm_stages=3,delay_release=1")

@@ -19,7 +19,6 @@ joules between rows, not with the step's. Full log in $OUT/power_draw.log.
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from nanoflow_jax.benchmarks.power import PowerSampler
+from nanoflow_jax.benchmarks.timing import sustained_ms_per_call
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.experimental.gemm_attention_mgpu import gemm_beside_attention
 
@@ -69,16 +69,6 @@ def _programs():
     }
 
 
-def _back_to_back(fn, args, n: int) -> float:
-    """ms per call of n calls enqueued back to back (each output dropped when the next is
-    enqueued: a GEMM's is 58 MB), blocked once."""
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n * 1e3
-
-
 def main(argv):
     del argv
     out_dir = os.environ.get("OUT", "profiling_out")
@@ -87,9 +77,9 @@ def main(argv):
     rows = []
     for name, fn in _programs().items():
         jax.block_until_ready(fn(*args))  # compile
-        n = max(10, round(F.seconds / (_back_to_back(fn, args, 10) / 1e3)))
+        n = max(10, round(F.seconds / (sustained_ms_per_call(fn, *args, calls=10) / 1e3)))
         with PowerSampler() as power:
-            ms = _back_to_back(fn, args, n)
+            ms = sustained_ms_per_call(fn, *args, calls=n)
         rows.append((name, ms, power.watts, power.sm_mhz, len(power.samples)))
         print(f"row: {rows[-1]}", flush=True)
     lines = [f"{jax.devices()[0].device_kind}, jax {jax.__version__}; up/gate GEMM of "

@@ -26,7 +26,7 @@ from absl import app, flags
 from trace_summary import format_summary, summarize_dir
 from nanoflow_jax.batch import SeqChunk, build_batch
 from nanoflow_jax.benchmarks.power import PowerSampler
-from nanoflow_jax.benchmarks.timing import measure_peak_flops
+from nanoflow_jax.benchmarks.timing import measure_peak_flops, sustained_ms_per_call
 from nanoflow_jax.config import EngineConfig
 from nanoflow_jax.engine.model_runner import ModelRunner
 from nanoflow_jax.engine.sampler import SampleMode, sampling_tensors
@@ -145,11 +145,7 @@ def _time_step(runner, peak, schedule, name, batch, sampling, mode, shape, nd, c
     if F.power_s:
         n = max(1, round(F.power_s / back_to_back))
         with PowerSampler() as sampler:
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = step()
-            jax.block_until_ready(out)
-            sustained = (time.perf_counter() - t0) / n
+            sustained = sustained_ms_per_call(step, calls=n) / 1e3
         if sampler.watts is not None:
             power = (f"{1e3 * sustained:.2f}, {sampler.watts:.0f}, {sampler.sm_mhz:.0f}, "
                      f"{sampler.watts * sustained:.1f}")

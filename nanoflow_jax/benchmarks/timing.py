@@ -23,6 +23,17 @@ def device_ms_per_call(fn, *args, calls: int = 10, repeats: int = 10) -> float:
     return 1e3 * float(np.median(times))
 
 
+def sustained_ms_per_call(fn, *args, calls: int) -> float:
+    """ms per call of `calls` calls of `fn(*args)` enqueued back to back and blocked once, each
+    output dropped when the next call is enqueued (`device_ms_per_call` keeps them all, too
+    many for seconds of calls: an up/gate GEMM's output is 58 MB)."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
 def measure_peak_flops(n: int | None = None, repeats: int = 10, calls: int = 10) -> float:
     """bf16 GEMM FLOP/s measured in this process (the ceiling of 'optimal throughput'), in
     device time (`device_ms_per_call`)."""
